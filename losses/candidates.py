@@ -1,0 +1,53 @@
+"""The one weighted form shared by every loss.
+
+A loss compares the clean embeddings of the batch (the anchors) with candidates. A candidate is
+either a clean example or a Metrix mixture v = lam * x_i + (1 - lam) * x_j of two examples with
+different labels. Its label is interpolated: it belongs to class y_i with weight lam and to class
+y_j with weight 1 - lam. For an anchor of class c the candidate is then a positive with weight
+Wpos = share of c in its label, and a negative with weight Wneg = 1 - Wpos. Clean examples are the
+special case lam = 1, so one implementation per loss serves clean and mixed examples alike.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Candidates:
+    """Embeddings compared with the batch's anchors, with their (possibly interpolated) labels.
+
+    embeddings: (M, D) candidate embeddings.
+    labels: (M,) first label y_i; other_labels: (M,) second label y_j (equal to labels when clean).
+    lam: (M,) weight of the first label.
+    anchor_mask: (B, M) bool, whether batch anchor a is compared with candidate v at all.
+    logits: (M, C) classifier outputs for the candidates, used by cross-entropy.
+    """
+
+    embeddings: Tensor
+    labels: Tensor
+    other_labels: Tensor
+    lam: Tensor
+    anchor_mask: Tensor
+    logits: Tensor | None = None
+
+    @classmethod
+    def clean(cls, embeddings: Tensor, labels: Tensor, logits: Tensor | None = None) -> "Candidates":
+        """The batch itself: every anchor is compared with every other example."""
+        n = labels.shape[0]
+        not_self = ~torch.eye(n, dtype=torch.bool, device=labels.device)
+        lam = torch.ones(n, dtype=embeddings.dtype, device=embeddings.device)
+        return cls(embeddings, labels, labels, lam, not_self, logits)
+
+    def label_weights(self, classes: Tensor) -> Tensor:
+        """(A, M) share of class classes[a] in the label of candidate v."""
+        first = (classes[:, None] == self.labels[None, :]).to(self.lam.dtype)
+        second = (classes[:, None] == self.other_labels[None, :]).to(self.lam.dtype)
+        return self.lam * first + (1 - self.lam) * second
+
+    def pair_weights(self, anchor_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, M) positive and negative weights of every (anchor, candidate) pair."""
+        positive = self.label_weights(anchor_labels)
+        mask = self.anchor_mask.to(positive.dtype)
+        return positive * mask, (1 - positive) * mask
