@@ -1,0 +1,52 @@
+"""The objective the training loop calls: weighted losses on clean and mixed candidates."""
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from losses.candidates import Candidates
+
+# (model, images, feature_map, embeddings, labels) -> mixed candidates; see losses.metrix.
+Mixer = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], Candidates]
+
+
+class Criterion(nn.Module):
+    """loss = sum_i w_i L_i(clean) + mix_weight * sum_i w_i L_i(mixed).
+
+    Every loss takes (anchors, anchor_labels, candidates): the clean batch is one set of
+    candidates, Metrix's mixtures another, so clean and mixed losses share one code path.
+    """
+
+    def __init__(self, losses: dict[str, tuple[float, nn.Module]], mixer: Mixer | None = None,
+                 mix_weight: float = 0.0, lr_multiplier: float = 1.0) -> None:
+        super().__init__()
+        self.lr_multiplier = lr_multiplier
+        self.weights = {name: weight for name, (weight, _) in losses.items()}
+        self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
+        self.mixer = mixer
+        self.mix_weight = mix_weight
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The losses' own parameters (proxies), usually trained with a larger learning rate."""
+        parameters = list(self.parameters())
+        return [{"params": parameters, "lr": lr * self.lr_multiplier}] if parameters else []
+
+    def weighted_sum(self, anchors: Tensor, labels: Tensor, candidates: Candidates,
+                     prefix: str = "") -> tuple[Tensor, dict[str, Tensor]]:
+        values = {prefix + name: loss(anchors, labels, candidates) for name, loss in self.losses.items()}
+        total = sum(self.weights[name] * values[prefix + name] for name in self.losses)
+        return total, values
+
+    def forward(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        feature_map = model.backbone(images)
+        embeddings = model.head(feature_map)
+        logits = model.classifier(embeddings)
+        loss, logs = self.weighted_sum(embeddings, labels, Candidates.clean(embeddings, labels, logits))
+        logs["accuracy"] = (logits.argmax(1) == labels).float().mean()
+        if self.mixer is not None:
+            mixed = self.mixer(model, images, feature_map, embeddings, labels)
+            mixed_loss, mixed_logs = self.weighted_sum(embeddings, labels, mixed, prefix="mixed_")
+            loss = loss + self.mix_weight * mixed_loss
+            logs.update(mixed_logs)
+        logs["loss"] = loss
+        return loss, {key: value.detach() for key, value in logs.items()}

@@ -1,0 +1,97 @@
+"""The metric-learning model: backbone -> feature map -> head -> embedding -> classifier.
+
+The three stages are separate modules so that Metrix can mix images (before the backbone),
+feature maps (before the head) or embeddings (before the losses) with the same model.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import InputError
+
+POOLINGS = ("avg", "max", "avg+max")
+NORM_LAYERS = (None, "batch", "layer")
+
+
+class EmbeddingHead(nn.Module):
+    """Feature map -> embedding: pooling, optional normalisation layer, linear remap, L2 norm."""
+
+    def __init__(self, in_channels: int, num_features: int, pooling: str = "avg", norm_layer: str | None = None,
+                 remap: bool = False, normalize: bool = False) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise InputError(f"unknown model.pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if norm_layer not in NORM_LAYERS:
+            raise InputError(f"unknown model.norm_layer {norm_layer!r}: choose None, 'batch' or 'layer'")
+        self.pooling = pooling
+        self.normalize = normalize
+        self.norm = nn.Identity()
+        if norm_layer == "batch":
+            self.norm = nn.BatchNorm1d(in_channels, affine=False)
+        elif norm_layer == "layer":
+            self.norm = nn.LayerNorm(in_channels, elementwise_affine=False)
+        self.remap = nn.Identity()
+        if remap or num_features != in_channels:
+            self.remap = nn.Linear(in_channels, num_features)
+            nn.init.zeros_(self.remap.bias)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        if "avg" in self.pooling:
+            pooled.append(feature_map.mean(dim=(2, 3)))
+        if "max" in self.pooling:
+            pooled.append(feature_map.amax(dim=(2, 3)))
+        features = self.remap(self.norm(sum(pooled)))
+        return F.normalize(features, dim=1) if self.normalize else features
+
+
+class Classifier(nn.Module):
+    """Embedding -> logits: dropout and a zero-initialised linear layer (optionally cosine)."""
+
+    def __init__(self, num_features: int, num_classes: int, dropout: float = 0.0, detach: bool = False,
+                 normalize_weight: bool = False) -> None:
+        super().__init__()
+        self.detach = detach
+        self.normalize_weight = normalize_weight
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(num_features, num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        # detach: cross-entropy trains the classifier only, not the embedding.
+        x = self.dropout(embeddings.detach() if self.detach else embeddings)
+        weight = F.normalize(self.linear.weight, dim=1) if self.normalize_weight else self.linear.weight
+        return F.linear(x, weight, self.linear.bias)
+
+
+class MetricModel(nn.Module):
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead, classifier: Classifier, set_bn_eval: bool = False,
+                 freeze_bn: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.classifier = classifier
+        # set_bn_eval keeps the backbone's BatchNorm statistics; freeze_bn also its affine parameters.
+        self.set_bn_eval = set_bn_eval or freeze_bn
+        if freeze_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.head(self.backbone(images))
+        return self.classifier(embeddings), embeddings
+
+    def train(self, mode: bool = True) -> "MetricModel":
+        super().train(mode)
+        if mode and self.set_bn_eval:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the layers added on top of the backbone (trained alone during warm-up)."""
+        return [*self.head.parameters(), *self.classifier.parameters()]

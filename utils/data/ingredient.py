@@ -1,0 +1,133 @@
+"""The `dataset` ingredient: where the data lives, how it is sampled, transformed and evaluated."""
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from sacred import Ingredient
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from utils.data.digits import prepare_digits
+from utils.data.image_dataset import ImageDataset
+from utils.data.samplers import ClassBatchSampler
+from utils.data.transforms import build_transforms
+from utils.errors import InputError
+
+DATASETS = ("digits", "cub", "cars", "sop", "inshop")
+SAMPLERS = ("random", "random_id", "balanced")
+
+data_ingredient = Ingredient("dataset")
+
+
+@data_ingredient.config
+def config():
+    # The defaults are the embedded digits set; the named configs below set the real data sets.
+    name = "digits"  # digits | cub | cars | sop | inshop
+    data_path = "data/digits"
+    train_file = "train.txt"
+    test_file = "test.txt"  # the queries; also the gallery unless gallery_file is set
+    gallery_file = None  # In-Shop: queries are searched in a separate gallery
+
+    batch_size = 32
+    test_batch_size = 256
+    sampler = "random"  # random | random_id | balanced
+    images_per_class = 2  # random_id, balanced: images of each class in a batch
+    num_iterations = None  # random_id, balanced: batches per epoch (None: as many as one pass)
+
+    preload = True  # decode every image into RAM once
+    num_workers = 0  # DataLoader worker processes
+    pin_memory = False
+
+    crop_size = 32
+    resize = None  # resize before cropping (test images too)
+    scale = (0.5, 1.0)  # RandomResizedCrop area range
+    ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    color_jitter = None  # (brightness, contrast, saturation, hue)
+    rotate = None  # random rotation range in degrees
+    hflip = False  # random horizontal flips (mirrored digits are other symbols)
+
+    recalls = [1, 2, 4, 8]
+
+
+# The CE paper's settings for the real data sets (224 px crops of ImageNet-sized images).
+_IMAGENET_SIZED = dict(batch_size=128, preload=False, num_workers=min(8, os.cpu_count() or 1), crop_size=224,
+                       scale=(0.16, 1.0), hflip=True)
+_REAL_DATASETS = {
+    "cub": dict(_IMAGENET_SIZED, name="cub", data_path="data/CUB_200_2011", resize=256,
+                color_jitter=(0.25, 0.25, 0.25, 0), recalls=[1, 2, 4, 8, 16, 32]),
+    "cars": dict(_IMAGENET_SIZED, name="cars", data_path="data/CARS_196", resize=(256, 256),
+                 color_jitter=(0.3, 0.3, 0.3, 0.1), ratio=(1, 1), recalls=[1, 2, 4, 8, 16, 32]),
+    "sop": dict(_IMAGENET_SIZED, name="sop", data_path="data/Stanford_Online_Products", resize=(256, 256),
+                recalls=[1, 10, 100, 1000]),
+    "inshop": dict(_IMAGENET_SIZED, name="inshop", data_path="data/InShop", test_file="test_query.txt",
+                   gallery_file="test_gallery.txt", recalls=[1, 10, 20, 30, 40, 50]),
+}
+data_ingredient.add_named_config("digits", dict(name="digits"))
+for _name, _settings in _REAL_DATASETS.items():
+    data_ingredient.add_named_config(_name, _settings)
+    # 64 px images with light augmentation for the autoencoder baselines.
+    data_ingredient.add_named_config(f"{_name}_vae", dict(_settings, resize=(64, 64), crop_size=64, scale=(0.8, 1.0),
+                                                          color_jitter=None, batch_size=64))
+
+
+class MetricLoaders(NamedTuple):
+    train: DataLoader
+    query: DataLoader
+    gallery: DataLoader | None
+    num_classes: int
+    recall_ks: list[int]
+
+
+@data_ingredient.capture
+def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gallery_file: str | None, preload: bool,
+                 crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool
+                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset.name {name!r}: choose one of {', '.join(DATASETS)}")
+    root = Path(data_path)
+    if name == "digits" and not (root / train_file).is_file():
+        prepare_digits(root)
+    if not root.is_dir():
+        raise InputError(f"data folder {root} not found: run `python prepare_data.py` "
+                         f"or point dataset.data_path at the prepared data")
+    train_transform, test_transform = build_transforms(crop_size, resize, scale, ratio, color_jitter, rotate, hflip)
+    train = ImageDataset(root, train_file, train_transform, preload)
+    query = ImageDataset(root, test_file, test_transform, preload)
+    gallery = ImageDataset(root, gallery_file, test_transform, preload) if gallery_file else None
+    return train, query, gallery
+
+
+@data_ingredient.capture
+def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_per_class: int,
+                      num_iterations: int | None) -> BatchSampler | ClassBatchSampler:
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown dataset.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if batch_size > len(labels):
+        raise InputError(f"dataset.batch_size={batch_size} exceeds the {len(labels)} training images: lower it")
+    if sampler == "random":
+        return BatchSampler(RandomSampler(range(len(labels))), batch_size, drop_last=True)
+    num_batches = num_iterations or len(labels) // batch_size
+    return ClassBatchSampler(labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced")
+
+
+@data_ingredient.capture
+def check_recalls(query: ImageDataset, gallery: ImageDataset | None, recalls: list[int]) -> None:
+    # A query is never its own neighbour, so a self-searched set offers one candidate less.
+    candidates = len(gallery) if gallery is not None else len(query) - 1
+    if max(recalls) > candidates:
+        raise InputError(f"dataset.recalls asks for R@{max(recalls)} but the gallery offers only {candidates} "
+                         f"neighbours per query: lower dataset.recalls")
+
+
+@data_ingredient.capture
+def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, recalls: list[int]) -> MetricLoaders:
+    train, query, gallery = get_datasets()
+    check_recalls(query, gallery)
+    train_loader = DataLoader(train, batch_sampler=get_train_sampler(train.targets), num_workers=num_workers,
+                              pin_memory=pin_memory)
+
+    def test_loader(dataset: ImageDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
+
+    return MetricLoaders(train_loader, test_loader(query), test_loader(gallery) if gallery else None,
+                         num_classes=max(train.targets) + 1, recall_ks=list(recalls))
