@@ -1,0 +1,36 @@
+"""Contrastive loss in the weighted form (the loss Metrix trains with)."""
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .candidates import Candidates
+from .functional import mean_over, sphere_distance
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive loss on L2-normalised embeddings with Euclidean distance d:
+
+        loss = sum(Wpos * d) / #{Wpos * d > 0} + sum(Wneg * [margin - d]_+) / #{Wneg * [margin - d]_+ > 0}
+
+    Each part is averaged over its non-zero terms, as pytorch-metric-learning's AvgNonZeroReducer does; with
+    fractional weights a term counts once whatever its weight, so a mixture with label lam adds lam * d to the
+    positive sum and 1 to its count. On clean candidates this equals PML's
+    ContrastiveLoss(pos_margin=0, neg_margin=margin).
+
+    Explained skip: a part without a non-zero term (no positive pair in the batch, or every negative already
+    beyond the margin) contributes 0, with zero gradient, instead of 0 / 0.
+    """
+
+    def __init__(self, margin: float = 0.5):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
+        w_pos, w_neg = candidates.pair_weights(anchor_labels)
+        d = sphere_distance(anchors, candidates.embeddings)
+        pos = w_pos * d
+        neg = w_neg * F.relu(self.margin - d)
+        return mean_over(pos, pos > 0) + mean_over(neg, neg > 0)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"

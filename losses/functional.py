@@ -1,0 +1,66 @@
+"""Small pieces the losses share: similarities, a weighted log-sum-exp, averages that never divide by zero.
+
+Everything here is vectorised and keeps the data on the device: no host reads, no data-dependent branching.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .candidates import Candidates
+
+
+def cosine_similarity(x: Tensor, y: Tensor) -> Tensor:
+    """(N, M) cosine similarity of the rows of x and y.
+
+    Both are L2-normalised here, so a mixed embedding (whose norm is below 1) is compared by direction only.
+    """
+    return F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+
+
+def sphere_distance(x: Tensor, y: Tensor) -> Tensor:
+    """(N, M) Euclidean distance between the L2-normalised rows of x and y: d = sqrt(2 - 2 cos).
+
+    d is not differentiable at 0 (a candidate equal to its anchor, e.g. anchor-negative mixing with lam = 1):
+    there we take the subgradient 0; the double where keeps sqrt's infinite slope out of the backward pass,
+    where it would turn a zero weight into NaN.
+    """
+    squared = (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
+
+
+def log1p_sum_exp(x: Tensor, weights: Tensor, dim: int = -1) -> Tensor:
+    """log(1 + sum_j w_j exp(x_j)) along dim, for non-negative weights (zeros allowed).
+
+    Computed as logsumexp over [0, x_j + log w_j]: the 0 is the "1 +", and log 0 = -inf drops a term, so it
+    never overflows and gives log(1) = 0 when every weight is zero. log w is built with a double where so that
+    a zero weight has a finite gradient even if the weights require one.
+    """
+    present = weights > 0
+    log_w = torch.where(present, torch.where(present, weights, 1).log(), float("-inf"))
+    terms = x + log_w
+    # Shaped from terms rather than sliced from it, so that an empty dim (no candidate) gives log(1) = 0 too.
+    shape = list(terms.shape)
+    shape[dim] = 1
+    one = terms.new_zeros(shape)
+    return torch.logsumexp(torch.cat([one, terms], dim=dim), dim=dim)
+
+
+def mean_over(values: Tensor, counted: Tensor) -> Tensor:
+    """Sum of values divided by how many entries are counted, 0 (not NaN) when none is.
+
+    Entries that are not counted must hold 0 (or are zeroed here): they add nothing to the sum either.
+    """
+    total = torch.where(counted, values, 0).sum()
+    return total / counted.sum().clamp_min(1)
+
+
+def used_candidates(candidates: Candidates) -> Tensor:
+    """(M,) bool: whether at least one anchor is compared with the candidate.
+
+    A candidate no anchor sees (e.g. a mixture left over when the mixer caps its pairs) takes part in no loss,
+    not even those that do not compare with anchors (cross-entropy, proxy-anchor). In a clean batch every
+    example is used as soon as the batch holds two of them.
+    """
+    return candidates.anchor_mask.any(dim=0)
