@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from models.bn_inception import BNInception, bn_inception
 from utils.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,6 +78,24 @@ def cifar_resnet18(pretrained: bool) -> Backbone:
     return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), body, net.fc.in_features)
 
 
+BN_INCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
+
+
+def bninception(pretrained: bool) -> BNInception:
+    """BN-Inception (its Caffe input conversion is inside); weights from the torch cache or downloaded into it."""
+    if not pretrained:
+        return bn_inception()
+    path = checkpoint_dir() / os.path.basename(BN_INCEPTION_URL)
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(BN_INCEPTION_URL, str(path))
+        return bn_inception(path)
+    except (URLError, OSError, ValueError) as error:
+        raise InputError(f"BN-Inception weights are unavailable ({error}): download {BN_INCEPTION_URL} into "
+                         f"{checkpoint_dir()}, or train from scratch with model.pretrained=False") from None
+
+
 def small_cnn(pretrained: bool) -> Backbone:
     """Seven 3x3 conv-BN-ReLU layers for 32 px images: the CPU-friendly digits default."""
     if pretrained:
@@ -91,12 +110,13 @@ def small_cnn(pretrained: bool) -> Backbone:
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
-BACKBONES: dict[str, Callable[[bool], Backbone]] = {arch: resnet(arch) for arch in TORCHVISION_ARCHS}
+BACKBONES: dict[str, Callable[[bool], nn.Module]] = {arch: resnet(arch) for arch in TORCHVISION_ARCHS}
 BACKBONES["cifar_resnet18"] = cifar_resnet18
 BACKBONES["small_cnn"] = small_cnn
+BACKBONES["bninception"] = bninception
 
 
-def get_backbone(arch: str, pretrained: bool) -> Backbone:
+def get_backbone(arch: str, pretrained: bool) -> nn.Module:
     if arch not in BACKBONES:
         raise InputError(f"unknown model.arch {arch!r}: choose one of {', '.join(BACKBONES)}")
     return BACKBONES[arch](pretrained)

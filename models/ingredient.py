@@ -36,7 +36,7 @@ def resnet50():
 
 
 for _arch in ("resnet18", "resnet34", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-              "wide_resnet50_2", "wide_resnet101_2", "cifar_resnet18", "small_cnn"):
+              "wide_resnet50_2", "wide_resnet101_2", "cifar_resnet18", "small_cnn", "bninception"):
     model_ingredient.add_named_config(_arch, {"arch": _arch})
 model_ingredient.add_named_config("resnext50", {"arch": "resnext50_32x4d"})
 
