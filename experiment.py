@@ -16,7 +16,7 @@ from sacred import SETTINGS, Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 from torch.backends import cudnn
 
-from losses.ingredient import get_criterion, loss_ingredient
+from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import get_model, model_ingredient
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.training import (
@@ -31,7 +31,8 @@ from utils.training import (
 from utils.visdom_logger import VisdomLogger
 
 SETTINGS.CAPTURE_MODE = "sys"
-ex = Experiment("metric_learning", ingredients=[data_ingredient, model_ingredient, loss_ingredient])
+ex = Experiment("metric_learning", ingredients=[data_ingredient, model_ingredient, loss_ingredient,
+                                                    metrix_ingredient])
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 
 
@@ -59,6 +60,24 @@ def config(dataset):
     cudnn_flag = "benchmark"  # benchmark | deterministic
     temp_dir = tempfile.gettempdir()  # where the best checkpoint is written
     seed = 0
+
+
+@ex.named_config
+def metrix_recipe():
+    """The Metrix paper's training recipe (ResNet-50, 512-d); add a loss and a mixing mode, e.g.
+    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1)."""
+    epochs = 60
+    optimizer = "adam"
+    lr = 1e-4
+    weight_decay = 1e-4
+    scheduler = "step"
+    lr_step = 10
+    lr_gamma = 0.1
+    warm_epochs = 1
+    grad_clip = 10.0
+    model = dict(arch="resnet50", pooling="avg+max", num_features=512, remap=True, normalize=True, freeze_bn=True,
+                 dropout=0.0)
+    dataset = dict(batch_size=100, sampler="balanced", images_per_class=5)
 
 
 @ex.automain

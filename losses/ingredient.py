@@ -1,26 +1,115 @@
-"""The `loss` ingredient: which losses train the embedding, and their weights."""
+"""The `loss` and `metrix` ingredients: which losses train the embedding, their weights, and mixing.
+
+    loss = ce_weight * CE + pair_weight * pairwise + metrix.weight * (the same sum on mixed examples)
+"""
 
 from sacred import Ingredient
 
+from losses.contrastive import ContrastiveLoss
 from losses.criterion import Criterion
 from losses.cross_entropy import CrossEntropyLoss
+from losses.metrix import MODES, STRATEGIES, Metrix
+from losses.multi_similarity import MultiSimilarityLoss
+from losses.proxy_anchor import ProxyAnchorLoss
+from utils.errors import InputError
+
+PAIRWISE_LOSSES = ("contrastive", "multisimilarity", "proxyanchor")
 
 loss_ingredient = Ingredient("loss")
+metrix_ingredient = Ingredient("metrix")
 
 
 @loss_ingredient.config
-def config():
-    ce_weight = 1.0  # weight of the label-smoothed cross-entropy on the classifier's logits
+def loss_config():
+    ce_weight = 1.0  # label-smoothed cross-entropy on the classifier's logits (label_smoothing is top-level)
+    pairwise = None  # None | contrastive | multisimilarity | proxyanchor
+    pair_weight = 1.0
+    margin = 0.5  # contrastive: negative margin on the Euclidean distance of normalised embeddings
+    ms_alpha = 2.0  # multi-similarity: positive scale
+    ms_beta = 50.0  # multi-similarity: negative scale
+    ms_base = 0.5  # multi-similarity: similarity offset
+    ms_mining = False  # multi-similarity: MS pair mining
+    ms_epsilon = 0.1  # multi-similarity: mining margin
+    pa_alpha = 32.0  # proxy-anchor: scale
+    pa_delta = 0.1  # proxy-anchor: margin
+    proxy_lr_multiplier = 100.0  # proxy-anchor: the proxies' learning rate is lr times this
 
 
 @loss_ingredient.named_config
 def cross_entropy():
     ce_weight = 1.0
+    pairwise = None
+
+
+@loss_ingredient.named_config
+def contrastive():
+    ce_weight = 0.0
+    pairwise = "contrastive"
+
+
+@loss_ingredient.named_config
+def multisimilarity():
+    ce_weight = 0.0
+    pairwise = "multisimilarity"
+
+
+@loss_ingredient.named_config
+def proxyanchor():
+    ce_weight = 0.0
+    pairwise = "proxyanchor"
+
+
+@metrix_ingredient.config
+def metrix_config():
+    mode = None  # None (off) | input | feature | embed: where examples are mixed
+    alpha = 2.0  # mixing factor lam ~ Beta(alpha, alpha)
+    weight = 0.4  # weight of the loss on mixed examples
+    strategy = "random"  # random | positive_negative | anchor_negative (random: one of the two per step)
+    max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
+
+
+for _mode in ("input", "feature", "embed"):
+    metrix_ingredient.add_named_config(_mode, {"mode": _mode})
+
+
+@metrix_ingredient.capture
+def get_mixer(mode: str | None, alpha: float, weight: float, strategy: str, max_pairs: int | None
+              ) -> tuple[Metrix | None, float]:
+    if mode is None:
+        return None, 0.0
+    if mode not in MODES:
+        raise InputError(f"unknown metrix.mode {mode!r}: choose None (off) or one of {', '.join(MODES)}")
+    if strategy not in STRATEGIES:
+        raise InputError(f"unknown metrix.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if alpha <= 0:
+        raise InputError(f"metrix.alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
+    if max_pairs is not None and max_pairs < 1:
+        raise InputError(f"metrix.max_pairs={max_pairs} must be a positive number of pairs, or None for all")
+    if weight <= 0:
+        raise InputError(f"metrix.mode={mode!r} is on but metrix.weight={weight}: no loss would use the mixed "
+                         f"examples; set a positive metrix.weight or turn Metrix off with metrix.mode=None")
+    return Metrix(mode, alpha, strategy, max_pairs), weight
 
 
 @loss_ingredient.capture
-def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float, ce_weight: float) -> Criterion:
+def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float, ce_weight: float,
+                  pairwise: str | None, pair_weight: float, margin: float, ms_alpha: float, ms_beta: float,
+                  ms_base: float, ms_mining: bool, ms_epsilon: float, pa_alpha: float, pa_delta: float,
+                  proxy_lr_multiplier: float) -> Criterion:
+    if pairwise is not None and pairwise not in PAIRWISE_LOSSES:
+        raise InputError(f"unknown loss.pairwise {pairwise!r}: choose None or one of {', '.join(PAIRWISE_LOSSES)}")
+    pairwise_losses = {
+        "contrastive": lambda: ContrastiveLoss(margin),
+        "multisimilarity": lambda: MultiSimilarityLoss(ms_alpha, ms_beta, ms_base, ms_mining, ms_epsilon),
+        "proxyanchor": lambda: ProxyAnchorLoss(num_classes, embedding_size, pa_alpha, pa_delta),
+    }
     losses = {}
-    if ce_weight:
+    if ce_weight > 0:
         losses["cross_entropy"] = (ce_weight, CrossEntropyLoss(label_smoothing))
-    return Criterion(losses)
+    if pairwise is not None and pair_weight > 0:
+        losses[pairwise] = (pair_weight, pairwise_losses[pairwise]())
+    mixer, mix_weight = get_mixer()
+    if not losses:
+        raise InputError(f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
+                         f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`")
+    return Criterion(losses, mixer, mix_weight, proxy_lr_multiplier)
