@@ -32,7 +32,7 @@ def config():
     test_batch_size = 256
     sampler = "random"  # random | random_id | balanced
     images_per_class = 2  # random_id, balanced: images of each class in a batch
-    num_iterations = None  # random_id, balanced: batches per epoch (None: as many as one pass)
+    num_iterations = None  # batches per epoch (None: as many as one pass over the training set)
 
     preload = True  # decode every image into RAM once
     num_workers = 0  # DataLoader worker processes
@@ -104,9 +104,10 @@ def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_p
         raise InputError(f"unknown dataset.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if batch_size > len(labels):
         raise InputError(f"dataset.batch_size={batch_size} exceeds the {len(labels)} training images: lower it")
-    if sampler == "random":
-        return BatchSampler(RandomSampler(range(len(labels))), batch_size, drop_last=True)
     num_batches = num_iterations or len(labels) // batch_size
+    if sampler == "random":
+        images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size)
+        return BatchSampler(images, batch_size, drop_last=True)
     return ClassBatchSampler(labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced")
 
 
