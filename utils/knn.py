@@ -1,0 +1,230 @@
+"""Exact k-nearest-neighbour search with one deterministic neighbour order for every backend.
+
+Order rule: neighbours are sorted by their float32 distance to the query (squared Euclidean for
+"l2", minus the inner product of L2-normalised vectors for "cosine"), and exact ties go to the
+lower gallery index. Every backend first returns *some* valid top-k set (no item outside it is
+strictly closer than its farthest member) in an arbitrary order on ties; `exact_knn` then
+  1. re-sorts the rows that contain a tie by (distance, index), and
+  2. detects rows whose tie group straddles the cut-off (the k-th distance equals the farthest
+     returned one, so equally distant items with lower indices may have been left out) and
+     searches those rows again with twice as many neighbours until the group closes or the whole
+     gallery is returned.
+The result therefore equals a stable (distance, index) sort of the backend's distances. Backends
+agree exactly whenever they compute the same float32 distances (always for exactly representable
+data such as the quantised test sets); otherwise they can differ only where two distances lie
+within float32 rounding of each other.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+
+DISTANCES = ("l2", "cosine")
+BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
+# faiss's GPU k-selection handles at most this many neighbours; larger k runs on the CPU index.
+FAISS_GPU_MAX_K = 2048
+
+
+class Searcher(Protocol):
+    """Holds a query and a gallery set; returns a valid top-k set for some query rows."""
+
+    gallery_size: int
+
+    def search(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(len(rows), k) float32 distances sorted ascending and int64 gallery indices."""
+        ...
+
+    def bytes_per_query(self, k: int) -> int:
+        """Memory one query row costs during a search of k neighbours."""
+        ...
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    """Raise a ValueError naming the valid choices when value is not one of them."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+
+
+def faiss_has_gpu() -> bool:
+    """Whether this faiss build can search on a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_backend(backend: str, on_cuda: bool) -> str:
+    """Turn "auto" into a concrete backend and refuse a faiss-gpu request faiss cannot serve."""
+    check_choice(backend, BACKENDS, "backend")
+    if backend == "auto":
+        if not on_cuda:
+            return "faiss"
+        return "faiss-gpu" if faiss_has_gpu() else "torch"
+    if backend == "faiss-gpu" and not faiss_has_gpu():
+        raise ValueError(
+            "backend 'faiss-gpu' needs a faiss build with GPU support and a visible GPU "
+            f"(faiss {faiss.__version__} reports {faiss.get_num_gpus()} GPUs); use 'torch' or 'faiss'"
+        )
+    return backend
+
+
+def prepare(x: Tensor | np.ndarray, distance: str) -> Tensor:
+    """float32 embeddings, L2-normalised for cosine. Both backends normalise with this same code,
+    so that they see the same float32 vectors."""
+    check_choice(distance, DISTANCES, "distance")
+    x = torch.as_tensor(x).detach().to(torch.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    if distance == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    return x
+
+
+class FaissSearcher:
+    """faiss exact flat index (IndexFlatL2 / IndexFlatIP), on the CPU or on one GPU."""
+
+    def __init__(self, query: Tensor, gallery: Tensor, distance: str, gpu: bool = False):
+        self.query = _to_numpy(query)
+        self.gallery = _to_numpy(gallery)
+        self.gallery_size = len(self.gallery)
+        self.inner_product = distance == "cosine"
+        self.index = self._flat_index()
+        self.gpu_index = None
+        if gpu:
+            self.resources = faiss.StandardGpuResources()
+            device = query.device.index if query.is_cuda and query.device.index is not None else 0
+            self.gpu_index = faiss.index_cpu_to_gpu(self.resources, device, self.index)
+
+    def _flat_index(self) -> faiss.Index:
+        dim = self.gallery.shape[1]
+        index = faiss.IndexFlatIP(dim) if self.inner_product else faiss.IndexFlatL2(dim)
+        index.add(self.gallery)
+        return index
+
+    def search(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self.gpu_index if self.gpu_index is not None and k <= FAISS_GPU_MAX_K else self.index
+        dist, idx = index.search(self.query[rows], k)
+        if self.inner_product:
+            # IndexFlatIP returns similarities in descending order: negate to get ascending distances.
+            np.negative(dist, out=dist)
+        return dist, idx
+
+    def bytes_per_query(self, k: int) -> int:
+        # faiss's float32 + int64 result, its internal reservoir (about 2k entries) and our copies.
+        return 48 * k
+
+
+class TorchSearcher:
+    """Exact search with a matmul and top-k on the embeddings' device (CPU or CUDA)."""
+
+    def __init__(self, query: Tensor, gallery: Tensor, distance: str):
+        self.query = query
+        self.gallery = gallery.to(query.device)
+        self.gallery_size = len(gallery)
+        self.l2 = distance == "l2"
+        if self.l2:
+            self.gallery_sq_norms = (self.gallery * self.gallery).sum(1)
+
+    def distances(self, rows: np.ndarray) -> Tensor:
+        """(len(rows), gallery size) float32 distances, computed like faiss does."""
+        q = self.query[torch.as_tensor(rows, device=self.query.device)]
+        if not self.l2:
+            return -(q @ self.gallery.T)
+        sq = (q * q).sum(1, keepdim=True) + self.gallery_sq_norms
+        return torch.addmm(sq, q, self.gallery.T, alpha=-2).clamp_(min=0)
+
+    def search(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with _ieee_float32_matmul():
+            dist, idx = torch.topk(self.distances(rows), k, dim=1, largest=False, sorted=True)
+        return dist.cpu().numpy(), idx.cpu().numpy()
+
+    def bytes_per_query(self, k: int) -> int:
+        # The distance row dominates; add the top-k result and our copies.
+        return 4 * self.gallery_size + 48 * k
+
+
+@contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """Training code often allows TF32 matmuls for speed; they would round the distances to about
+    three decimal digits and reorder neighbours, so the search forces full float32 meanwhile."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def make_searcher(query: Tensor, gallery: Tensor, distance: str, backend: str) -> Searcher:
+    """A searcher for a concrete backend (see resolve_backend)."""
+    if backend == "torch":
+        return TorchSearcher(query, gallery, distance)
+    return FaissSearcher(query, gallery, distance, gpu=backend == "faiss-gpu")
+
+
+def exact_knn(searcher: Searcher, rows: np.ndarray, k: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k neighbours of the query rows in (distance, gallery index) order.
+
+    k is capped at the gallery size. max_bytes bounds the memory of each search call; the rows are
+    split further where needed.
+    """
+    n = searcher.gallery_size
+    k = min(k, n)
+    dist, idx = _sorted_search(searcher, rows, min(k + 1, n), max_bytes)
+    open_rows = _open_rows(dist, k, n)
+    dist, idx = dist[:, :k], idx[:, :k]
+    probe = k + 1
+    while open_rows.size:
+        probe = min(2 * probe, n)
+        more_dist, more_idx = _sorted_search(searcher, rows[open_rows], probe, max_bytes)
+        dist[open_rows], idx[open_rows] = more_dist[:, :k], more_idx[:, :k]
+        open_rows = open_rows[_open_rows(more_dist, k, n)]
+    return dist, idx
+
+
+def _open_rows(dist: np.ndarray, k: int, gallery_size: int) -> np.ndarray:
+    """Rows whose k-th distance equals the farthest returned one: the tie group at the cut-off may
+    continue outside the returned set. A search that returned the whole gallery is always closed."""
+    if dist.shape[1] <= k or dist.shape[1] == gallery_size:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(dist[:, k - 1] == dist[:, -1])
+
+
+def _sorted_search(searcher: Searcher, rows: np.ndarray, k: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search in batches of at most max_bytes, then order ties by gallery index."""
+    batch = max(1, max_bytes // searcher.bytes_per_query(k))
+    parts = [searcher.search(rows[start : start + batch], k) for start in range(0, len(rows), batch)]
+    if len(parts) == 1:
+        dist, idx = parts[0]
+    else:
+        dist, idx = (np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    _sort_ties(dist, idx, searcher.gallery_size)
+    return dist, idx
+
+
+def _sort_ties(dist: np.ndarray, idx: np.ndarray, gallery_size: int) -> None:
+    """Order, in place, each run of equal distances by gallery index.
+
+    Rows arrive sorted by distance, so only rows with an exact tie are touched: their sort key is
+    (number of the run of equal distances, index), which a stable sort handles in near-linear time
+    because the runs are already in order.
+    """
+    tied = dist[:, 1:] == dist[:, :-1]
+    rows = np.flatnonzero(tied.any(axis=1))
+    if rows.size == 0:
+        return
+    key = np.zeros((len(rows), dist.shape[1]), dtype=np.int64)
+    np.cumsum(~tied[rows], axis=1, out=key[:, 1:])
+    key *= gallery_size
+    key += idx[rows]
+    order = np.argsort(key, axis=1, kind="stable")
+    dist[rows] = np.take_along_axis(dist[rows], order, axis=1)
+    idx[rows] = np.take_along_axis(idx[rows], order, axis=1)
+
+
+def _to_numpy(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.cpu().numpy())
