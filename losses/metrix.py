@@ -1,19 +1,23 @@
-"""Metrix (Venkataramanan et al., ICLR 2022): mixed examples for metric learning.
+"""Metrix (Venkataramanan et al., ICLR 2022): mixed examples as extra candidates for the losses.
 
-A mixture v = lam * x_i + (1 - lam) * x_j of two batch examples with different labels, lam ~
-Beta(alpha, alpha), is a candidate with the interpolated label (y_i: lam, y_j: 1 - lam). Which of
-the batch's anchors compare with it depends on the strategy, drawn afresh for every step:
+For an ordered pair (i, j) of batch examples with different labels, the mixture
+v_ij = lam_ij * x_i + (1 - lam_ij) * x_j, lam_ij ~ Beta(alpha, alpha), is a candidate with the interpolated label
+(class y_i with weight lam_ij, class y_j with 1 - lam_ij); x is the image, the last backbone feature map or the
+embedding, by mode. Which clean anchors compare with v_ij depends on the strategy:
 
-- positive_negative: the anchors a != i of class y_i. For them x_i is a positive and x_j a
-  negative, so v is a positive of weight lam and a negative of weight 1 - lam.
-- anchor_negative: the anchor i alone, mixed with one of its negatives. The paper uses it for
-  anchors without a positive; we use it for every anchor, which also covers that case.
+- positive_negative: the anchors a != i of class y_i. For them x_i is a positive and x_j a negative, so v_ij is a
+  positive of weight lam_ij and a negative of weight 1 - lam_ij (Candidates.pair_weights gives exactly that).
+- anchor_negative: the anchor i alone, mixed with its negative x_j. The paper keeps it for anchors without a
+  positive; we use it for every anchor, so that an anchor-negative step trains every anchor, and it covers the
+  anchors without a positive as a special case.
+- random: one of the two for the whole batch, drawn afresh at every call.
 
-Every ordered pair (i, j) with different labels is a candidate; `max_pairs` keeps the hardest ones
-(most similar clean embeddings first), which bounds memory: feature mode holds one feature map per
-pair. All of it is dense tensor work on the device with static shapes: no loop over anchors and no
-host-device synchronisation (pairs a strategy cannot use stay in the tensors with an all-False
-anchor mask, so the losses ignore them).
+Everything is dense tensor work on the device with static shapes, so there is no host-device synchronisation
+(no nonzero, no boolean indexing, no .item()): a pair a strategy cannot use stays a candidate with an all-False
+anchor_mask column, which every loss ignores. Without a cap there are B (B - 1) candidates; in feature mode that
+is B (B - 1) feature maps, in input mode B (B - 1) images through the backbone. max_pairs=K keeps the K usable
+pairs whose clean embeddings are most similar (the hardest negatives), which bounds time and memory by K.
+Rules, decisions and measured cost: docs/metrix.md.
 """
 
 import torch
@@ -27,72 +31,110 @@ STRATEGIES = ("random", "positive_negative", "anchor_negative")
 
 
 def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """All (i, j) with i != j, as two index tensors of length B * (B - 1)."""
-    first = torch.arange(batch_size, device=device).repeat_interleave(batch_size - 1)
-    offsets = torch.arange(batch_size - 1, device=device).repeat(batch_size)
-    second = (first + 1 + offsets) % batch_size  # skips j == i without boolean indexing
-    return first, second
+    """(first, second): all B (B - 1) ordered pairs (i, j) with i != j, grouped by i, j increasing.
+
+    Built from static index arithmetic: the k-th partner of i is k, shifted by one past i itself.
+    """
+    partners = max(batch_size - 1, 0)  # an empty batch has no pair either
+    first = torch.arange(batch_size, device=device)[:, None].expand(batch_size, partners)
+    offset = torch.arange(partners, device=device)[None, :].expand(batch_size, partners)
+    second = offset + (offset >= first).long()
+    return first.reshape(-1), second.reshape(-1)
 
 
-class Metrix:
-    """The mixer `Criterion` calls: (model, images, feature_map, embeddings, labels) -> Candidates."""
+def interpolate(x: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
+    """lam * x[first] + (1 - lam) * x[second], lam broadcast over all but the first dimension.
 
-    def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None) -> None:
+    index_select rather than x[first]: its backward (index_add_) is faster on the CPU than that of indexing
+    (index_put_ with accumulation), which matters with B (B - 1) feature maps.
+    """
+    weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return weight * x.index_select(0, first) + (1 - weight) * x.index_select(0, second)
+
+
+class Metrix(nn.Module):
+    """The mixer `Criterion` calls: (model, images, feature_map, embeddings, labels) -> mixed Candidates.
+
+    mode: input | feature | embed, where the examples are mixed (see the module docstring).
+    alpha: lam ~ Beta(alpha, alpha) per pair.
+    strategy: random | positive_negative | anchor_negative.
+    max_pairs: keep at most this many pairs, hardest first; None keeps all B (B - 1).
+
+    The mixed examples go through the model in its current mode: in training, the head's (and in input mode the
+    backbone's) BatchNorm layers normalise them with their own batch statistics and update the running ones.
+    """
+
+    def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None):
+        super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown Metrix mode {mode!r}: choose one of {', '.join(MODES)}")
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown Metrix strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if alpha <= 0:
+            raise ValueError(f"Metrix alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
+        if max_pairs is not None and max_pairs < 1:
+            raise ValueError(f"Metrix max_pairs={max_pairs} must be a positive number of pairs, or None for all")
         self.mode, self.alpha, self.strategy, self.max_pairs = mode, alpha, strategy, max_pairs
 
-    def __call__(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor,
-                 labels: Tensor) -> Candidates:
-        batch = torch.arange(labels.shape[0], device=labels.device)
-        first, second = ordered_pairs(labels.shape[0], labels.device)
-        same_class = labels[:, None] == labels[None, :]
-        has_positive = (same_class.sum(dim=1) > 1)[first]
+    def forward(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor,
+                labels: Tensor) -> Candidates:
         positive_negative = self.draw_strategy(labels.device)
-        # A pair is usable when its labels differ and, for positive-negative mixing, x_i has a positive.
-        usable = (labels[first] != labels[second]) & (has_positive | ~positive_negative)
-        if self.max_pairs is not None and self.max_pairs < first.shape[0]:
-            first, second, usable = self.hardest(embeddings.detach(), first, second, usable)
-        lam = self.draw_lam(first.shape[0], embeddings)
+        first, second = ordered_pairs(labels.shape[0], labels.device)
+        mask = self.anchor_mask(labels, first, positive_negative) & (labels[first] != labels[second])
+        if self.max_pairs is not None:
+            first, second, mask = self.hardest(embeddings, first, second, mask)
+        lam = self.sample_lam(first.shape[0], labels.device)
         mixed = self.mix(model, images, feature_map, embeddings, first, second, lam)
-        sees = torch.where(positive_negative, same_class[:, first] & (batch[:, None] != first[None, :]),
-                           batch[:, None] == first[None, :])
-        return Candidates(mixed, labels[first], labels[second], lam, sees & usable[None, :], model.classifier(mixed))
+        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, model.classifier(mixed))
 
     def draw_strategy(self, device: torch.device) -> Tensor:
-        """A 0-d bool tensor on the device: True for positive-negative mixing this step."""
-        if self.strategy != "random":
-            return torch.full((), self.strategy == "positive_negative", device=device)
-        return torch.rand((), device=device) < 0.5
+        """0-d bool on the device, True for a positive-negative step.
 
-    def draw_lam(self, count: int, like: Tensor) -> Tensor:
-        # validate_args=False: argument checks would read values back to the host.
-        alpha = torch.full((), self.alpha, dtype=torch.float32, device=like.device)
-        return torch.distributions.Beta(alpha, alpha, validate_args=False).sample((count,)).to(like.dtype)
+        A tensor rather than a Python bool: reading a random draw on the host is what the step must not do, and
+        both anchor masks are cheap (B x M booleans) next to the mixed forward pass, so torch.where picks one.
+        The draw uses the device's generator, seeded by torch.manual_seed like the Beta samples.
+        """
+        if self.strategy == "random":
+            return torch.rand((), device=device) < 0.5
+        return torch.full((), self.strategy == "positive_negative", device=device)
 
-    def hardest(self, embeddings: Tensor, first: Tensor, second: Tensor, usable: Tensor
+    @staticmethod
+    def anchor_mask(labels: Tensor, first: Tensor, positive_negative: Tensor) -> Tensor:
+        """(B, M) whether anchor a sees the mixture of pair m, before checking that the pair's labels differ."""
+        anchors = torch.arange(labels.shape[0], device=labels.device)[:, None]
+        is_first = anchors == first[None, :]
+        same_class_as_first = labels[:, None] == labels[first][None, :]
+        return torch.where(positive_negative, same_class_as_first & ~is_first, is_first)
+
+    def hardest(self, embeddings: Tensor, first: Tensor, second: Tensor, mask: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """The max_pairs usable pairs with the most similar embeddings (hardest negatives) first."""
-        unit = F.normalize(embeddings, dim=1)
-        score = (unit[first] * unit[second]).sum(dim=1).masked_fill(~usable, float("-inf"))
-        keep = score.topk(self.max_pairs).indices
-        return first[keep], second[keep], usable[keep]
+        """The max_pairs pairs with the most similar clean embeddings, among those some anchor sees.
+
+        Unseen pairs (equal labels, or under positive-negative mixing an x_i without a positive) score -inf, so
+        they are picked only when fewer than max_pairs pairs are usable, and keep their all-False mask column.
+        """
+        unit = F.normalize(embeddings.detach(), dim=1)
+        score = (unit @ unit.T)[first, second].masked_fill(~mask.any(dim=0), float("-inf"))
+        keep = score.topk(min(self.max_pairs, first.shape[0])).indices
+        return first[keep], second[keep], mask[:, keep]
+
+    def sample_lam(self, count: int, device: torch.device) -> Tensor:
+        """(count,) float32 lam ~ Beta(alpha, alpha) on the device.
+
+        validate_args=False: the argument checks would read tensor values on the host. torch.full fills on the
+        device, where torch.tensor(alpha, device=...) would copy from the host.
+        """
+        alpha = torch.full((count,), self.alpha, device=device)
+        return torch.distributions.Beta(alpha, alpha, validate_args=False).sample()
 
     def mix(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor, first: Tensor,
             second: Tensor, lam: Tensor) -> Tensor:
-        """Mixed embeddings: mix the images, the feature maps or the embeddings themselves."""
-        def interpolate(x: Tensor) -> Tensor:
-            weight = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-            return weight * x[first] + (1 - weight) * x[second]
-
+        """(M, D) embeddings of the mixtures; gradients flow into the clean examples they are made of."""
         if self.mode == "input":
-            return model.head(model.backbone(interpolate(images)))
+            return model.head(model.backbone(interpolate(images, first, second, lam)))
         if self.mode == "feature":
-            return model.head(interpolate(feature_map))
-        return interpolate(embeddings)
+            return model.head(interpolate(feature_map, first, second, lam))
+        return interpolate(embeddings, first, second, lam)
 
-    def __repr__(self) -> str:
-        return (f"Metrix(mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, "
-                f"max_pairs={self.max_pairs})")
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}"
