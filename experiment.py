@@ -6,28 +6,17 @@
     python experiment.py print_config with dataset.sop    # every option and its value
 """
 
-import copy
-import os
 import tempfile
-import time
 
 import torch
 from sacred import SETTINGS, Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
-from torch.backends import cudnn
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import get_model, model_ingredient
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.training import (
-    build_optimizer,
-    build_scheduler,
-    check_choice,
-    evaluate,
-    format_metrics,
-    parameter_groups,
-    train_one_epoch,
-)
+from utils.run import BestEpoch, cudnn_benchmark, log_evaluation, log_training, save_checkpoint, select_device
+from utils.training import build_optimizer, build_scheduler, evaluate, parameter_groups, train_one_epoch
 from utils.visdom_logger import VisdomLogger
 
 SETTINGS.CAPTURE_MODE = "sys"
@@ -85,9 +74,7 @@ def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool
          no_bias_decay: bool, scheduler: str, lr_step: int | None, lr_gamma: float, warm_epochs: int,
          grad_clip: float | None, label_smoothing: float, visdom_port: int | None, visdom_freq: int, cpu: bool,
          cudnn_flag: str, temp_dir: str, seed: int, _run) -> float:
-    check_choice("cudnn_flag", cudnn_flag, ("benchmark", "deterministic"))
-    device = torch.device("cuda:0" if torch.cuda.is_available() and not cpu else "cpu")
-    cudnn.deterministic = cudnn_flag == "deterministic"
+    device = select_device(cpu, cudnn_flag)
     plot = VisdomLogger(visdom_port) if visdom_port else None
 
     torch.manual_seed(seed)
@@ -103,37 +90,24 @@ def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool
     def evaluate_and_log(epoch: int) -> dict[str, float]:
         model.eval()
         metrics = evaluate(lambda images: model(images)[1], loaders, device)
-        print(format_metrics(epoch, metrics))
-        for key, value in metrics.items():
-            _run.log_scalar(f"eval.{key}", value, epoch)
-            if plot is not None and key.endswith("/R@1"):
-                plot(key, "Recall@1", epoch, value)
+        log_evaluation(_run, epoch, metrics, plot)
         return metrics
 
-    best_epoch, best_metrics = 0, evaluate_and_log(0)
-    best_state = copy.deepcopy(model.state_dict())
+    best = BestEpoch("cosine/R@1")
+    best.update(0, evaluate_and_log(0), model)
     torch.manual_seed(seed)
     for epoch in range(1, epochs + 1):
         for p in backbone_parameters:
             p.requires_grad_(epoch > warm_epochs)
-        cudnn.benchmark = cudnn_flag == "benchmark"
-        history = train_one_epoch(model, criterion, loaders.train, optim, schedule, device, epoch, grad_clip,
-                                  visdom_freq, plot)
-        cudnn.benchmark = False
-        for key, values in history.items():
-            for i, value in enumerate(values):
-                _run.log_scalar(f"train.{key}", value, epoch - 1 + i / len(values))
-        metrics = evaluate_and_log(epoch)
-        if metrics["cosine/R@1"] >= best_metrics["cosine/R@1"]:
-            best_epoch, best_metrics = epoch, metrics
-            best_state = copy.deepcopy(model.state_dict())
+        with cudnn_benchmark(cudnn_flag):
+            history = train_one_epoch(model, criterion, loaders.train, optim, schedule, device, epoch, grad_clip,
+                                      visdom_freq, plot)
+        log_training(_run, epoch, history)
+        best.update(epoch, evaluate_and_log(epoch), model)
 
-    _run.info["best_epoch"] = best_epoch
-    _run.info["metrics"] = best_metrics
+    _run.info["best_epoch"] = best.epoch
+    _run.info["metrics"] = best.metrics
     config = _run.config
-    checkpoint = os.path.join(temp_dir, f"{config['model']['arch']}_{config['dataset']['name']}_"
-                                        f"{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.pt")
-    torch.save({key: value.cpu() for key, value in best_state.items()}, checkpoint)
-    ex.add_artifact(checkpoint, name="checkpoint.pt")
-    print(f"Best epoch {best_epoch}: cosine R@1 {best_metrics['cosine/R@1']:.4f}; weights saved to {checkpoint}")
-    return best_metrics["cosine/R@1"]
+    checkpoint = save_checkpoint(_run, best.state, temp_dir, f"{config['model']['arch']}_{config['dataset']['name']}")
+    print(f"Best epoch {best.epoch}: cosine R@1 {best.value:.4f}; weights saved to {checkpoint}")
+    return best.value
