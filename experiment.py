@@ -14,6 +14,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import get_model, model_ingredient
+from utils.captured_output import keep_output_on_failure
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.run import BestEpoch, cudnn_benchmark, log_evaluation, log_training, save_checkpoint, select_device
 from utils.training import build_optimizer, build_scheduler, evaluate, parameter_groups, train_one_epoch
@@ -70,6 +71,7 @@ def metrix_recipe():
 
 
 @ex.automain
+@keep_output_on_failure
 def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float,
          no_bias_decay: bool, scheduler: str, lr_step: int | None, lr_gamma: float, warm_epochs: int,
          grad_clip: float | None, label_smoothing: float, visdom_port: int | None, visdom_freq: int, cpu: bool,
