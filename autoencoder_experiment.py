@@ -28,12 +28,23 @@ from utils.run import (
     BestEpoch,
     artifact_path,
     cudnn_benchmark,
+    evaluated_epochs,
+    keep_output_on_failure,
     log_evaluation,
     log_training,
+    report_final,
     save_checkpoint,
     select_device,
 )
-from utils.training import build_optimizer, build_scheduler, check_choice, evaluate, parameter_groups, train_one_epoch
+from utils.training import (
+    build_optimizer,
+    build_scheduler,
+    check_choice,
+    evaluate,
+    parameter_groups,
+    progress,
+    train_one_epoch,
+)
 from utils.visdom_logger import VisdomLogger
 
 SETTINGS.CAPTURE_MODE = "sys"
@@ -62,29 +73,36 @@ def config(dataset):
 
     visdom_port = None  # live curves on the visdom server at this port of 127.0.0.1
     visdom_freq = 20  # iterations between two points of the training curves
+    eval_every = 1  # epochs between evaluations (dataset.eval_metrics); the last epoch is always evaluated
     cpu = False  # train on the CPU even when a GPU is available
     cudnn_flag = "benchmark"  # benchmark | deterministic
     temp_dir = tempfile.gettempdir()  # where the best checkpoint and the reconstruction grid are written
     seed = 0
 
 
-def evaluate_autoencoder(model: Autoencoder, criterion: AutoencoderLoss, loaders: MetricLoaders, device: torch.device
-                         ) -> dict[str, float]:
-    """Recall@K of the latent means and the mean test losses (test/<term>), from one pass over the test images."""
+@torch.no_grad()
+def test_losses(model: Autoencoder, criterion: AutoencoderLoss, loaders: MetricLoaders, device: torch.device
+                ) -> dict[str, float]:
+    """The mean of each loss term (test/<term>) over the test images (In-Shop: queries and gallery)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    for loader in filter(None, (loaders.query, loaders.gallery)):
+        for images, _ in progress(loader, "Reconstructing test images"):
+            images = images.to(device, non_blocking=True)
+            reconstructions, mean, logvar = model(images)
+            for key, value in criterion.terms(images, reconstructions, mean, logvar).items():
+                sums[key] = sums.get(key, 0) + value * len(images)
+            count += len(images)
+    return {f"test/{key}": (value / count).item() for key, value in sums.items()}
 
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        nonlocal count
-        reconstructions, mean, logvar = model(images)
-        for key, value in criterion.terms(images, reconstructions, mean, logvar).items():
-            sums[key] = sums.get(key, 0) + value * len(images)
-        count += len(images)
-        return mean
 
-    metrics = evaluate(embed, loaders, device)
-    return metrics | {f"test/{key}": (value / count).item() for key, value in sums.items()}
+def evaluate_autoencoder(model: Autoencoder, criterion: AutoencoderLoss, loaders: MetricLoaders, device: torch.device,
+                         metrics: list[str]) -> dict[str, float]:
+    """The retrieval metrics of the latent means, and the mean test losses."""
+    model.eval()
+    return evaluate(lambda images: model(images)[1], loaders, device, metrics) | test_losses(model, criterion,
+                                                                                             loaders, device)
 
 
 @torch.no_grad()
@@ -99,12 +117,14 @@ def reconstruction_grid(model: Autoencoder, loader: DataLoader, num_images: int,
 
 
 @ex.automain
+@keep_output_on_failure
 def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float,
          no_bias_decay: bool, scheduler: str, lr_step: int | None, lr_gamma: float, select_by: str,
-         visdom_port: int | None, visdom_freq: int, cpu: bool, cudnn_flag: str, temp_dir: str, seed: int,
-         _run) -> float:
+         visdom_port: int | None, visdom_freq: int, eval_every: int, cpu: bool, cudnn_flag: str, temp_dir: str,
+         seed: int, _run) -> float:
     check_choice("select_by", select_by, SELECTION)
     device = select_device(cpu, cudnn_flag)
+    evaluate_after = evaluated_epochs(epochs, eval_every)
     plot = VisdomLogger(visdom_port) if visdom_port else None
 
     torch.manual_seed(seed)
@@ -116,7 +136,7 @@ def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool
     schedule = build_scheduler(optim, len(loaders.train), epochs, scheduler, lr_step, lr_gamma)
 
     def evaluate_and_log(epoch: int) -> dict[str, float]:
-        metrics = evaluate_autoencoder(model, criterion, loaders, device)
+        metrics = evaluate_autoencoder(model, criterion, loaders, device, loaders.eval_metrics)
         log_evaluation(_run, epoch, metrics, plot, PLOT_TITLES)
         return metrics
 
@@ -128,17 +148,18 @@ def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool
             history = train_one_epoch(model, criterion, loaders.train, optim, schedule, device, epoch,
                                       log_every=visdom_freq, plot=plot)
         log_training(_run, epoch, history)
-        best.update(epoch, evaluate_and_log(epoch), model)
+        if epoch in evaluate_after:
+            best.update(epoch, evaluate_and_log(epoch), model)
 
-    _run.info["best_epoch"] = best.epoch
-    _run.info["metrics"] = best.metrics
+    model.load_state_dict(best.state)
+    final = evaluate_autoencoder(model, criterion, loaders, device, loaders.final_metrics)
+    report_final(_run, best.epoch, final)
     config = _run.config
     stem = f"{config['vae']['arch']}_{config['dataset']['name']}"
     checkpoint = save_checkpoint(_run, best.state, temp_dir, stem)
-    model.load_state_dict(best.state)
     grid = artifact_path(temp_dir, stem, ".png")
     save_image(reconstruction_grid(model, loaders.query, GRID_IMAGES, device), grid, nrow=16)
     _run.add_artifact(grid, name="reconstructions.png")
-    print(f"Best epoch {best.epoch}: {best.key} {best.value:.4f}; weights saved to {checkpoint}, "
+    print(f"Best epoch {best.epoch}: {best.key} {final[best.key]:.4f}; weights saved to {checkpoint}, "
           f"reconstructions to {grid}")
-    return best.value
+    return final[best.key]

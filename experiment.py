@@ -14,9 +14,18 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import get_model, model_ingredient
-from utils.captured_output import keep_output_on_failure
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.run import BestEpoch, cudnn_benchmark, log_evaluation, log_training, save_checkpoint, select_device
+from utils.run import (
+    BestEpoch,
+    cudnn_benchmark,
+    evaluated_epochs,
+    keep_output_on_failure,
+    log_evaluation,
+    log_training,
+    report_final,
+    save_checkpoint,
+    select_device,
+)
 from utils.training import build_optimizer, build_scheduler, evaluate, parameter_groups, train_one_epoch
 from utils.visdom_logger import VisdomLogger
 
@@ -46,6 +55,7 @@ def config(dataset):
 
     visdom_port = None  # live curves on the visdom server at this port of 127.0.0.1
     visdom_freq = 20  # iterations between two points of the training curves
+    eval_every = 1  # epochs between evaluations (dataset.eval_metrics); the last epoch is always evaluated
     cpu = False  # train on the CPU even when a GPU is available
     cudnn_flag = "benchmark"  # benchmark | deterministic
     temp_dir = tempfile.gettempdir()  # where the best checkpoint is written
@@ -74,9 +84,10 @@ def metrix_recipe():
 @keep_output_on_failure
 def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float,
          no_bias_decay: bool, scheduler: str, lr_step: int | None, lr_gamma: float, warm_epochs: int,
-         grad_clip: float | None, label_smoothing: float, visdom_port: int | None, visdom_freq: int, cpu: bool,
-         cudnn_flag: str, temp_dir: str, seed: int, _run) -> float:
+         grad_clip: float | None, label_smoothing: float, visdom_port: int | None, visdom_freq: int,
+         eval_every: int, cpu: bool, cudnn_flag: str, temp_dir: str, seed: int, _run) -> float:
     device = select_device(cpu, cudnn_flag)
+    evaluate_after = evaluated_epochs(epochs, eval_every)
     plot = VisdomLogger(visdom_port) if visdom_port else None
 
     torch.manual_seed(seed)
@@ -89,9 +100,12 @@ def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool
     schedule = build_scheduler(optim, len(loaders.train), epochs, scheduler, lr_step, lr_gamma)
     backbone_parameters = [p for p in model.backbone.parameters() if p.requires_grad]
 
-    def evaluate_and_log(epoch: int) -> dict[str, float]:
+    def evaluate_model(metrics: list[str]) -> dict[str, float]:
         model.eval()
-        metrics = evaluate(lambda images: model(images)[1], loaders, device)
+        return evaluate(lambda images: model(images)[1], loaders, device, metrics)
+
+    def evaluate_and_log(epoch: int) -> dict[str, float]:
+        metrics = evaluate_model(loaders.eval_metrics)
         log_evaluation(_run, epoch, metrics, plot)
         return metrics
 
@@ -105,11 +119,13 @@ def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool
             history = train_one_epoch(model, criterion, loaders.train, optim, schedule, device, epoch, grad_clip,
                                       visdom_freq, plot)
         log_training(_run, epoch, history)
-        best.update(epoch, evaluate_and_log(epoch), model)
+        if epoch in evaluate_after:
+            best.update(epoch, evaluate_and_log(epoch), model)
 
-    _run.info["best_epoch"] = best.epoch
-    _run.info["metrics"] = best.metrics
+    model.load_state_dict(best.state)
+    final = evaluate_model(loaders.final_metrics)
+    report_final(_run, best.epoch, final)
     config = _run.config
     checkpoint = save_checkpoint(_run, best.state, temp_dir, f"{config['model']['arch']}_{config['dataset']['name']}")
-    print(f"Best epoch {best.epoch}: cosine R@1 {best.value:.4f}; weights saved to {checkpoint}")
-    return best.value
+    print(f"Best epoch {best.epoch}: cosine R@1 {final['cosine/R@1']:.4f}; weights saved to {checkpoint}")
+    return final["cosine/R@1"]

@@ -1,13 +1,17 @@
-"""Shared fixtures: tiny stand-ins of each data set's on-disk layout, fake pretrained weights, a runner.
+"""Tiny stand-ins of the real data sets in their on-disk layout, fake ImageNet weights, and in-process
+runners of experiment.py's and autoencoder_experiment.py's command lines.
 
-The real data sets and ImageNet weights cannot be downloaded here, so the tests build folders in the
-layout prepare_data.py writes (split files of `relative/path,label` lines next to real JPEGs) and
-save randomly initialised torchvision weights where torch's cache would hold the real ones.
+None of CUB, Cars, SOP or In-Shop can be downloaded here, so the fixtures write what
+prepare_data.py leaves behind: split files of `relative/path,label` lines (labels from 0 within
+each split; In-Shop's query and gallery share one numbering) next to small JPEGs in each set's
+real relative layout. Every class has its own colour and stripe pattern, so a network can learn.
 """
 
+import importlib
 import os
-import subprocess
-import sys
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,90 +19,186 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from sacred.run import Run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 48
+CLASSES = 4  # per split
+IMAGES_PER_CLASS = 4
 
-# One image path per (class, image) in each data set's real layout.
-LAYOUTS = {
-    "cub": lambda c, i: f"CUB_200_2011/images/{c + 1:03d}.Bird_{c}/Bird_{c}_{i:04d}_{c * 100 + i}.jpg",
-    "cars": lambda c, i: f"car_ims/{c * 100 + i + 1:06d}.jpg",
-    "sop": lambda c, i: f"Stanford_Online_Products/bicycle_final/{111085122871 + c}_{i}.JPG",
-    "inshop": lambda c, i: f"img/WOMEN/Dresses/id_{c + 1:08d}/{i + 1:02d}_1_front.jpg",
+# (class index over the whole data set, image index within its class) -> path relative to data_path, as
+# prepare_data.py writes them (CUB and SOP keep their archive's top folder).
+LAYOUTS: dict[str, Callable[[int, int], str]] = {
+    "cub": lambda c, i: f"CUB_200_2011/images/{c + 1:03d}.Bird_{c + 1}/Bird_{c + 1}_{i + 1:04d}_{7961 + c}.jpg",
+    "cars": lambda c, i: f"car_ims/{c * IMAGES_PER_CLASS + i + 1:06d}.jpg",
+    "sop": lambda c, i: f"Stanford_Online_Products/{('bicycle', 'chair')[c % 2]}_final/{111085122871 + c}_{i}.JPG",
+    "inshop": lambda c, i: f"img/WOMEN/Dresses/id_{c + 2:08d}/{i // 4 + 1:02d}_{i % 4 + 1}_"
+                           f"{('front', 'side', 'back', 'full')[i % 4]}.jpg",
 }
-CLASSES, IMAGES_PER_CLASS = 4, 4
 
 
-def class_image(rng: np.random.Generator, c: int) -> Image.Image:
-    """A 48 px image whose colour depends on its class, plus noise: learnable, not trivial."""
-    base = np.array([60 * c % 256, 255 - 50 * c % 256, 120], dtype=float)
-    pixels = base + rng.normal(0, 30, size=(48, 48, 3))
+def class_image(c: int, i: int) -> Image.Image:
+    """A class colour and stripe direction, with per-image noise and shift (a real JPEG)."""
+    rng = np.random.default_rng([c, i])
+    colour = np.random.default_rng(c).integers(0, 256, size=3)
+    grid = np.arange(IMAGE_SIZE)
+    coordinate = grid[:, None] if c % 2 else grid[None, :]
+    stripes = ((coordinate + rng.integers(0, 8)) // (4 + c % 3) % 2)[..., None]
+    pixels = colour * (0.5 + 0.5 * stripes) + rng.normal(0, 20, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_split(root: Path, name: str, lines: list[str]) -> None:
-    (root / name).write_text("".join(f"{line}\n" for line in lines))
+def write_split(root: Path, split_file: str, layout: Callable[[int, int], str], classes: range, images: range
+                ) -> None:
+    lines = []
+    for label, c in enumerate(classes):
+        for i in images:
+            path = layout(c, i)
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            class_image(c, i).save(root / path, format="JPEG")
+            lines.append(f"{path},{label}\n")
+    (root / split_file).write_text("".join(lines))
 
 
-def make_standin(name: str, root: Path) -> Path:
-    """A folder in the layout of data set `name` with CLASSES train and CLASSES test classes."""
-    rng = np.random.default_rng(0)
-    path_of = LAYOUTS[name]
-    splits: dict[str, list[str]] = {}
-    for c in range(2 * CLASSES):
-        for i in range(IMAGES_PER_CLASS):
-            relative = path_of(c, i)
-            (root / relative).parent.mkdir(parents=True, exist_ok=True)
-            class_image(rng, c).save(root / relative)
-            if c < CLASSES:
-                splits.setdefault("train.txt", []).append(f"{relative},{c}")
-            elif name == "inshop":  # half of each test item's images are queries, half the gallery
-                split = "test_query.txt" if i % 2 == 0 else "test_gallery.txt"
-                splits.setdefault(split, []).append(f"{relative},{c - CLASSES}")
-            else:
-                splits.setdefault("test.txt", []).append(f"{relative},{c - CLASSES}")
-    for split, lines in splits.items():
-        write_split(root, split, lines)
+def make_dataset(root: Path, name: str) -> Path:
+    """The first CLASSES classes train, the next CLASSES test, as prepare_data.py splits them."""
+    train, test = range(CLASSES), range(CLASSES, 2 * CLASSES)
+    images = range(IMAGES_PER_CLASS)
+    layout = LAYOUTS[name]
+    write_split(root, "train.txt", layout, train, images)
+    if name == "inshop":
+        half = IMAGES_PER_CLASS // 2
+        write_split(root, "test_query.txt", layout, test, range(half))
+        write_split(root, "test_gallery.txt", layout, test, range(half, IMAGES_PER_CLASS))
+    else:
+        write_split(root, "test.txt", layout, test, images)
     return root
 
 
 @pytest.fixture(scope="session")
-def standins(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("standins")
-    return {name: make_standin(name, base / name) for name in LAYOUTS}
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """Read-only stand-ins of cub, cars, sop and inshop; copy one (dataset_copy) to break it."""
+    base = tmp_path_factory.mktemp("data")
+    return {name: make_dataset(base / name, name) for name in LAYOUTS}
+
+
+@pytest.fixture
+def dataset_copy(datasets, tmp_path) -> Callable[[str], Path]:
+    """A private, writable copy of a stand-in, for tests that damage files."""
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(datasets[name], tmp_path / name))
+
+    return copy
+
+
+DIGITS_PER_CLASS = 10  # in the small splits
 
 
 @pytest.fixture(scope="session")
-def torch_home(tmp_path_factory) -> Path:
-    """A TORCH_HOME whose cache holds random weights under the file names of torchvision's ImageNet weights."""
+def digits_path(tmp_path_factory) -> Path:
+    """The embedded digits set, rendered once into a temporary folder instead of the repo's data/.
+
+    Besides the full train.txt and test.txt it holds train_small.txt and test_small.txt, the first
+    DIGITS_PER_CLASS images of each class: a full digits epoch takes minutes on two busy cores.
+    """
+    from utils.data.digits import prepare_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare_digits(root)
+    for split in ("train", "test"):
+        counts: dict[str, int] = {}
+        lines = []
+        for line in (root / f"{split}.txt").read_text().splitlines(keepends=True):
+            label = line.rsplit(",", 1)[1]
+            counts[label] = counts.get(label, 0) + 1
+            if counts[label] <= DIGITS_PER_CLASS:
+                lines.append(line)
+        (root / f"{split}_small.txt").write_text("".join(lines))
+    return root
+
+
+def weights_filename(arch: str) -> str:
+    return os.path.basename(torchvision.models.get_model_weights(arch).DEFAULT.url)
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Iterator[Path]:
+    """TORCH_HOME with randomly initialised resnet18/resnet50 weights under torchvision's file names.
+
+    pretrained=True then loads them offline; the variable is set in os.environ so that it also
+    reaches experiment subprocesses.
+    """
     home = tmp_path_factory.mktemp("torch_home")
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
+    torch.manual_seed(0)
     for arch in ("resnet18", "resnet50"):
-        url = torchvision.models.get_model_weights(arch).DEFAULT.url
-        torch.save(getattr(torchvision.models, arch)(weights=None).state_dict(), checkpoints / os.path.basename(url))
-    return home
+        model = getattr(torchvision.models, arch)(weights=None)
+        torch.save(model.state_dict(), checkpoints / weights_filename(arch))
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(home)
+    yield home
+    if previous is None:
+        del os.environ["TORCH_HOME"]
+    else:
+        os.environ["TORCH_HOME"] = previous
 
 
-SHRINK = ["epochs=1", "dataset.resize=40", "dataset.crop_size=32", "dataset.batch_size=8",
-          "dataset.test_batch_size=16", "dataset.num_workers=0", "dataset.recalls=[1,2]", "cpu=True"]
+# Appended to a seed command line (sacred's last update wins): one epoch of 32 px crops in batches of 8.
+SHRINK = ["epochs=1", "dataset.resize=40", "dataset.crop_size=32", "dataset.batch_size=8", "dataset.test_batch_size=16",
+          "dataset.num_workers=0", "dataset.recalls=[1,2]", "cpu=True"]
 
 
-def run_script(args: list[str], torch_home: Path | None = None, cwd: Path = REPO,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a repo script as a user would, in a subprocess; TORCH_HOME points at the fake weights."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if torch_home is not None:
-        env["TORCH_HOME"] = str(torch_home)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def digits_updates(digits_path: Path) -> list[str]:
+    """Config updates that shrink the digits default to its small splits."""
+    return [f"dataset.data_path={digits_path}", "dataset.train_file=train_small.txt",
+            "dataset.test_file=test_small.txt", "dataset.batch_size=16"]
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """The run failed with exit 1 and one `InputError: ...` line that contains every fragment."""
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if "InputError: " in line]
-    assert len(lines) == 1, result.stderr[-2000:]
+@dataclass
+class Outcome:
+    code: int
+    run: Run | None
+    out: str
+    err: str
+
+
+def command_line_runner(script: str, capsys, tmp_path: Path) -> Callable[..., Outcome]:
+    """Run `python <script> <words> <updates>` in this process (a subprocess spends seconds importing torch);
+    checkpoints and images go to tmp_path instead of the system's temporary folder."""
+    ex = importlib.import_module(script.removesuffix(".py")).ex
+
+    def run(words: str, *updates: str) -> Outcome:
+        assert " with " in f" {words} ", "config updates need a `with`"
+        argv = [script, *words.split(), *updates, f"temp_dir={tmp_path}"]
+        code, result = 0, None
+        try:
+            result = ex.run_commandline(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return Outcome(code, result, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def experiment(capsys, tmp_path) -> Callable[..., Outcome]:
+    return command_line_runner("experiment.py", capsys, tmp_path)
+
+
+@pytest.fixture
+def autoencoder_experiment(capsys, tmp_path) -> Callable[..., Outcome]:
+    return command_line_runner("autoencoder_experiment.py", capsys, tmp_path)
+
+
+def assert_input_error(outcome: Outcome, *fragments: str, error: str = "utils.errors.InputError") -> str:
+    """Exit status 1 and, as the last line of stderr without a traceback, the error with every fragment."""
+    assert outcome.code == 1
+    assert "Traceback" not in outcome.err
+    last = outcome.err.strip().splitlines()[-1]
+    assert last.startswith(f"{error}: "), outcome.err
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+        assert fragment in last
+    return last

@@ -17,7 +17,6 @@ from losses.autoencoder import AutoencoderLoss
 from losses.autoencoder import kl_divergence as closed_form_kl
 from models.vae import Autoencoder, reparameterize
 from models.vae_ingredient import get_autoencoder_loss, get_vae
-from utils.data.digits import prepare_digits
 from utils.errors import InputError
 from utils.run import BestEpoch
 
@@ -137,17 +136,11 @@ def test_bad_image_size_on_the_command_line(capsys):
     assert message.startswith("utils.errors.InputError: dataset.crop_size=40 does not fit vae.hidden_dims")
 
 
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    prepare_digits(root)
-    return root
-
-
 @pytest.mark.parametrize("arch", ["ae", "vae"])
-def test_short_digits_run_writes_artifacts(digits, tmp_path, arch):
+def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
     run = ex.run_commandline(["autoencoder_experiment.py", "-F", str(tmp_path), "with", f"vae.{arch}", "epochs=1",
-                              "dataset.batch_size=32", f"dataset.data_path={digits}", f"temp_dir={tmp_path}", *TINY])
+                              "dataset.batch_size=32", f"dataset.data_path={digits_path}", f"temp_dir={tmp_path}",
+                              *TINY])
     files = {path.name for path in (tmp_path / "1").iterdir()}
     assert {"config.json", "run.json", "metrics.json", "cout.txt", "checkpoint.pt", "reconstructions.png"} <= files
 
@@ -156,6 +149,10 @@ def test_short_digits_run_writes_artifacts(digits, tmp_path, arch):
     assert ("eval.test/kl" in metrics) == (arch == "vae")
     info = json.loads((tmp_path / "1" / "info.json").read_text())
     assert run.result == info["metrics"]["cosine/R@1"] and info["best_epoch"] in (0, 1)
+    # The final evaluation of the best weights: every metric, and the same test losses as that epoch's.
+    assert {"cosine/MAP@R", "l2/R-Precision", "NMI", "utilization", "test/reconstruction"} <= set(info["metrics"])
+    epoch_reconstruction = metrics["eval.test/reconstruction"]["values"][info["best_epoch"]]
+    assert info["metrics"]["test/reconstruction"] == pytest.approx(epoch_reconstruction, rel=1e-6)
 
     model = Autoencoder(32, arch == "vae", latent_dim=8, hidden_dims=(8, 16))
     model.load_state_dict(torch.load(tmp_path / "1" / "checkpoint.pt"))
@@ -163,43 +160,9 @@ def test_short_digits_run_writes_artifacts(digits, tmp_path, arch):
     assert Image.open(tmp_path / "1" / "reconstructions.png").size == (16 * 34 + 2, 4 * 34 + 2)
 
 
-STANDIN_LAYOUTS = {
-    "cub": lambda label, i: f"images/{label + 1:03d}.Bird_{label + 1}/Bird_{label + 1}_{i:04d}_{label}{i}.jpg",
-    "cars": lambda label, i: f"car_ims/{label * 10 + i + 1:06d}.jpg",
-    "sop": lambda label, i: f"{('bicycle', 'chair', 'lamp')[label % 3]}_final/{111085122871 + label}_{i}.JPG",
-    "inshop": lambda label, i: f"img/MEN/Denim/id_{label + 80:08d}/{i + 1:02d}_{i % 4 + 1}_front.jpg",
-}
-
-
-def make_standin(name: str, root: Path) -> Path:
-    """A tiny copy of a data set in its on-disk layout: split files and 2-3 small JPEGs per class."""
-    layout = STANDIN_LAYOUTS[name]
-    generator = torch.Generator().manual_seed(0)
-
-    def split(file: str, labels: range, images: range) -> None:
-        lines = []
-        for label in labels:
-            for i in images:
-                path = root / layout(label, i)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                size = [int(s) for s in torch.randint(20, 48, (2,), generator=generator)]
-                pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(path)
-                lines.append(f"{layout(label, i)},{label - labels.start}\n")
-        (root / file).write_text("".join(lines))
-
-    split("train.txt", range(0, 3), range(2))
-    if name == "inshop":  # queries and gallery share the test items
-        split("test_query.txt", range(3, 6), range(1))
-        split("test_gallery.txt", range(3, 6), range(1, 3))
-    else:
-        split("test.txt", range(3, 6), range(3))
-    return root
-
-
 @pytest.mark.parametrize("name", ["cub", "cars", "sop", "inshop"])
-def test_seed_command_on_a_standin(tmp_path, name):
-    data = make_standin(name, tmp_path / name)
+def test_seed_command_on_a_standin(tmp_path, name, datasets):
+    data = datasets[name]
     run = ex.run_commandline(["autoencoder_experiment.py", "with", f"dataset.{name}_vae", "vae.ae",
                               f"dataset.data_path={data}", "epochs=1", "dataset.batch_size=4",
                               "dataset.test_batch_size=8", "dataset.num_workers=0", "dataset.recalls=[1,2]",

@@ -1,139 +1,136 @@
-"""Bad input stops the run with one clear line (what is wrong, how to fix it), before training where possible."""
+"""Bad input stops the run with exit status 1 and one line that says what is wrong and what to do, before
+training where possible. Runs go through `ex.run_commandline` in this process; one runs as a real subprocess."""
 
-import json
-import shutil
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.error import URLError
 
 import pytest
+import torch
 
-from tests.conftest import SHRINK
+from tests.conftest import REPO, SHRINK, Outcome, assert_input_error, weights_filename
 
-DIGITS_FAST = ["epochs=1", "cpu=True", "dataset.num_workers=0", "dataset.num_iterations=2"]
+pytestmark = pytest.mark.usefixtures("torch_home")
 
 
-def run_experiment(argv: list[str], capsys) -> str:
-    """Run experiment.py's command line in this process; return its one error line (exit status 1)."""
-    from experiment import ex
-
-    with pytest.raises(SystemExit) as exit_info:
-        ex.run_commandline(["experiment.py", *argv])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    # tqdm redraws its bar with carriage returns; a terminal shows only the error line.
-    lines = [line for line in err.replace("\r", "\n").splitlines() if "Error" in line]
-    assert len(lines) == 1, err
-    return lines[0]
+def data_path(path: Path) -> str:
+    return f"dataset.data_path={path}"
 
 
 @pytest.fixture
-def cub(standins, tmp_path):
-    """A private copy of the CUB stand-in that a test may damage."""
-    return shutil.copytree(standins["cub"], tmp_path / "cub")
+def cub_run(datasets, experiment):
+    """A shrunk small_cnn run on the CUB stand-in, with extra updates."""
+
+    def run(*updates: str, root: Path | None = None) -> Outcome:
+        return experiment("with dataset.cub model.small_cnn", *SHRINK, data_path(root or datasets["cub"]), *updates)
+
+    return run
 
 
-@pytest.mark.parametrize("setting, fragments", [
-    ("dataset.name=mnist", ["unknown dataset.name 'mnist'", "digits, cub, cars, sop, inshop"]),
-    ("model.arch=resnet9", ["unknown model.arch 'resnet9'", "resnet50"]),
-    ("scheduler=linear", ["unknown scheduler 'linear'", "warmcos"]),
-    ("dataset.sampler=uniform", ["unknown dataset.sampler 'uniform'", "random_id", "balanced"]),
-    ("optimizer=lbfgs", ["unknown optimizer 'lbfgs'", "adamw"]),
-    ("model.pooling=sum", ["unknown model.pooling 'sum'", "avg+max"]),
-    ("model.norm_layer=group", ["unknown model.norm_layer 'group'"]),
-    ("cudnn_flag=fast", ["unknown cudnn_flag 'fast'"]),
-    ("loss.pairwise=triplet", ["unknown loss.pairwise 'triplet'", "multisimilarity"]),
-    ("metrix.mode=pixels", ["unknown metrix.mode 'pixels'", "feature"]),
-    ("metrix.feature metrix.strategy=all", ["unknown metrix.strategy 'all'", "positive_negative"]),
-    ("scheduler=step", ["needs lr_step"]),
-    ("loss.ce_weight=0", ["no loss to train with"]),
-])
-def test_unknown_names_and_impossible_settings(setting, fragments, capsys):
-    line = run_experiment(["with", *setting.split(), *DIGITS_FAST], capsys)
-    assert line.startswith("utils.errors.InputError: ")
-    for fragment in fragments:
-        assert fragment in line
+def test_unknown_dataset_name_in_a_subprocess(tmp_path):
+    """The real command line: exit status 1, no traceback, one line naming the choices."""
+    command = [sys.executable, str(REPO / "experiment.py"), "with", "dataset.name=foo", f"temp_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert_input_error(Outcome(done.returncode, None, done.stdout, done.stderr), "dataset.name 'foo'",
+                       "choose one of digits, cub, cars, sop, inshop")
 
 
-def test_unknown_named_config_is_reported(capsys):
-    """Sacred's own one-line message names the missing config and lists the available ones."""
-    line = run_experiment(["with", "dataset.mnist"], capsys)
-    assert 'Named config not found: "mnist"' in line and "'cub'" in line and "'inshop'" in line
+def test_unknown_named_config(experiment):
+    # Sacred's own message names the unknown config and lists the dataset's named configs.
+    assert_input_error(experiment("with dataset.foo"), '"foo"', "'cub'", "'inshop'",
+                       error="sacred.utils.NamedConfigNotFoundError")
 
 
-def test_metrix_on_with_nothing_to_use_it(capsys):
-    line = run_experiment(["with", "metrix.feature", "metrix.weight=0", *DIGITS_FAST], capsys)
-    assert "no loss would use the mixed examples" in line and "metrix.weight" in line
+@pytest.mark.parametrize(("update", "fragments"), [
+    ("model.arch=foo", ("model.arch 'foo'", "choose one of", "resnet50")),
+    ("model.pooling=sum", ("model.pooling 'sum'", "avg+max")),
+    ("model.norm_layer=group", ("model.norm_layer 'group'",)),
+    ("scheduler=foo", ("scheduler 'foo'", "choose one of", "warmcos")),
+    ("dataset.sampler=foo", ("dataset.sampler 'foo'", "choose one of", "balanced")),
+    ("optimizer=foo", ("optimizer 'foo'", "choose one of", "adamw")),
+    ("cudnn_flag=fast", ("cudnn_flag 'fast'", "deterministic")),
+    ("loss.pairwise=triplet", ("loss.pairwise 'triplet'", "multisimilarity")),
+    ("metrix.mode=pixels", ("metrix.mode 'pixels'", "feature")),
+    ("metrix.feature metrix.strategy=all", ("metrix.strategy 'all'", "positive_negative")),
+    ("metrix.feature metrix.weight=0", ("no loss would use the mixed examples", "metrix.weight")),
+    ("loss.ce_weight=0", ("no loss to train with",)),
+    ("scheduler=step", ("scheduler='step' needs lr_step", "lr_step=10")),
+    ("eval_every=0", ("eval_every=0", "positive number of epochs")),
+    ("dataset.eval_metrics=['recall','auc']", ("unknown metric 'auc'", "dataset.eval_metrics", "map_at_r")),
+    ("dataset.eval_metrics=[recall,nmi]", ("is not a list of metric names", "quote them")),
+    ("dataset.final_metrics=['nmi']", ("dataset.final_metrics=['nmi'] lacks 'recall'",)),
+    ("dataset.eval_backend=annoy", ("dataset.eval_backend 'annoy'", "faiss-gpu", "torch")),
+    ("dataset.eval_backend=faiss-gpu", ("needs a faiss build with GPU support", "eval_backend=torch")),
+    ("dataset.recalls=[1,32]", ("R@32", "only 15 neighbours", "lower dataset.recalls")),
+    ("dataset.sampler=random_id dataset.images_per_class=4 dataset.batch_size=4",
+     ("single class of 4 images", "at least 8")),
+    ("dataset.sampler=random_id dataset.images_per_class=5 dataset.batch_size=10", ("classes of 5 images",)),
+    ("dataset.sampler=balanced dataset.images_per_class=2 dataset.batch_size=16",
+     ("needs 8 classes", "has 4 such classes", "lower dataset.batch_size")),
+    ("dataset.sampler=balanced dataset.images_per_class=3 dataset.batch_size=8", ("must be a multiple",)),
+], ids=["arch", "pooling", "norm_layer", "scheduler", "sampler", "optimizer", "cudnn_flag", "pairwise", "mode",
+        "strategy", "metrix_weight", "no_loss", "lr_step", "eval_every", "metric", "unquoted", "no_recall", "backend",
+        "faiss_gpu", "recall", "random_id", "random_id_size", "balanced", "multiple"])
+def test_bad_setting(update, fragments, cub_run):
+    assert_input_error(cub_run(*update.split()), *fragments)
 
 
-def test_missing_data_folder(tmp_path, capsys):
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={tmp_path / 'nowhere'}", *SHRINK], capsys)
-    assert "not found" in line and "prepare_data.py" in line
+def test_recall_beyond_the_inshop_gallery(datasets, experiment):
+    outcome = experiment("with dataset.inshop model.small_cnn", *SHRINK, data_path(datasets["inshop"]),
+                         "dataset.recalls=[1,10]")
+    assert_input_error(outcome, "R@10", "only 8 neighbours")
 
 
-def test_missing_split_file(cub, capsys):
-    (cub / "test.txt").unlink()
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK], capsys)
-    assert "test.txt" in line and "prepare_data.py" in line
+def test_missing_data_folder(cub_run, tmp_path):
+    assert_input_error(cub_run(root=tmp_path / "nowhere"), f"{tmp_path / 'nowhere'} not found", "prepare_data.py",
+                       "dataset.data_path")
 
 
-def test_unparsable_split_line(cub, capsys):
-    lines = (cub / "train.txt").read_text().splitlines()
-    lines[2] = lines[2].replace(",", " ")
-    (cub / "train.txt").write_text("\n".join(lines) + "\n")
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK], capsys)
-    assert "train.txt, line 3" in line
+def test_missing_split_file(cub_run, dataset_copy):
+    root = dataset_copy("cub")
+    (root / "test.txt").unlink()
+    assert_input_error(cub_run(root=root), f"{root / 'test.txt'} not found", "prepare_data.py")
 
 
-def test_missing_image(cub, capsys):
-    victim = cub / (cub / "test.txt").read_text().splitlines()[0].split(",")[0]
-    victim.unlink()
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK], capsys)
-    assert str(victim) in line and "missing" in line
+def test_unparsable_split_line(cub_run, dataset_copy):
+    root = dataset_copy("cub")
+    with open(root / "train.txt", "a") as split:
+        split.write("images/a.jpg;3\n")
+    assert_input_error(cub_run(root=root), f"{root / 'train.txt'}, line 17", "'relative/path,label'")
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_corrupt_image(cub, workers, capsys, torch_home, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    victim = cub / (cub / "test.txt").read_text().splitlines()[0].split(",")[0]
-    victim.write_bytes(b"not a jpeg at all")
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK,
-                           f"dataset.num_workers={workers}"], capsys)
-    assert str(victim) in line and "cannot be read" in line
+def test_missing_image(workers, cub_run, dataset_copy):
+    # Found when the split file is read, before any DataLoader worker starts.
+    root = dataset_copy("cub")
+    image = root / (root / "test.txt").read_text().split(",", 1)[0]
+    image.unlink()
+    assert_input_error(cub_run(f"dataset.num_workers={workers}", root=root), f"image {image}", "is missing",
+                       "prepare_data.py")
 
 
-def test_recall_k_larger_than_gallery(cub, capsys):
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK, "dataset.recalls=[1,100]"],
-                          capsys)
-    assert "R@100" in line and "15 neighbours" in line
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image(damage, workers, cub_run, dataset_copy):
+    """Images are decoded lazily on the real data sets, so the error comes from inside the DataLoader."""
+    root = dataset_copy("cub")
+    image = root / (root / "train.txt").read_text().split(",", 1)[0]
+    data = image.read_bytes()
+    image.write_bytes(b"not a jpeg" if damage == "garbage" else data[: len(data) // 2])
+    line = assert_input_error(cub_run(f"dataset.num_workers={workers}", root=root), f"image {image} cannot be read",
+                              "replace the file")
+    assert "DataLoader worker" not in line
 
 
-@pytest.mark.parametrize("settings, fragment", [
-    (["dataset.sampler=random_id", "dataset.images_per_class=4", "dataset.batch_size=4"], "single class"),
-    (["dataset.sampler=balanced", "dataset.images_per_class=3", "dataset.batch_size=8"], "multiple of"),
-    (["dataset.sampler=random_id", "dataset.images_per_class=5", "dataset.batch_size=10"], "classes of 5 images"),
-])
-def test_batch_too_small_for_the_sampler(cub, settings, fragment, capsys):
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK, *settings], capsys)
-    assert fragment in line
+def test_pretrained_weights_unavailable(datasets, experiment, monkeypatch, tmp_path):
+    """An empty torch cache and no network: the message names the file and where to put it."""
+    def offline(url, *args, **kwargs):
+        raise URLError("no network")
 
-
-def test_pretrained_weights_unavailable(cub, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    line = run_experiment(["with", "dataset.cub", f"dataset.data_path={cub}", *SHRINK], capsys)
-    assert "resnet18-f37072fd.pth" in line and str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in line
-    assert "model.pretrained=False" in line
-
-
-def test_failed_run_keeps_earlier_results(tmp_path, capsys):
-    """With -F, a failing run is recorded as FAILED next to the earlier run, which stays intact."""
-    from experiment import ex
-
-    result_dir = tmp_path / "result_dir"
-    ex.run_commandline(["experiment.py", "-F", str(result_dir), "with", *DIGITS_FAST,
-                        f"temp_dir={tmp_path}"])
-    first = (result_dir / "1" / "run.json").read_text()
-    with pytest.raises(SystemExit):
-        ex.run_commandline(["experiment.py", "-F", str(result_dir), "with", "model.arch=resnet9", *DIGITS_FAST])
-    assert (result_dir / "1" / "run.json").read_text() == first
-    assert json.loads(first)["status"] == "COMPLETED"
-    assert json.loads((result_dir / "2" / "run.json").read_text())["status"] == "FAILED"
-    assert (result_dir / "1" / "checkpoint.pt").is_file()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    outcome = experiment("with dataset.cub", *SHRINK, data_path(datasets["cub"]))
+    assert_input_error(outcome, weights_filename("resnet18"), str(tmp_path / "torch" / "hub" / "checkpoints"),
+                       "model.pretrained=False")

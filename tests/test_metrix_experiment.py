@@ -2,32 +2,32 @@
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHRINK
+from tests.conftest import REPO, SHRINK, Outcome
 
 LOSSES = ("cross_entropy", "contrastive", "multisimilarity", "proxyanchor")
 MODES = (None, "input", "feature", "embed")
 
 
-def run_with_observer(argv: list[str], result_dir: Path) -> dict:
-    """Run experiment.py's command line in-process with -F; return the run's metrics.json."""
-    from experiment import ex
-
-    run = ex.run_commandline(["experiment.py", "-F", str(result_dir), "with", *argv])
-    assert run.status == "COMPLETED"
-    return json.loads((result_dir / str(run._id) / "metrics.json").read_text())
+def observed_metrics(experiment: Callable[..., Outcome], words: str, observed: Path) -> dict:
+    """Run experiment.py in-process with -F; return the run's metrics.json."""
+    outcome = experiment(f"-F {observed} {words}")
+    assert outcome.code == 0, outcome.err
+    return json.loads((observed / str(outcome.run._id) / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_loss_and_mode_train_on_digits(loss, mode, tmp_path):
-    metrix = [f"metrix.{mode}", "metrix.max_pairs=100"] if mode else []
-    metrics = run_with_observer([f"loss.{loss}", *metrix, "epochs=1", "dataset.num_iterations=30", "scheduler=constant",
-                                 "dataset.sampler=balanced", "dataset.images_per_class=4", "dataset.batch_size=20",
-                                 "cpu=True", f"temp_dir={tmp_path}"], tmp_path / "runs")
+def test_loss_and_mode_train_on_digits(loss, mode, digits_path, experiment, tmp_path):
+    metrix = f"metrix.{mode} metrix.max_pairs=100" if mode else ""
+    words = (f"with loss.{loss} {metrix} epochs=1 dataset.num_iterations=30 scheduler=constant "
+             f"dataset.sampler=balanced dataset.images_per_class=4 dataset.batch_size=20 cpu=True "
+             f"dataset.data_path={digits_path} dataset.final_metrics=['recall']")
+    metrics = observed_metrics(experiment, words, tmp_path / "runs")
     losses = metrics["train.loss"]["values"]
     assert len(losses) == 30
     assert sum(losses[-10:]) < sum(losses[:10])
@@ -48,10 +48,9 @@ def test_readme_lists_every_paper_run():
 
 
 @pytest.mark.parametrize("dataset, arguments", readme_equivalents())
-def test_metrix_paper_equivalent_runs_on_a_standin(dataset, arguments, standins, torch_home, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    shrink = [*SHRINK, "dataset.images_per_class=2", "dataset.num_iterations=1", f"temp_dir={tmp_path}"]
-    metrics = run_with_observer([*arguments.split(), f"dataset.data_path={standins[dataset]}", *shrink],
-                                tmp_path / "runs")
+def test_metrix_paper_equivalent_runs_on_a_standin(dataset, arguments, datasets, torch_home, experiment, tmp_path):
+    shrink = " ".join([*SHRINK, "dataset.images_per_class=2", "dataset.num_iterations=1"])
+    words = f"with {arguments} dataset.data_path={datasets[dataset]} {shrink}"
+    metrics = observed_metrics(experiment, words, tmp_path / "runs")
     assert metrics["eval.cosine/R@1"]["steps"] == [0, 1]
     assert ("train.mixed_" + arguments.split()[2].removeprefix("loss.") in metrics) == ("metrix." in arguments)

@@ -1,16 +1,20 @@
-"""Run plumbing shared by both experiments: device, sacred logging, best-epoch tracking, artifacts."""
+"""Run plumbing shared by both experiments: device, sacred logging, best-epoch tracking, artifacts,
+captured output of failed runs."""
 
 import copy
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from sacred.run import Run
 from torch import nn
 from torch.backends import cudnn
 
+from utils.errors import InputError
 from utils.training import PlotFunction, check_choice, format_metrics
 
 CUDNN_FLAGS = ("benchmark", "deterministic")
@@ -45,12 +49,26 @@ def log_evaluation(run: Run, epoch: int, metrics: dict[str, float], plot: PlotFu
     """Print the metrics, log them as eval.<key> and plot those whose key ends with a suffix of plot_titles
     in that plot (by default every R@1 in "Recall@1")."""
     plot_titles = {"/R@1": "Recall@1"} if plot_titles is None else plot_titles
-    print(format_metrics(epoch, metrics))
+    print(format_metrics(f"Epoch {epoch:3d}", metrics))
     for key, value in metrics.items():
         run.log_scalar(f"eval.{key}", value, epoch)
         title = next((title for suffix, title in plot_titles.items() if key.endswith(suffix)), None)
         if plot is not None and title is not None:
             plot(key, title, epoch, value)
+
+
+def evaluated_epochs(epochs: int, eval_every: int) -> set[int]:
+    """The epochs after which to evaluate: before training (0), every eval_every-th, and the last."""
+    if eval_every < 1:
+        raise InputError(f"eval_every={eval_every} must be a positive number of epochs between evaluations")
+    return {0, *range(eval_every, epochs + 1, eval_every), epochs}
+
+
+def report_final(run: Run, epoch: int, metrics: dict[str, float]) -> None:
+    """Print the final evaluation of the best epoch's weights and keep it in the run's info."""
+    print(format_metrics(f"Best  {epoch:3d}", metrics))
+    run.info["best_epoch"] = epoch
+    run.info["metrics"] = metrics
 
 
 class BestEpoch:
@@ -86,3 +104,23 @@ def save_checkpoint(run: Run, state: dict[str, torch.Tensor], temp_dir: str, ste
     torch.save({key: value.cpu() for key, value in state.items()}, checkpoint)
     run.add_artifact(checkpoint, name="checkpoint.pt")
     return checkpoint
+
+
+
+def keep_output_on_failure(main: Callable) -> Callable:
+    """Decorate a sacred main function that takes `_run`.
+
+    Sacred 0.8 closes its capture of stdout/stderr before the last heartbeat of a failed run, so
+    the observers lose everything printed since the previous beat (up to 10 s: often all the lines
+    that led to the failure). Reading the output into the run while the capture is still open keeps it.
+    """
+
+    @functools.wraps(main)  # sacred reads the configuration parameters from main's signature
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except BaseException:
+            kwargs["_run"]._get_captured_output()
+            raise
+
+    return wrapper

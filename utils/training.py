@@ -7,7 +7,7 @@ values stay on the device and are read once every `log_every` steps and once per
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -118,19 +118,26 @@ def extract_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], loader: Da
 
 
 def evaluate(embed: Callable[[torch.Tensor], torch.Tensor], loaders, device: torch.device,
-             **metric_options) -> dict[str, float]:
-    """Embed the query (and gallery) loaders and compute the retrieval metrics."""
+             metrics: Sequence[str]) -> dict[str, float]:
+    """Embed the query (and gallery, and for utilization the training) images and compute the metrics."""
     query, query_labels = extract_embeddings(embed, loaders.query, device, "Extracting query features")
-    gallery = gallery_labels = None
+    gallery = gallery_labels = reference = None
     if loaders.gallery is not None:
         gallery, gallery_labels = extract_embeddings(embed, loaders.gallery, device, "Extracting gallery features")
-    return evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=loaders.recall_ks, **metric_options)
+    if "utilization" in metrics:
+        reference, _ = extract_embeddings(embed, loaders.reference, device, "Extracting training features")
+    results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=loaders.recall_ks,
+                                  metrics=metrics, backend=loaders.eval_backend, reference=reference)
+    # Every query of the prepared data sets has a positive; the count is only news when it is not zero.
+    if results.get("queries_without_positive") == 0:
+        del results["queries_without_positive"]
+    return results
 
 
-def format_metrics(epoch: int, metrics: dict[str, float]) -> str:
-    """One line per distance: `Epoch   3 | cosine | R@1 0.6521 R@2 ...`."""
+def format_metrics(label: str, metrics: dict[str, float]) -> str:
+    """One line per distance, e.g. `Epoch   3 | cosine | R@1 0.6521 R@2 ...`; metrics without one under `all`."""
     rows: dict[str, list[str]] = {}
     for key, value in metrics.items():
         group, _, name = key.rpartition("/")
         rows.setdefault(group, []).append(f"{name} {value:.4f}")
-    return "\n".join(f"Epoch {epoch:3d} | {group or 'all':<6} | {' '.join(cells)}" for group, cells in rows.items())
+    return "\n".join(f"{label} | {group or 'all':<6} | {' '.join(cells)}" for group, cells in rows.items())

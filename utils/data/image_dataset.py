@@ -1,5 +1,6 @@
 """Images listed in a split file of `relative/path,label` lines."""
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,12 @@ class ImageDataset(Dataset):
             raise InputError(f"image {missing} (listed in {self.split_file}) is missing; "
                              f"re-run prepare_data.py or fix the split file")
         self.images = [load_image(path) for path in self.paths] if preload else None
+
+    def with_transform(self, transform: Callable | None) -> "ImageDataset":
+        """The same images (preloaded ones shared, not decoded again) under another transform."""
+        twin = copy.copy(self)
+        twin.transform = transform
+        return twin
 
     def __len__(self) -> int:
         return len(self.paths)

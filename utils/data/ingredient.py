@@ -12,6 +12,8 @@ from utils.data.image_dataset import ImageDataset
 from utils.data.samplers import ClassBatchSampler
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
+from utils.knn import BACKENDS, faiss_has_gpu
+from utils.metrics import METRICS
 
 DATASETS = ("digits", "cub", "cars", "sop", "inshop")
 SAMPLERS = ("random", "random_id", "balanced")
@@ -47,6 +49,10 @@ def config():
     hflip = False  # random horizontal flips (mirrored digits are other symbols)
 
     recalls = [1, 2, 4, 8]
+    # Metrics: recall | map_at_r | r_precision | nmi | utilization (nearest training embedding).
+    eval_metrics = ["recall"]  # after every evaluated epoch
+    final_metrics = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]  # of the best epoch's weights
+    eval_backend = "auto"  # auto | faiss | faiss-gpu | torch (exact k-NN, all give the same numbers)
 
 
 # The CE paper's settings for the real data sets (224 px crops of ImageNet-sized images).
@@ -71,11 +77,17 @@ for _name, _settings in _REAL_DATASETS.items():
 
 
 class MetricLoaders(NamedTuple):
+    """The training batches, the test images and what to measure on them."""
+
     train: DataLoader
     query: DataLoader
     gallery: DataLoader | None
+    reference: DataLoader  # the training images with the test transform, for utilization
     num_classes: int
     recall_ks: list[int]
+    eval_metrics: list[str]
+    final_metrics: list[str]
+    eval_backend: str
 
 
 @data_ingredient.capture
@@ -121,7 +133,29 @@ def check_recalls(query: ImageDataset, gallery: ImageDataset | None, recalls: li
 
 
 @data_ingredient.capture
-def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, recalls: list[int]) -> MetricLoaders:
+def check_evaluation(eval_metrics: list[str], final_metrics: list[str], eval_backend: str) -> None:
+    for key, metrics in (("eval_metrics", eval_metrics), ("final_metrics", final_metrics)):
+        if not isinstance(metrics, list | tuple):
+            # Sacred reads `[recall,nmi]` (unquoted names) as one string.
+            raise InputError(f"dataset.{key}={metrics!r} is not a list of metric names: quote them, as in "
+                             f"\"dataset.{key}=['recall','nmi']\"")
+        for metric in metrics:
+            if metric not in METRICS:
+                raise InputError(f"unknown metric {metric!r} in dataset.{key}: choose from {', '.join(METRICS)}")
+        if "recall" not in metrics:
+            raise InputError(f"dataset.{key}={list(metrics)} lacks 'recall': the best epoch and the run's result "
+                             f"are its cosine R@1")
+    if eval_backend not in BACKENDS:
+        raise InputError(f"unknown dataset.eval_backend {eval_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if eval_backend == "faiss-gpu" and not faiss_has_gpu():
+        raise InputError("dataset.eval_backend='faiss-gpu' needs a faiss build with GPU support and a GPU: "
+                         "use eval_backend=torch (exact search on the GPU) or auto")
+
+
+@data_ingredient.capture
+def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, recalls: list[int],
+                eval_metrics: list[str], final_metrics: list[str], eval_backend: str) -> MetricLoaders:
+    check_evaluation()
     train, query, gallery = get_datasets()
     check_recalls(query, gallery)
     train_loader = DataLoader(train, batch_sampler=get_train_sampler(train.targets), num_workers=num_workers,
@@ -131,4 +165,6 @@ def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, recall
         return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
     return MetricLoaders(train_loader, test_loader(query), test_loader(gallery) if gallery else None,
-                         num_classes=max(train.targets) + 1, recall_ks=list(recalls))
+                         test_loader(train.with_transform(query.transform)), num_classes=max(train.targets) + 1,
+                         recall_ks=list(recalls), eval_metrics=list(eval_metrics), final_metrics=list(final_metrics),
+                         eval_backend=eval_backend)
