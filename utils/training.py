@@ -6,6 +6,7 @@ values stay on the device and are read once every `log_every` steps and once per
 """
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -29,6 +30,13 @@ def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise InputError(f"unknown {key} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+def progress(iterable: Iterable, desc: str) -> tqdm:
+    """A progress bar that disappears when done, on the terminal only: sacred captures sys.stderr for its
+    observers, and its file observer only appends to cout.txt, so a bar redrawing its line would leave
+    fragments there."""
+    return tqdm(iterable, desc=desc, ncols=100, leave=False, file=sys.__stderr__)
 
 
 def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
@@ -76,7 +84,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable, loader: DataLoader, o
     """One pass over loader; returns every logged value of every iteration."""
     model.train()
     history: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(loader, desc=f"Training   [{epoch:03d}]", ncols=100, leave=False)
+    bar = progress(loader, f"Training   [{epoch:03d}]")
     for i, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -103,7 +111,7 @@ def extract_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], loader: Da
                        desc: str = "Extracting features") -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and labels of a whole loader, in loader order, on the device."""
     embeddings, labels = [], []
-    for images, batch_labels in tqdm(loader, desc=desc, ncols=100, leave=False):
+    for images, batch_labels in progress(loader, desc):
         embeddings.append(embed(images.to(device, non_blocking=True)))
         labels.append(batch_labels)
     return torch.cat(embeddings), torch.cat(labels).to(device)
