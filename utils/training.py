@@ -102,7 +102,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable, loader: DataLoader, o
             bar.set_postfix({key: f"{value:.3f}" for key, value in recent.items()})
             if plot is not None:
                 for key, value in recent.items():
-                    plot(key, "Training", epoch + (i + 1) / len(loader), value)
+                    plot(key, "Training", epoch - 1 + (i + 1) / len(loader), value)  # epoch 1 spans (0, 1]
     return {key: torch.stack(values).tolist() for key, values in history.items()}
 
 
