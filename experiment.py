@@ -18,6 +18,7 @@ from torch.backends import cudnn
 
 from losses.ingredient import get_criterion, loss_ingredient
 from models.ingredient import get_model, model_ingredient
+from utils.captured_output import keep_output_on_failure
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.training import (
     build_optimizer,
@@ -62,6 +63,7 @@ def config(dataset):
 
 
 @ex.automain
+@keep_output_on_failure
 def main(epochs: int, optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float,
          no_bias_decay: bool, scheduler: str, lr_step: int | None, lr_gamma: float, warm_epochs: int,
          grad_clip: float | None, label_smoothing: float, visdom_port: int | None, visdom_freq: int, cpu: bool,
