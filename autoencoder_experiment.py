@@ -1,11 +1,11 @@
 """Autoencoder baselines: how well the latent codes of an AE or a VAE retrieve images of the same class.
 
-    python autoencoder_experiment.py with vae.ae                    # digits on the CPU, about a minute
+    python autoencoder_experiment.py with vae.ae                    # digits on the CPU, under a minute
     python autoencoder_experiment.py with vae.vae
     python autoencoder_experiment.py -F result_dir with dataset.cub_vae vae.ae   # also cars_vae, sop_vae, inshop_vae
     python autoencoder_experiment.py print_config with dataset.sop_vae vae.vae
 
-Each epoch (and before training) reports the test reconstruction error, the VAE's KL term and
+Each evaluated epoch (and before training) reports the test reconstruction error, the VAE's KL term and
 Recall@K of the codes (the posterior means for the VAE). The best epoch's weights and a grid of
 test images beside their reconstructions are saved as artifacts.
 """
