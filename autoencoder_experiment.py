@@ -83,8 +83,8 @@ def config(dataset):
 @torch.no_grad()
 def test_losses(model: Autoencoder, criterion: AutoencoderLoss, loaders: MetricLoaders, device: torch.device
                 ) -> dict[str, float]:
-    """The mean of each loss term (test/<term>) over the test images (In-Shop: queries and gallery)."""
-    model.eval()
+    """The mean of each loss term (test/<term>) over the test images (In-Shop: queries and gallery); the model
+    must be in eval mode."""
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for loader in filter(None, (loaders.query, loaders.gallery)):
@@ -101,8 +101,8 @@ def evaluate_autoencoder(model: Autoencoder, criterion: AutoencoderLoss, loaders
                          metrics: list[str]) -> dict[str, float]:
     """The retrieval metrics of the latent means, and the mean test losses."""
     model.eval()
-    return evaluate(lambda images: model(images)[1], loaders, device, metrics) | test_losses(model, criterion,
-                                                                                             loaders, device)
+    retrieval = evaluate(lambda images: model(images)[1], loaders, device, metrics)
+    return retrieval | test_losses(model, criterion, loaders, device)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from sacred import Ingredient
 from losses.contrastive import ContrastiveLoss
 from losses.criterion import Criterion
 from losses.cross_entropy import CrossEntropyLoss
-from losses.metrix import MODES, STRATEGIES, Metrix
+from losses.metrix import MODES, Metrix
 from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 from utils.errors import InputError
@@ -68,7 +68,7 @@ def metrix_config():
     max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
 
 
-for _mode in ("input", "feature", "embed"):
+for _mode in MODES:
     metrix_ingredient.add_named_config(_mode, {"mode": _mode})
 
 
@@ -77,18 +77,14 @@ def get_mixer(mode: str | None, alpha: float, weight: float, strategy: str, max_
               ) -> tuple[Metrix | None, float]:
     if mode is None:
         return None, 0.0
-    if mode not in MODES:
-        raise InputError(f"unknown metrix.mode {mode!r}: choose None (off) or one of {', '.join(MODES)}")
-    if strategy not in STRATEGIES:
-        raise InputError(f"unknown metrix.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if alpha <= 0:
-        raise InputError(f"metrix.alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
-    if max_pairs is not None and max_pairs < 1:
-        raise InputError(f"metrix.max_pairs={max_pairs} must be a positive number of pairs, or None for all")
+    try:
+        mixer = Metrix(mode, alpha, strategy, max_pairs)
+    except ValueError as error:
+        raise InputError(f"{error} (metrix.mode=None turns Metrix off)") from None
     if weight <= 0:
         raise InputError(f"metrix.mode={mode!r} is on but metrix.weight={weight}: no loss would use the mixed "
                          f"examples; set a positive metrix.weight or turn Metrix off with metrix.mode=None")
-    return Metrix(mode, alpha, strategy, max_pairs), weight
+    return mixer, weight
 
 
 @loss_ingredient.capture

@@ -66,14 +66,15 @@ class Metrix(nn.Module):
 
     def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None):
         super().__init__()
+        # The messages name the options as the metrix ingredient spells them: they reach users as config errors.
         if mode not in MODES:
-            raise ValueError(f"unknown Metrix mode {mode!r}: choose one of {', '.join(MODES)}")
+            raise ValueError(f"unknown metrix.mode {mode!r}: choose one of {', '.join(MODES)}")
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown Metrix strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown metrix.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if alpha <= 0:
-            raise ValueError(f"Metrix alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
+            raise ValueError(f"metrix.alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
         if max_pairs is not None and max_pairs < 1:
-            raise ValueError(f"Metrix max_pairs={max_pairs} must be a positive number of pairs, or None for all")
+            raise ValueError(f"metrix.max_pairs={max_pairs} must be a positive number of pairs, or None for all")
         self.mode, self.alpha, self.strategy, self.max_pairs = mode, alpha, strategy, max_pairs
 
     def forward(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor,

@@ -106,7 +106,6 @@ def save_checkpoint(run: Run, state: dict[str, torch.Tensor], temp_dir: str, ste
     return checkpoint
 
 
-
 def keep_output_on_failure(main: Callable) -> Callable:
     """Decorate a sacred main function that takes `_run`.
 
