@@ -31,7 +31,7 @@ from losses.criterion import Criterion  # noqa: E402
 from losses.metrix import Metrix  # noqa: E402
 from losses.multi_similarity import MultiSimilarityLoss  # noqa: E402
 from models.backbones import small_cnn  # noqa: E402
-from models.metric_model import Classifier, EmbeddingHead, MetricModel  # noqa: E402
+from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 
 LAYOUTS = {"random": "random labels over 100 classes", "balanced": "B/5 classes x 5 images"}
 
@@ -69,10 +69,10 @@ def usable_pairs(labels: torch.Tensor) -> tuple[int, int]:
     return int((different & has_positive[:, None]).sum()), int(different.sum())
 
 
-def build(setup: Setup, num_classes: int, loss_name: str, device: torch.device
+def build(setup: Setup, loss_name: str, device: torch.device
           ) -> tuple[MetricModel, Criterion, torch.optim.Optimizer]:
     torch.manual_seed(0)  # the same initial weights for every setup
-    model = MetricModel(small_cnn(False), EmbeddingHead(256, 128, pooling="avg+max"), Classifier(128, num_classes))
+    model = MetricModel(small_cnn(None), EmbeddingHead(256, 128, pooling="avg+max"))
     loss = ContrastiveLoss() if loss_name == "contrastive" else MultiSimilarityLoss()
     mixer = Metrix(setup.mode, max_pairs=setup.max_pairs) if setup.mode else None
     criterion = Criterion({loss_name: (1.0, loss)}, mixer, mix_weight=0.4)
@@ -98,7 +98,7 @@ def time_layout(layout: str, args: argparse.Namespace, device: torch.device) -> 
     labels = make_labels(layout, args.batch).to(device)
     images = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
     setups = timing_setups(args.cap, args.input_all_pairs)
-    runs = {setup.name: build(setup, 100, args.loss, device) for setup in setups}
+    runs = {setup.name: build(setup, args.loss, device) for setup in setups}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(args.warmup + args.repeats):
         for name, (model, criterion, optimizer) in runs.items():
@@ -130,7 +130,7 @@ def probe_memory(args: argparse.Namespace, device: torch.device) -> dict[str, fl
     setup = next(s for s in memory_setups(args.cap) if s.name == args.memory_probe)
     labels = make_labels("balanced", args.batch).to(device)
     images = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
-    model, criterion, optimizer = build(setup, 100, args.loss, device)
+    model, criterion, optimizer = build(setup, args.loss, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:

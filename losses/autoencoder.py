@@ -26,6 +26,10 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.kl_weight = kl_weight
 
+    def parameter_groups(self, lr: float, no_bias_decay: bool) -> list[dict]:
+        """None: the objective has no parameters of its own."""
+        return []
+
     def terms(self, images: Tensor, reconstructions: Tensor, mean: Tensor, logvar: Tensor | None) -> dict[str, Tensor]:
         """The reconstruction error, and the KL term when the model is variational (logvar is not None)."""
         terms = {"reconstruction": reconstruction_loss(reconstructions, images)}

@@ -11,7 +11,7 @@ special case lam = 1, so one implementation per loss serves clean and mixed exam
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -22,7 +22,6 @@ class Candidates:
     labels: (M,) first label y_i; other_labels: (M,) second label y_j (equal to labels when clean).
     lam: (M,) weight of the first label.
     anchor_mask: (B, M) bool, whether batch anchor a is compared with candidate v at all.
-    logits: (M, C) classifier outputs for the candidates, used by cross-entropy.
     """
 
     embeddings: Tensor
@@ -30,15 +29,14 @@ class Candidates:
     other_labels: Tensor
     lam: Tensor
     anchor_mask: Tensor
-    logits: Tensor | None = None
 
     @classmethod
-    def clean(cls, embeddings: Tensor, labels: Tensor, logits: Tensor | None = None) -> "Candidates":
+    def clean(cls, embeddings: Tensor, labels: Tensor) -> "Candidates":
         """The batch itself: every anchor is compared with every other example."""
         n = labels.shape[0]
         not_self = ~torch.eye(n, dtype=torch.bool, device=labels.device)
         lam = torch.ones(n, dtype=embeddings.dtype, device=embeddings.device)
-        return cls(embeddings, labels, labels, lam, not_self, logits)
+        return cls(embeddings, labels, labels, lam, not_self)
 
     def label_weights(self, classes: Tensor) -> Tensor:
         """(A, M) share of class classes[a] in the label of candidate v."""
@@ -51,3 +49,19 @@ class Candidates:
         positive = self.label_weights(anchor_labels)
         mask = self.anchor_mask.to(positive.dtype)
         return positive * mask, (1 - positive) * mask
+
+
+class WeightedLoss(nn.Module):
+    """The interface every loss shares.
+
+    loss(embeddings, labels) is the loss of a clean batch, as in any PyTorch loop;
+    loss(anchors, anchor_labels, candidates) compares the anchors with any candidates, clean or mixed.
+    Subclasses implement `weighted`.
+    """
+
+    def forward(self, embeddings: Tensor, labels: Tensor, candidates: Candidates | None = None) -> Tensor:
+        return self.weighted(embeddings, labels, Candidates.clean(embeddings, labels) if candidates is None
+                             else candidates)
+
+    def weighted(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
+        raise NotImplementedError

@@ -1,13 +1,13 @@
 """Contrastive loss in the weighted form (the loss Metrix trains with)."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .candidates import Candidates
+from .candidates import Candidates, WeightedLoss
 from .functional import mean_over, sphere_distance
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(WeightedLoss):
     """Contrastive loss on L2-normalised embeddings with Euclidean distance d:
 
         loss = sum(Wpos * d) / #{Wpos * d > 0} + sum(Wneg * [margin - d]_+) / #{Wneg * [margin - d]_+ > 0}
@@ -25,7 +25,7 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.margin = margin
 
-    def forward(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
+    def weighted(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
         w_pos, w_neg = candidates.pair_weights(anchor_labels)
         d = sphere_distance(anchors, candidates.embeddings)
         pos = w_pos * d

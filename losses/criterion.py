@@ -5,6 +5,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from losses.candidates import Candidates
+from utils.training import parameter_groups
 
 # (model, images, feature_map, embeddings, labels) -> mixed candidates; see losses.metrix.
 Mixer = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], Candidates]
@@ -15,21 +16,25 @@ class Criterion(nn.Module):
 
     Every loss takes (anchors, anchor_labels, candidates): the clean batch is one set of
     candidates, Metrix's mixtures another, so clean and mixed losses share one code path.
+    The model is a backbone (images -> feature map) and a head (feature map -> embedding).
     """
 
     def __init__(self, losses: dict[str, tuple[float, nn.Module]], mixer: Mixer | None = None,
-                 mix_weight: float = 0.0, lr_multiplier: float = 1.0) -> None:
+                 mix_weight: float = 0.0) -> None:
         super().__init__()
-        self.lr_multiplier = lr_multiplier
         self.weights = {name: weight for name, (weight, _) in losses.items()}
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.mixer = mixer
         self.mix_weight = mix_weight
 
-    def parameter_groups(self, lr: float) -> list[dict]:
-        """The losses' own parameters (proxies), usually trained with a larger learning rate."""
-        parameters = list(self.parameters())
-        return [{"params": parameters, "lr": lr * self.lr_multiplier}] if parameters else []
+    def parameter_groups(self, lr: float, no_bias_decay: bool) -> list[dict]:
+        """The losses' own parameters (a classifier, proxies), at lr times the loss's lr_multiplier if it has one."""
+        groups = []
+        for loss in self.losses.values():
+            multiplier = getattr(loss, "lr_multiplier", 1.0)
+            groups += [group | {"lr": lr * multiplier} for group in parameter_groups(loss, no_bias_decay)
+                       if group["params"]]
+        return groups
 
     def weighted_sum(self, anchors: Tensor, labels: Tensor, candidates: Candidates,
                      prefix: str = "") -> tuple[Tensor, dict[str, Tensor]]:
@@ -40,9 +45,10 @@ class Criterion(nn.Module):
     def forward(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         feature_map = model.backbone(images)
         embeddings = model.head(feature_map)
-        logits = model.classifier(embeddings)
-        loss, logs = self.weighted_sum(embeddings, labels, Candidates.clean(embeddings, labels, logits))
-        logs["accuracy"] = (logits.argmax(1) == labels).float().mean()
+        loss, logs = self.weighted_sum(embeddings, labels, Candidates.clean(embeddings, labels))
+        for loss_module in self.losses.values():
+            if hasattr(loss_module, "accuracy"):  # a loss with a classifier
+                logs["accuracy"] = loss_module.accuracy(embeddings, labels)
         if self.mixer is not None:
             mixed = self.mixer(model, images, feature_map, embeddings, labels)
             mixed_loss, mixed_logs = self.weighted_sum(embeddings, labels, mixed, prefix="mixed_")

@@ -21,7 +21,7 @@ metrix_ingredient = Ingredient("metrix")
 
 @loss_ingredient.config
 def loss_config():
-    ce_weight = 1.0  # label-smoothed cross-entropy on the classifier's logits (label_smoothing is top-level)
+    ce_weight = 1.0  # label-smoothed cross-entropy on a classifier the loss owns (label_smoothing is top-level)
     pairwise = None  # None | contrastive | multisimilarity | proxyanchor
     pair_weight = 1.0
     margin = 0.5  # contrastive: negative margin on the Euclidean distance of normalised embeddings
@@ -88,24 +88,27 @@ def get_mixer(mode: str | None, alpha: float, weight: float, strategy: str, max_
 
 
 @loss_ingredient.capture
-def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float, ce_weight: float,
+def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float, classifier: dict, ce_weight: float,
                   pairwise: str | None, pair_weight: float, margin: float, ms_alpha: float, ms_beta: float,
                   ms_base: float, ms_mining: bool, ms_epsilon: float, pa_alpha: float, pa_delta: float,
                   proxy_lr_multiplier: float) -> Criterion:
+    """classifier: the cross-entropy classifier's dropout, detach and normalize_weight (model.* options, so
+    that an architecture's named config carries its recipe's dropout)."""
     if pairwise is not None and pairwise not in PAIRWISE_LOSSES:
         raise InputError(f"unknown loss.pairwise {pairwise!r}: choose None or one of {', '.join(PAIRWISE_LOSSES)}")
     pairwise_losses = {
         "contrastive": lambda: ContrastiveLoss(margin),
         "multisimilarity": lambda: MultiSimilarityLoss(ms_alpha, ms_beta, ms_base, ms_mining, ms_epsilon),
-        "proxyanchor": lambda: ProxyAnchorLoss(num_classes, embedding_size, pa_alpha, pa_delta),
+        "proxyanchor": lambda: ProxyAnchorLoss(num_classes, embedding_size, pa_alpha, pa_delta, proxy_lr_multiplier),
     }
     losses = {}
     if ce_weight > 0:
-        losses["cross_entropy"] = (ce_weight, CrossEntropyLoss(label_smoothing))
+        ce = CrossEntropyLoss(embedding_size, num_classes, label_smoothing, **classifier)
+        losses["cross_entropy"] = (ce_weight, ce)
     if pairwise is not None and pair_weight > 0:
         losses[pairwise] = (pair_weight, pairwise_losses[pairwise]())
     mixer, mix_weight = get_mixer()
     if not losses:
         raise InputError(f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
                          f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`")
-    return Criterion(losses, mixer, mix_weight, proxy_lr_multiplier)
+    return Criterion(losses, mixer, mix_weight)

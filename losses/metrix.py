@@ -86,7 +86,7 @@ class Metrix(nn.Module):
             first, second, mask = self.hardest(embeddings, first, second, mask)
         lam = self.sample_lam(first.shape[0], labels.device)
         mixed = self.mix(model, images, feature_map, embeddings, first, second, lam)
-        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, model.classifier(mixed))
+        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask)
 
     def draw_strategy(self, device: torch.device) -> Tensor:
         """0-d bool on the device, True for a positive-negative step.

@@ -1,13 +1,13 @@
 """Multi-similarity loss (Wang et al., CVPR 2019) in the weighted form, with optional MS pair mining."""
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .candidates import Candidates
+from .candidates import Candidates, WeightedLoss
 from .functional import cosine_similarity, log1p_sum_exp, mean_over
 
 
-class MultiSimilarityLoss(nn.Module):
+class MultiSimilarityLoss(WeightedLoss):
     """Multi-similarity loss on the cosine similarity s of anchor a and candidate j:
 
         loss_a = 1/alpha log(1 + sum_j Wpos e^{-alpha (s - base)}) + 1/beta log(1 + sum_j Wneg e^{beta (s - base)})
@@ -33,7 +33,7 @@ class MultiSimilarityLoss(nn.Module):
         self.alpha, self.beta, self.base = alpha, beta, base
         self.mining, self.epsilon = mining, epsilon
 
-    def forward(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
+    def weighted(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
         s = cosine_similarity(anchors, candidates.embeddings)
         w_pos, w_neg = candidates.pair_weights(anchor_labels)
         if self.mining:

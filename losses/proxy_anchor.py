@@ -3,11 +3,11 @@
 import torch
 from torch import Tensor, nn
 
-from .candidates import Candidates
+from .candidates import Candidates, WeightedLoss
 from .functional import cosine_similarity, log1p_sum_exp, mean_over, used_candidates
 
 
-class ProxyAnchorLoss(nn.Module):
+class ProxyAnchorLoss(WeightedLoss):
     """Proxy-anchor loss: the anchors are learnable class proxies p_c, s = cos(p_c, candidate v), and
 
         loss = mean over proxies with a positive of log(1 + sum_v Wpos e^{-alpha (s - delta)})
@@ -18,7 +18,8 @@ class ProxyAnchorLoss(nn.Module):
     part (see functional.used_candidates). On clean candidates this equals PML's
     ProxyAnchorLoss(num_classes, embedding_size, margin=delta, alpha=alpha) with the same proxies, which are
     initialised the same way (kaiming_normal_, fan_out). Proxies are kept in their own dtype (usually float32)
-    and cast to the embeddings' dtype in forward. They usually get a larger learning rate than the network.
+    and cast to the embeddings' dtype in forward. They usually get a larger learning rate than the network:
+    lr_multiplier, which the objective's parameter groups read.
 
     Explained skip: with no proxy having a positive (no used candidate) the positive part is 0, not 0 / 0.
 
@@ -27,13 +28,15 @@ class ProxyAnchorLoss(nn.Module):
     RuntimeError, at a later synchronisation point.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, alpha: float = 32.0, delta: float = 0.1):
+    def __init__(self, num_classes: int, embedding_size: int, alpha: float = 32.0, delta: float = 0.1,
+                 lr_multiplier: float = 1.0):
         super().__init__()
         self.num_classes, self.alpha, self.delta = num_classes, alpha, delta
+        self.lr_multiplier = lr_multiplier
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
-    def forward(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
+    def weighted(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
         self.check_labels(torch.cat([candidates.labels, candidates.other_labels]))
         classes = torch.arange(self.num_classes, device=candidates.labels.device)
         used = used_candidates(candidates)

@@ -1,13 +1,17 @@
 """One registry of backbones: each maps images in [0, 1] to its last feature map.
 
-Every builder takes `pretrained` and returns a module with an `out_channels` attribute. The
-input normalisation a network was trained with lives inside its backbone, so transforms and
-Metrix input mixing work on plain [0, 1] pixels for every architecture.
+BACKBONES maps a name to its spec: a builder taking the name of the ImageNet weights to load (or
+None for a random initialisation), the weights that exist (the first is the default), and the
+input size it is meant for. The model ingredient's named configs, the error for an unknown name
+and the README's table (`python -m models.backbones`) are derived from it: adding a backbone is
+one entry here. The input normalisation a network was trained with lives inside its backbone, so
+transforms and Metrix input mixing work on plain [0, 1] pixels for every architecture.
 """
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 from urllib.error import URLError
 
 import torch
@@ -43,9 +47,9 @@ def checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights for arch, from the local torch cache or downloaded into it."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
+def imagenet_state_dict(arch: str, weights_name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights weights_name for arch, from the local torch cache or downloaded into it."""
+    weights = torchvision.models.get_model_weights(arch)[weights_name]
     filename = os.path.basename(weights.url)
     try:
         return weights.get_state_dict(progress=True)
@@ -55,23 +59,21 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
             f"{filename} in {checkpoint_dir()}, or train from scratch with model.pretrained=False") from None
 
 
-def resnet(arch: str) -> Callable[[bool], Backbone]:
+def resnet(arch: str) -> Callable[[str | None], Backbone]:
     """torchvision ResNet/ResNeXt/Wide-ResNet without its pooling and classifier."""
 
-    def build(pretrained: bool) -> Backbone:
+    def build(weights: str | None) -> Backbone:
         net = getattr(torchvision.models, arch)(weights=None)
-        if pretrained:
-            net.load_state_dict(imagenet_state_dict(arch))
+        if weights is not None:
+            net.load_state_dict(imagenet_state_dict(arch, weights))
         body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
         return Backbone(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, net.fc.in_features)
 
     return build
 
 
-def cifar_resnet18(pretrained: bool) -> Backbone:
+def cifar_resnet18(weights: None) -> Backbone:
     """ResNet-18 for 32 px images: a 3x3 stride-1 stem and no max-pooling (trained from scratch)."""
-    if pretrained:
-        raise InputError("cifar_resnet18 has no pretrained weights: set model.pretrained=False")
     net = torchvision.models.resnet18(weights=None)
     stem = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     body = nn.Sequential(stem, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4)
@@ -81,9 +83,9 @@ def cifar_resnet18(pretrained: bool) -> Backbone:
 BN_INCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
 
 
-def bninception(pretrained: bool) -> BNInception:
+def bninception(weights: str | None) -> BNInception:
     """BN-Inception (its Caffe input conversion is inside); weights from the torch cache or downloaded into it."""
-    if not pretrained:
+    if weights is None:
         return bn_inception()
     path = checkpoint_dir() / os.path.basename(BN_INCEPTION_URL)
     try:
@@ -96,10 +98,8 @@ def bninception(pretrained: bool) -> BNInception:
                          f"{checkpoint_dir()}, or train from scratch with model.pretrained=False") from None
 
 
-def small_cnn(pretrained: bool) -> Backbone:
+def small_cnn(weights: None) -> Backbone:
     """Seven 3x3 conv-BN-ReLU layers for 32 px images: the CPU-friendly digits default."""
-    if pretrained:
-        raise InputError("small_cnn has no pretrained weights: set model.pretrained=False")
     layers, in_channels = [], 3
     for out_channels, stride in ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1)):
         layers += [nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
@@ -108,15 +108,65 @@ def small_cnn(pretrained: bool) -> Backbone:
     return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), nn.Sequential(*layers), in_channels)
 
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                     "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
-BACKBONES: dict[str, Callable[[bool], nn.Module]] = {arch: resnet(arch) for arch in TORCHVISION_ARCHS}
-BACKBONES["cifar_resnet18"] = cifar_resnet18
-BACKBONES["small_cnn"] = small_cnn
-BACKBONES["bninception"] = bninception
+class BackboneSpec(NamedTuple):
+    build: Callable[[str | None], nn.Module]  # weights name or None -> module with out_channels
+    weights: tuple[str, ...]  # the ImageNet weights that exist, the default first; () for none
+    input_size: int  # the image size it is meant for
 
 
-def get_backbone(arch: str, pretrained: bool) -> nn.Module:
+def torchvision_spec(arch: str) -> BackboneSpec:
+    """The original ImageNet weights (IMAGENET1K_V1) first: both papers started from them, and torchvision's
+    DEFAULT is a newer recipe (V2) for some networks."""
+    names = sorted(weights.name for weights in torchvision.models.get_model_weights(arch))
+    return BackboneSpec(resnet(arch), tuple(names), 224)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{arch: torchvision_spec(arch) for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                                                 "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2",
+                                                 "wide_resnet101_2")},
+    "bninception": BackboneSpec(bninception, ("imagenet",), 224),
+    "cifar_resnet18": BackboneSpec(cifar_resnet18, (), 32),
+    "small_cnn": BackboneSpec(small_cnn, (), 32),
+}
+
+
+def backbone_spec(arch: str) -> BackboneSpec:
     if arch not in BACKBONES:
         raise InputError(f"unknown model.arch {arch!r}: choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[arch](pretrained)
+    return BACKBONES[arch]
+
+
+def resolve_weights(arch: str, pretrained: bool | None, weights: str | None) -> str | None:
+    """The ImageNet weights to load: None for a random initialisation.
+
+    pretrained=None loads the default weights when the backbone has some; weights picks others.
+    """
+    available = backbone_spec(arch).weights
+    if pretrained is False:
+        if weights is not None:
+            raise InputError(f"model.weights={weights!r} with model.pretrained=False: drop one of them")
+        return None
+    if not available:
+        if pretrained or weights is not None:
+            raise InputError(f"{arch} has no pretrained weights: set model.pretrained=False (or leave it None)")
+        return None
+    if weights is not None and weights not in available:
+        raise InputError(f"unknown model.weights {weights!r} for {arch}: choose one of {', '.join(available)}")
+    return weights or available[0]
+
+
+def get_backbone(arch: str, weights: str | None) -> nn.Module:
+    return backbone_spec(arch).build(weights)
+
+
+def registry_table() -> str:
+    """The README's table of backbones, derived from the registry."""
+    rows = ["| `model.arch` | ImageNet weights (`model.weights`, default first) | input size |", "|---|---|---|"]
+    rows += [f"| `{name}` | {', '.join(spec.weights) or 'none (from scratch)'} | {spec.input_size} |"
+             for name, spec in BACKBONES.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(registry_table())

@@ -1,52 +1,68 @@
-"""The `model` ingredient: backbone architecture, embedding head and classifier options."""
+"""The `model` ingredient: backbone architecture and embedding head options.
+
+The experiment hands the model what depends on the data (its default architecture); the named
+configs are the registry's names (models/backbones.py).
+"""
 
 from sacred import Ingredient
 
-from models.backbones import get_backbone
-from models.metric_model import Classifier, EmbeddingHead, MetricModel
-from utils.data.ingredient import data_ingredient
+from models.backbones import BACKBONES, get_backbone, resolve_weights
+from models.metric_model import EmbeddingHead, MetricModel
 
-# The dataset sub-ingredient lets the default architecture follow the data set.
-model_ingredient = Ingredient("model", ingredients=[data_ingredient])
+model_ingredient = Ingredient("model")
 
 
 @model_ingredient.config
-def config(dataset):
-    # The embedded digits default trains a small network from scratch on the CPU; real data sets
-    # start from an ImageNet-pretrained ResNet-18, as in the CE paper's code.
-    arch = "small_cnn" if dataset["name"] == "digits" else "resnet18"
-    pretrained = arch not in ("small_cnn", "cifar_resnet18")  # torchvision ImageNet weights, from the torch cache
+def config():
+    arch = None  # None: the experiment's default for the data set (small_cnn on digits, else resnet18)
+    pretrained = None  # None: ImageNet weights when arch has some | True: require them | False: from scratch
+    weights = None  # which ImageNet weights (see the README's table); None: arch's default, the original V1
     num_features = None  # embedding size; None keeps the backbone's channels (no remap layer)
     pooling = "avg"  # avg | max | avg+max (GAP + GMP, as in Metrix)
-    dropout = 0.0  # before the classifier
     norm_layer = None  # None | batch | layer: normalisation of the pooled features
     remap = False  # a linear layer on the pooled features even when num_features is unchanged
-    detach = False  # cross-entropy trains the classifier only, not the embedding
     normalize = False  # L2-normalise the embedding
-    set_bn_eval = pretrained  # keep the backbone's BatchNorm statistics frozen during training
+    set_bn_eval = None  # keep the backbone's BatchNorm statistics frozen; None: when starting from ImageNet weights
     freeze_bn = False  # also freeze the BatchNorm affine parameters
+    # The cross-entropy loss owns its classifier; these options are here so that an architecture's
+    # named config carries its recipe (model.resnet50: dropout 0.5, as in the CE paper).
+    dropout = 0.0  # before the classifier
+    detach = False  # cross-entropy trains the classifier only, not the embedding
     normalize_weight = False  # cosine classifier: L2-normalised class weights
 
 
-@model_ingredient.named_config
-def resnet50():
-    arch = "resnet50"
-    num_features = 2048
-    dropout = 0.5
-
-
-for _arch in ("resnet18", "resnet34", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-              "wide_resnet50_2", "wide_resnet101_2", "cifar_resnet18", "small_cnn", "bninception"):
-    model_ingredient.add_named_config(_arch, {"arch": _arch})
+# One named config per backbone of the registry; the CE paper's ResNet-50 also has a 2048-d embedding and
+# dropout before the classifier.
+RECIPES = {"resnet50": {"num_features": 2048, "dropout": 0.5}}
+for _arch in BACKBONES:
+    model_ingredient.add_named_config(_arch, {"arch": _arch, **RECIPES.get(_arch, {})})
 model_ingredient.add_named_config("resnext50", {"arch": "resnext50_32x4d"})
+
+CLASSIFIER_OPTIONS = ("dropout", "detach", "normalize_weight")
 
 
 @model_ingredient.capture
-def get_model(num_classes: int, arch: str, pretrained: bool, num_features: int | None, pooling: str, dropout: float,
-              norm_layer: str | None, remap: bool, detach: bool, normalize: bool, set_bn_eval: bool, freeze_bn: bool,
-              normalize_weight: bool) -> MetricModel:
-    backbone = get_backbone(arch, pretrained)
-    num_features = num_features or backbone.out_channels
-    head = EmbeddingHead(backbone.out_channels, num_features, pooling, norm_layer, remap, normalize)
-    classifier = Classifier(num_features, num_classes, dropout, detach, normalize_weight)
-    return MetricModel(backbone, head, classifier, set_bn_eval, freeze_bn)
+def resolve_model(default_arch: str, arch: str | None, pretrained: bool | None, weights: str | None,
+                  set_bn_eval: bool | None) -> dict:
+    """The settings left to defaults (None), resolved: the arch, its ImageNet weights (None: from scratch) and
+    whether the backbone's BatchNorm statistics stay frozen."""
+    arch = arch or default_arch
+    weights = resolve_weights(arch, pretrained, weights)
+    frozen_statistics = weights is not None if set_bn_eval is None else set_bn_eval
+    return {"arch": arch, "weights": weights, "set_bn_eval": frozen_statistics}
+
+
+@model_ingredient.capture
+def get_model(default_arch: str, num_features: int | None, pooling: str, norm_layer: str | None, remap: bool,
+              normalize: bool, freeze_bn: bool) -> MetricModel:
+    resolved = resolve_model(default_arch)
+    backbone = get_backbone(resolved["arch"], resolved["weights"])
+    head = EmbeddingHead(backbone.out_channels, num_features or backbone.out_channels, pooling, norm_layer, remap,
+                         normalize)
+    return MetricModel(backbone, head, resolved["set_bn_eval"], freeze_bn)
+
+
+@model_ingredient.capture
+def classifier_options(_config: dict) -> dict:
+    """The cross-entropy classifier's options, for the loss that owns it."""
+    return {key: _config[key] for key in CLASSIFIER_OPTIONS}

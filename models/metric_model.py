@@ -1,7 +1,8 @@
-"""The metric-learning model: backbone -> feature map -> head -> embedding -> classifier.
+"""The metric-learning model: backbone -> feature map -> head -> embedding.
 
-The three stages are separate modules so that Metrix can mix images (before the backbone),
-feature maps (before the head) or embeddings (before the losses) with the same model.
+The stages are separate modules so that Metrix can mix images (before the backbone), feature maps
+(before the head) or embeddings (before the losses) with the same model. Anything trained on top of
+the embedding (a classifier, proxies) belongs to the loss.
 """
 
 import torch
@@ -26,6 +27,7 @@ class EmbeddingHead(nn.Module):
             raise InputError(f"unknown model.norm_layer {norm_layer!r}: choose None, 'batch' or 'layer'")
         self.pooling = pooling
         self.normalize = normalize
+        self.num_features = num_features
         self.norm = nn.Identity()
         if norm_layer == "batch":
             self.norm = nn.BatchNorm1d(in_channels, affine=False)
@@ -46,33 +48,14 @@ class EmbeddingHead(nn.Module):
         return F.normalize(features, dim=1) if self.normalize else features
 
 
-class Classifier(nn.Module):
-    """Embedding -> logits: dropout and a zero-initialised linear layer (optionally cosine)."""
-
-    def __init__(self, num_features: int, num_classes: int, dropout: float = 0.0, detach: bool = False,
-                 normalize_weight: bool = False) -> None:
-        super().__init__()
-        self.detach = detach
-        self.normalize_weight = normalize_weight
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(num_features, num_classes)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        # detach: cross-entropy trains the classifier only, not the embedding.
-        x = self.dropout(embeddings.detach() if self.detach else embeddings)
-        weight = F.normalize(self.linear.weight, dim=1) if self.normalize_weight else self.linear.weight
-        return F.linear(x, weight, self.linear.bias)
-
-
 class MetricModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: EmbeddingHead, classifier: Classifier, set_bn_eval: bool = False,
+    """images -> embeddings."""
+
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead, set_bn_eval: bool = False,
                  freeze_bn: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
-        self.classifier = classifier
         # set_bn_eval keeps the backbone's BatchNorm statistics; freeze_bn also its affine parameters.
         self.set_bn_eval = set_bn_eval or freeze_bn
         if freeze_bn:
@@ -80,9 +63,8 @@ class MetricModel(nn.Module):
                 if isinstance(module, nn.BatchNorm2d):
                     module.requires_grad_(False)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings = self.head(self.backbone(images))
-        return self.classifier(embeddings), embeddings
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
 
     def train(self, mode: bool = True) -> "MetricModel":
         super().train(mode)
@@ -91,7 +73,3 @@ class MetricModel(nn.Module):
                 if isinstance(module, nn.BatchNorm2d):
                     module.eval()
         return self
-
-    def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the layers added on top of the backbone (trained alone during warm-up)."""
-        return [*self.head.parameters(), *self.classifier.parameters()]

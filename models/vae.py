@@ -53,6 +53,7 @@ class Autoencoder(nn.Module):
             raise InputError(f"vae.hidden_dims={list(hidden_dims)}, vae.latent_dim={latent_dim} and "
                              f"vae.in_channels={in_channels} must be positive, with at least one hidden width")
         check_image_size(image_size, len(hidden_dims))
+        self.hidden_dims = hidden_dims
         widths = [in_channels, *hidden_dims]
         side = image_size // 2 ** len(hidden_dims)
         self.code_shape = (hidden_dims[-1], side, side)

@@ -119,7 +119,10 @@ def digits_path(tmp_path_factory) -> Path:
 
 
 def weights_filename(arch: str) -> str:
-    return os.path.basename(torchvision.models.get_model_weights(arch).DEFAULT.url)
+    """The file of the registry's default ImageNet weights for arch."""
+    from models.backbones import BACKBONES
+
+    return os.path.basename(torchvision.models.get_model_weights(arch)[BACKBONES[arch].weights[0]].url)
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +150,7 @@ def torch_home(tmp_path_factory) -> Iterator[Path]:
 
 # Appended to a seed command line (sacred's last update wins): one epoch of 32 px crops in batches of 8.
 SHRINK = ["epochs=1", "dataset.resize=40", "dataset.crop_size=32", "dataset.batch_size=8", "dataset.test_batch_size=16",
-          "dataset.num_workers=0", "dataset.recalls=[1,2]", "cpu=True"]
+          "dataset.num_workers=0", "evaluation.recalls=[1,2]", "cpu=True"]
 
 
 def digits_updates(digits_path: Path) -> list[str]:

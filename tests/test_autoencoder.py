@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
-from autoencoder_experiment import ex
+from autoencoder_experiment import autoencoder_objective, ex
 from losses.autoencoder import AutoencoderLoss
 from losses.autoencoder import kl_divergence as closed_form_kl
 from models.vae import Autoencoder, reparameterize
-from models.vae_ingredient import get_autoencoder_loss, get_vae
+from models.vae_ingredient import get_vae
+from utils.driver import BestEpoch
 from utils.errors import InputError
-from utils.run import BestEpoch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["vae.hidden_dims=[8,16]", "vae.latent_dim=8"]
@@ -97,7 +97,7 @@ def test_unknown_arch():
 
 def test_kl_weight_needs_the_variational_model():
     with pytest.raises(InputError, match=r"vae.kl_weight=0.5 needs a variational model: add vae.vae"):
-        get_autoencoder_loss(arch="ae", kl_weight=0.5)
+        autoencoder_objective(arch="ae", kl_weight=0.5)
 
 
 @pytest.mark.parametrize("lower_is_better, expected", [(False, 3), (True, 1)])  # 0.7 twice: the later epoch
@@ -108,7 +108,7 @@ def test_best_epoch_keeps_the_best_weights(lower_is_better, expected):
             model.bias.fill_(epoch)
         best.update(epoch, {"x": value}, model)
     assert best.epoch == expected and best.state["bias"].item() == expected
-    assert best.value == (0.2 if lower_is_better else 0.7)
+    assert best.metrics["x"] == (0.2 if lower_is_better else 0.7)
 
 
 # Not a multiple of 2 ** blocks, a multiple of a smaller power of two, too small.
@@ -130,7 +130,8 @@ def test_bad_input_on_the_command_line_is_one_line_and_status_1():
 
 def test_bad_image_size_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ex.run_commandline(["autoencoder_experiment.py", "with", "vae.ae", "dataset.crop_size=40"])
+        ex.run_commandline(["autoencoder_experiment.py", "with", "vae.ae", "dataset.crop_size=40",
+                            "vae.hidden_dims=[8,16,32,64]"])
     assert exit_info.value.code == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("utils.errors.InputError: dataset.crop_size=40 does not fit vae.hidden_dims")
@@ -165,7 +166,7 @@ def test_seed_command_on_a_standin(tmp_path, name, datasets):
     data = datasets[name]
     run = ex.run_commandline(["autoencoder_experiment.py", "with", f"dataset.{name}_vae", "vae.ae",
                               f"dataset.data_path={data}", "epochs=1", "dataset.batch_size=4",
-                              "dataset.test_batch_size=8", "dataset.num_workers=0", "dataset.recalls=[1,2]",
+                              "dataset.test_batch_size=8", "dataset.num_workers=0", "evaluation.recalls=[1,2]",
                               f"temp_dir={tmp_path}"])
-    assert run.config["dataset"]["crop_size"] == 64 and run.config["vae"]["hidden_dims"] == [32, 64, 128, 256]
+    assert run.config["dataset"]["crop_size"] == 64 and run.info["vae"]["hidden_dims"] == [32, 64, 128, 256]
     assert 0 <= run.result <= 1 and run.info["best_epoch"] in (0, 1)

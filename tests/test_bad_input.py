@@ -58,12 +58,13 @@ def test_unknown_named_config(experiment):
     ("loss.ce_weight=0", ("no loss to train with",)),
     ("scheduler=step", ("scheduler='step' needs lr_step", "lr_step=10")),
     ("eval_every=0", ("eval_every=0", "positive number of epochs")),
-    ("dataset.eval_metrics=['recall','auc']", ("unknown metric 'auc'", "dataset.eval_metrics", "map_at_r")),
-    ("dataset.eval_metrics=[recall,nmi]", ("is not a list of metric names", "quote them")),
-    ("dataset.final_metrics=['nmi']", ("dataset.final_metrics=['nmi'] lacks 'recall'",)),
-    ("dataset.eval_backend=annoy", ("dataset.eval_backend 'annoy'", "faiss-gpu", "torch")),
-    ("dataset.eval_backend=faiss-gpu", ("needs a faiss build with GPU support", "eval_backend=torch")),
-    ("dataset.recalls=[1,32]", ("R@32", "only 15 neighbours", "lower dataset.recalls")),
+    ("evaluation.metrics=['recall','auc']", ("unknown evaluation.metrics metric 'auc'", "map_at_r")),
+    ("evaluation.metrics=[recall,nmi]", ("is not a list of metric names", "quote them")),
+    ("evaluation.final_metrics=['nmi']", ("evaluation.final_metrics=['nmi'] lacks 'recall'",)),
+    ("evaluation.backend=annoy", ("evaluation.backend 'annoy'", "faiss-gpu", "torch")),
+    ("evaluation.backend=faiss-gpu", ("evaluation.backend='faiss-gpu'", "needs a faiss build with GPU support",
+                                     "use 'torch'")),
+    ("evaluation.recalls=[1,32]", ("R@32", "only 15 neighbours", "lower evaluation.recalls")),
     ("dataset.sampler=random_id dataset.images_per_class=4 dataset.batch_size=4",
      ("single class of 4 images", "at least 8")),
     ("dataset.sampler=random_id dataset.images_per_class=5 dataset.batch_size=10", ("classes of 5 images",)),
@@ -79,7 +80,7 @@ def test_bad_setting(update, fragments, cub_run):
 
 def test_recall_beyond_the_inshop_gallery(datasets, experiment):
     outcome = experiment("with dataset.inshop model.small_cnn", *SHRINK, data_path(datasets["inshop"]),
-                         "dataset.recalls=[1,10]")
+                         "evaluation.recalls=[1,10]")
     assert_input_error(outcome, "R@10", "only 8 neighbours")
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.ingredient import get_model
+from models.backbones import get_backbone
+from models.metric_model import EmbeddingHead, MetricModel
 from tests.conftest import REPO, SHRINK, digits_updates
 
 pytestmark = pytest.mark.usefixtures("torch_home")
@@ -31,7 +32,7 @@ SEED_LINES = [
 ]
 
 
-# The final evaluation of the best weights reports every metric (dataset.final_metrics).
+# The final evaluation of the best weights reports every metric (evaluation.final_metrics).
 FINAL_KEYS = {f"{d}/{name}" for d in ("l2", "cosine") for name in ("R@1", "R@2", "MAP@R", "R-Precision")} | {
     "NMI", "utilization"}
 
@@ -40,9 +41,13 @@ def data_path(path: Path) -> str:
     return f"dataset.data_path={path}"
 
 
-def model_from_config(config: dict, num_classes: int) -> torch.nn.Module:
-    """The model a run's config describes, with random weights (the sacred wrapper needs a run)."""
-    return get_model.__wrapped__(num_classes=num_classes, **dict(config["model"], pretrained=False))
+def model_from_config(config: dict, info: dict) -> torch.nn.Module:
+    """The model a run's config and info describe, with random weights (the sacred wrapper needs a run)."""
+    options = config["model"]
+    backbone = get_backbone(info["model"]["arch"], None)
+    head = EmbeddingHead(backbone.out_channels, options["num_features"] or backbone.out_channels, options["pooling"],
+                         options["norm_layer"], options["remap"], options["normalize"])
+    return MetricModel(backbone, head)
 
 
 def recall_table(out: str) -> dict[tuple[int, str], dict[str, float]]:
@@ -74,8 +79,8 @@ def test_seed_command_line(words, datasets, experiment):
     assert outcome.code == 0, outcome.err
     config, info = outcome.run.config, outcome.run.info
     assert config["dataset"]["name"] == name and config["epochs"] == 1
-    assert config["model"]["arch"] == ("resnet50" if "resnet50" in words else "resnet18")
-    assert config["model"]["pretrained"]  # the fake ImageNet weights of the torch_home fixture
+    assert info["model"]["arch"] == ("resnet50" if "resnet50" in words else "resnet18")
+    assert info["model"]["weights"] == "IMAGENET1K_V1"  # the fake ImageNet weights of the torch_home fixture
     assert outcome.run.result == info["metrics"]["cosine/R@1"]
     assert set(info["metrics"]) == FINAL_KEYS
     assert all(0 <= value <= 1 for key, value in info["metrics"].items() if key != "utilization")
@@ -128,8 +133,9 @@ def test_output_is_clean_despite_heartbeats(datasets, experiment, tmp_path):
 def test_result_dir_checkpoint_loads_into_the_model(result_dir):
     run_dir = result_dir / "1"
     config = json.loads((run_dir / "config.json").read_text())
+    info = json.loads((run_dir / "info.json").read_text())
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    model = model_from_config(config, num_classes=4)
+    model = model_from_config(config, info)
     model.load_state_dict(state)  # strict: same keys and shapes
     assert all(not value.is_cuda for value in state.values())
     saved = (run_dir / "cout.txt").read_text().rsplit("weights saved to ", 1)[1].strip()
@@ -167,14 +173,14 @@ def test_digits_default_prints_recall_table(digits_path, experiment):
     assert outcome.run.result == info["metrics"]["cosine/R@1"]
     assert best["R@1"] == pytest.approx(outcome.run.result, abs=5e-5)  # printed with 4 decimals
     assert max(row["R@1"] for (_, distance), row in table.items() if distance == "cosine") == best["R@1"]
-    assert outcome.run.config["model"]["arch"] == "small_cnn" and outcome.run.config["optimizer"] == "adam"
+    assert outcome.run.info["model"]["arch"] == "small_cnn" and outcome.run.config["optimizer"] == "adam"
 
 
 def test_thinned_evaluation_and_full_final_evaluation(digits_path, experiment, tmp_path):
     """eval_every=2 evaluates before training, at epoch 2 and at the last epoch, with the per-epoch metrics only;
     the best epoch's weights are then evaluated with every final metric, recalls unchanged."""
     observed = tmp_path / "runs"
-    outcome = experiment(f"-F {observed} with epochs=3 eval_every=2 dataset.eval_metrics=['recall','map_at_r']",
+    outcome = experiment(f"-F {observed} with epochs=3 eval_every=2 evaluation.metrics=['recall','map_at_r']",
                          *digits_updates(digits_path))
     assert outcome.code == 0, outcome.err
     metrics = json.loads((observed / "1" / "metrics.json").read_text())

@@ -133,13 +133,23 @@ def test_proxy_anchor_matches_pml(layout: str, seed: int) -> None:
 def test_cross_entropy_matches_torch(layout: str, seed: int) -> None:
     embeddings, labels = make_batch(layout, seed)
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(labels.shape[0], int(labels.max()) + 3, dtype=DTYPE, generator=generator)
-    ours, theirs = leaf(logits), leaf(logits)
+    loss = cross_entropy(DIM, int(labels.max()) + 3, generator)
+    weight, bias = loss.classifier.linear.weight, loss.classifier.linear.bias
+    ours, theirs, their_weight, their_bias = leaf(embeddings), leaf(embeddings), leaf(weight), leaf(bias)
     assert_same(
-        value_and_grads(lambda: CrossEntropyLoss(0.1)(embeddings, labels, Candidates.clean(embeddings, labels, ours)),
-                        [ours]),
-        value_and_grads(lambda: F.cross_entropy(theirs, labels, label_smoothing=0.1), [theirs]),
+        value_and_grads(lambda: loss(ours, labels), [ours, weight, bias]),
+        value_and_grads(lambda: F.cross_entropy(F.linear(theirs, their_weight, their_bias), labels,
+                                                label_smoothing=0.1), [theirs, their_weight, their_bias]),
     )
+
+
+def cross_entropy(num_features: int, num_classes: int, generator: torch.Generator) -> CrossEntropyLoss:
+    """Cross-entropy with a random classifier (its zero initialisation would make every logit 0)."""
+    loss = CrossEntropyLoss(num_features, num_classes, label_smoothing=0.1).to(DTYPE)
+    with torch.no_grad():
+        for parameter in loss.classifier.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=DTYPE))
+    return loss
 
 
 # --- 2. mixed candidates: lam in {0, 1} is clean, fractional lam follows DESIGN.md ---------------------------------
@@ -152,7 +162,7 @@ def all_losses(num_classes: int) -> dict[str, torch.nn.Module]:
         "multi_similarity": MultiSimilarityLoss(),
         "multi_similarity_mining": MultiSimilarityLoss(mining=True),
         "proxy_anchor": ProxyAnchorLoss(num_classes, DIM).to(DTYPE),
-        "cross_entropy": CrossEntropyLoss(0.1),
+        "cross_entropy": cross_entropy(DIM, num_classes, torch.Generator().manual_seed(0)),
     }
 
 
@@ -172,7 +182,6 @@ def test_mixed_with_lam_0_or_1_is_clean(layout: str, name: str, lam_value: float
     embeddings, labels = make_batch(layout, seed=3)
     generator = torch.Generator().manual_seed(3)
     partner = other_class_partner(labels, generator)
-    logits = torch.randn(labels.shape[0], int(labels.max()) + 1, dtype=DTYPE, generator=generator)
     loss = all_losses(int(labels.max()) + 1)[name]
     n = labels.shape[0]
     lam = torch.full((n,), lam_value, dtype=DTYPE)
@@ -180,19 +189,17 @@ def test_mixed_with_lam_0_or_1_is_clean(layout: str, name: str, lam_value: float
     source = torch.arange(n) if lam_value == 1 else partner
     mask = torch.arange(n)[:, None] != source[None, :]
 
-    def mixed(x: Tensor, z: Tensor) -> Tensor:
+    def mixed(x: Tensor) -> Tensor:
         v = lam[:, None] * x + (1 - lam[:, None]) * x[partner]
-        z_v = lam[:, None] * z + (1 - lam[:, None]) * z[partner]
-        return loss(x, labels, Candidates(v, labels, labels[partner], lam, mask, z_v))
+        return loss(x, labels, Candidates(v, labels, labels[partner], lam, mask))
 
-    def clean(x: Tensor, z: Tensor) -> Tensor:
-        return loss(x, labels, Candidates(x[source], labels[source], labels[source], torch.ones_like(lam), mask,
-                                          z[source]))
+    def clean(x: Tensor) -> Tensor:
+        return loss(x, labels, Candidates(x[source], labels[source], labels[source], torch.ones_like(lam), mask))
 
-    x1, z1, x2, z2 = leaf(embeddings), leaf(logits), leaf(embeddings), leaf(logits)
+    x1, x2 = leaf(embeddings), leaf(embeddings)
     params = list(loss.parameters())
-    mixed_result = value_and_grads(lambda: mixed(x1, z1), [x1, z1, *params])
-    clean_result = value_and_grads(lambda: clean(x2, z2), [x2, z2, *params])
+    mixed_result = value_and_grads(lambda: mixed(x1), [x1, *params])
+    clean_result = value_and_grads(lambda: clean(x2), [x2, *params])
     assert_same(mixed_result, clean_result)
     if lam_value == 1:  # the same candidates as the batch itself
         assert torch.equal(mask, Candidates.clean(embeddings, labels).anchor_mask)
@@ -265,12 +272,12 @@ def reference_proxy_anchor(proxies: Tensor, c: Candidates, alpha: float = 32, de
     return sum(pos_terms) / max(len(pos_terms), 1) + sum(neg_terms) / len(neg_terms)
 
 
-def reference_cross_entropy(c: Candidates, eps: float = 0.1) -> Tensor:
+def reference_cross_entropy(c: Candidates, weight: Tensor, bias: Tensor, eps: float = 0.1) -> Tensor:
     terms = []
     for v in range(len(c.lam)):
         if not c.anchor_mask[:, v].any():
             continue
-        log_p = c.logits[v].log_softmax(dim=0)
+        log_p = (weight @ c.embeddings[v] + bias).log_softmax(dim=0)
         smooth = -log_p.mean()
         ce_first = (1 - eps) * -log_p[c.labels[v]] + eps * smooth
         ce_second = (1 - eps) * -log_p[c.other_labels[v]] + eps * smooth
@@ -278,7 +285,7 @@ def reference_cross_entropy(c: Candidates, eps: float = 0.1) -> Tensor:
     return sum(terms) / max(len(terms), 1)
 
 
-def fractional_case(x: Tensor, z: Tensor) -> tuple[list[int], Candidates]:
+def fractional_case(x: Tensor) -> tuple[list[int], Candidates]:
     """Eight anchors of four classes; ten mixtures lam x_i + (1 - lam) x_j of different classes with random
     lam in (0, 1) plus two clean candidates; a random anchor mask that leaves anchor 0 without a candidate and
     candidate 11 unused."""
@@ -293,8 +300,7 @@ def fractional_case(x: Tensor, z: Tensor) -> tuple[list[int], Candidates]:
     mask[:, 11] = False
     labels = torch.tensor(y)
     v = lam[:, None] * x[first] + (1 - lam[:, None]) * x[second]
-    z_v = lam[:, None] * z[first] + (1 - lam[:, None]) * z[second]
-    return y, Candidates(v, labels[first], labels[second], lam, mask, z_v)
+    return y, Candidates(v, labels[first], labels[second], lam, mask)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -303,28 +309,27 @@ def test_fractional_lam_matches_design(name: str) -> None:
     embeddings = torch.randn(8, DIM, generator=generator, dtype=DTYPE)
     # Mining only drops pairs when similarities spread beyond epsilon: pull same-class embeddings together.
     embeddings = embeddings + 2 * torch.randn(4, DIM, generator=generator, dtype=DTYPE).repeat_interleave(2, dim=0)
-    logits = torch.randn(8, 4, generator=generator, dtype=DTYPE)
     loss = all_losses(4)[name]
     params = list(loss.parameters())
 
-    def ours(x: Tensor, z: Tensor) -> Tensor:
-        y, candidates = fractional_case(x, z)
+    def ours(x: Tensor) -> Tensor:
+        y, candidates = fractional_case(x)
         return loss(x, torch.tensor(y), candidates)
 
-    def reference(x: Tensor, z: Tensor) -> Tensor:
-        y, c = fractional_case(x, z)
+    def reference(x: Tensor) -> Tensor:
+        y, c = fractional_case(x)
         return {
             "contrastive": lambda: reference_contrastive(x, y, c),
             "multi_similarity": lambda: reference_multi_similarity(x, y, c, mining=False),
             "multi_similarity_mining": lambda: reference_multi_similarity(x, y, c, mining=True),
             "proxy_anchor": lambda: reference_proxy_anchor(loss.proxies, c),
-            "cross_entropy": lambda: reference_cross_entropy(c),
+            "cross_entropy": lambda: reference_cross_entropy(c, *params),
         }[name]()
 
-    x1, z1, x2, z2 = leaf(embeddings), leaf(logits), leaf(embeddings), leaf(logits)
-    result = value_and_grads(lambda: ours(x1, z1), [x1, z1, *params])
+    x1, x2 = leaf(embeddings), leaf(embeddings)
+    result = value_and_grads(lambda: ours(x1), [x1, *params])
     assert result[0] > 0
-    assert_same(result, value_and_grads(lambda: reference(x2, z2), [x2, z2, *params]))
+    assert_same(result, value_and_grads(lambda: reference(x2), [x2, *params]))
 
 
 def test_fractional_case_exercises_mining() -> None:
@@ -332,7 +337,7 @@ def test_fractional_case_exercises_mining() -> None:
     generator = torch.Generator().manual_seed(11)
     embeddings = torch.randn(8, DIM, generator=generator, dtype=DTYPE)
     embeddings = embeddings + 2 * torch.randn(4, DIM, generator=generator, dtype=DTYPE).repeat_interleave(2, dim=0)
-    y, c = fractional_case(embeddings, torch.zeros(8, 4, dtype=DTYPE))
+    y, c = fractional_case(embeddings)
     mined = MultiSimilarityLoss(mining=True)(embeddings, torch.tensor(y), c)
     plain = MultiSimilarityLoss(mining=False)(embeddings, torch.tensor(y), c)
     assert not torch.isclose(mined, plain)
@@ -345,11 +350,10 @@ def test_fractional_case_exercises_mining() -> None:
 def test_no_positive_batch_is_finite(name: str) -> None:
     """All labels distinct: the positive parts are skipped (0, not 0 / 0); value and gradients stay finite."""
     embeddings, labels = make_batch("distinct", seed=0)
-    logits = torch.randn(labels.shape[0], 12, dtype=DTYPE)
     loss = all_losses(12)[name]
-    x, z = leaf(embeddings), leaf(logits)
+    x = leaf(embeddings)
     params = list(loss.parameters())
-    value, grads = value_and_grads(lambda: loss(x, labels, Candidates.clean(x, labels, z)), [x, z, *params])
+    value, grads = value_and_grads(lambda: loss(x, labels), [x, *params])
     assert torch.isfinite(value)
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -366,11 +370,11 @@ def test_no_positive_contrastive_is_its_negative_part() -> None:
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_nothing_to_compare_is_zero(name: str) -> None:
     """A batch of one (or candidates no anchor sees) has no pair: every loss is exactly 0 with finite gradients."""
-    x, z = leaf(torch.randn(1, DIM, dtype=DTYPE)), leaf(torch.randn(1, 3, dtype=DTYPE))
+    x = leaf(torch.randn(1, DIM, dtype=DTYPE))
     loss = all_losses(3)[name]
     params = list(loss.parameters())
     labels = torch.tensor([1])
-    value, grads = value_and_grads(lambda: loss(x, labels, Candidates.clean(x, labels, z)), [x, z, *params])
+    value, grads = value_and_grads(lambda: loss(x, labels), [x, *params])
     assert value == 0
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -380,8 +384,7 @@ def test_no_candidate_at_all_is_zero(name: str) -> None:
     """A mixer may select no pair (say all labels equal, or a cap of 0): M = 0 candidates is a zero loss."""
     x, labels = leaf(torch.randn(4, DIM, dtype=DTYPE)), torch.tensor([0, 0, 1, 1])
     empty = torch.zeros(0, dtype=torch.long)
-    candidates = Candidates(x[:0], empty, empty, torch.zeros(0, dtype=DTYPE), torch.zeros(4, 0, dtype=torch.bool),
-                            torch.zeros(0, 2, dtype=DTYPE))
+    candidates = Candidates(x[:0], empty, empty, torch.zeros(0, dtype=DTYPE), torch.zeros(4, 0, dtype=torch.bool))
     loss = all_losses(2)[name]
     value, grads = value_and_grads(lambda: loss(x, labels, candidates), [x, *loss.parameters()])
     assert value == 0
@@ -440,7 +443,7 @@ def host_reads_forbidden() -> Iterator[None]:
 
 def fractional_inputs() -> tuple[Tensor, Tensor, Candidates]:
     x = torch.randn(8, DIM, dtype=DTYPE, requires_grad=True)
-    y, candidates = fractional_case(x, torch.randn(8, 4, dtype=DTYPE, requires_grad=True))
+    y, candidates = fractional_case(x)
     return x, torch.tensor(y), candidates
 
 
@@ -465,8 +468,7 @@ def test_forward_and_backward_do_not_sync_on_cuda(name: str) -> None:
     x, labels, candidates = fractional_inputs()
     x = x.detach().cuda().requires_grad_(True)
     candidates = Candidates(*(t.cuda() for t in (candidates.embeddings.detach(), candidates.labels,
-                                                  candidates.other_labels, candidates.lam, candidates.anchor_mask,
-                                                  candidates.logits)))
+                                                  candidates.other_labels, candidates.lam, candidates.anchor_mask)))
     labels = labels.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

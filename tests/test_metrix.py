@@ -17,7 +17,7 @@ from losses.metrix import MODES, STRATEGIES, Metrix, ordered_pairs
 from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 from models.backbones import Backbone, Normalize
-from models.metric_model import Classifier, EmbeddingHead, MetricModel
+from models.metric_model import EmbeddingHead, MetricModel
 
 DTYPE = torch.float64
 NUM_CLASSES = 5
@@ -32,7 +32,7 @@ def make_model() -> MetricModel:
     body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3, 2, 1))
     backbone = Backbone(Normalize((0.5,) * 3, (0.25,) * 3), body, out_channels=12)
     head = EmbeddingHead(12, 16, pooling="avg+max", remap=True)
-    return MetricModel(backbone, head, Classifier(16, NUM_CLASSES)).to(DTYPE)
+    return MetricModel(backbone, head).to(DTYPE)
 
 
 def make_images(count: int, seed: int = 0) -> Tensor:
@@ -101,7 +101,6 @@ def test_candidates_have_the_pairs_labels_and_lam(mode: str, max_pairs: int | No
     n = LABELS.shape[0]
     m = n * (n - 1) if max_pairs is None else min(max_pairs, n * (n - 1))
     assert candidates.embeddings.shape == (m, 16)
-    assert candidates.logits.shape == (m, NUM_CLASSES)
     assert candidates.lam.shape == (m,) and candidates.lam.dtype == DTYPE
     assert ((candidates.lam > 0) & (candidates.lam < 1)).all()
     assert candidates.anchor_mask.shape == (n, m) and candidates.anchor_mask.dtype == torch.bool
@@ -109,7 +108,6 @@ def test_candidates_have_the_pairs_labels_and_lam(mode: str, max_pairs: int | No
         pairs = loop_pairs(n)
         assert candidates.labels.tolist() == [LABELS[i] for i, _ in pairs]
         assert candidates.other_labels.tolist() == [LABELS[j] for _, j in pairs]
-    torch.testing.assert_close(candidates.logits, model.classifier(candidates.embeddings))
 
 
 def test_ordered_pairs_lists_every_pair_once() -> None:
@@ -162,7 +160,6 @@ def test_lam_0_or_1_gives_the_clean_examples(mode: str, lam: float, monkeypatch:
     first, second = ordered_pairs(LABELS.shape[0], torch.device("cpu"))
     source = first if lam == 1 else second
     torch.testing.assert_close(candidates.embeddings, embeddings[source])
-    torch.testing.assert_close(candidates.logits, model.classifier(embeddings[source]))
 
 
 # --- which anchors see which mixture -------------------------------------------------------------------------------
@@ -248,7 +245,7 @@ def test_same_seed_same_candidates(max_pairs: int | None) -> None:
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
         results.append(run(Metrix("feature", max_pairs=max_pairs), model))
-    for field in ("embeddings", "labels", "other_labels", "lam", "anchor_mask", "logits"):
+    for field in ("embeddings", "labels", "other_labels", "lam", "anchor_mask"):
         assert torch.equal(getattr(results[0], field), getattr(results[1], field))
     assert not torch.equal(results[0].lam, results[2].lam)
 
@@ -308,7 +305,7 @@ def test_the_trap_catches_host_reads() -> None:
 def all_losses() -> dict[str, tuple[float, nn.Module]]:
     return {"contrastive": (1.0, ContrastiveLoss()), "multi_similarity": (1.0, MultiSimilarityLoss(mining=True)),
             "proxy_anchor": (1.0, ProxyAnchorLoss(NUM_CLASSES, 16).to(DTYPE)),
-            "cross_entropy": (1.0, CrossEntropyLoss())}
+            "cross_entropy": (1.0, CrossEntropyLoss(16, NUM_CLASSES).to(DTYPE))}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

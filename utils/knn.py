@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from utils.errors import check_choice
+
 DISTANCES = ("l2", "cosine")
 BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 # faiss's GPU k-selection handles at most this many neighbours; larger k runs on the CPU index.
@@ -44,12 +46,6 @@ class Searcher(Protocol):
         ...
 
 
-def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
-    """Raise a ValueError naming the valid choices when value is not one of them."""
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
-
-
 def faiss_has_gpu() -> bool:
     """Whether this faiss build can search on a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -57,7 +53,7 @@ def faiss_has_gpu() -> bool:
 
 def resolve_backend(backend: str, on_cuda: bool) -> str:
     """Turn "auto" into a concrete backend and refuse a faiss-gpu request faiss cannot serve."""
-    check_choice(backend, BACKENDS, "backend")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         if not on_cuda:
             return "faiss"
@@ -73,7 +69,7 @@ def resolve_backend(backend: str, on_cuda: bool) -> str:
 def prepare(x: Tensor | np.ndarray, distance: str) -> Tensor:
     """float32 embeddings, L2-normalised for cosine. Both backends normalise with this same code,
     so that they see the same float32 vectors."""
-    check_choice(distance, DISTANCES, "distance")
+    check_choice("distance", distance, DISTANCES)
     x = torch.as_tensor(x).detach().to(torch.float32)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(x.shape)}")

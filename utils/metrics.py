@@ -13,7 +13,8 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
-from utils.knn import DISTANCES, Searcher, check_choice, exact_knn, make_searcher, prepare, resolve_backend
+from utils.errors import check_choice
+from utils.knn import DISTANCES, Searcher, exact_knn, make_searcher, prepare, resolve_backend
 
 METRICS = ("recall", "map_at_r", "r_precision", "nmi", "utilization")
 RETRIEVAL_METRICS = ("recall", "map_at_r", "r_precision")
@@ -228,9 +229,9 @@ def _check_request(
     chunk_size: int | None,
 ) -> None:
     for metric in metrics:
-        check_choice(metric, METRICS, "metric")
+        check_choice("metric", metric, METRICS)
     for distance in distances:
-        check_choice(distance, DISTANCES, "distance")
+        check_choice("distance", distance, DISTANCES)
     if "recall" in metrics and (len(ks) == 0 or any(int(k) != k or k < 1 for k in ks)):
         raise ValueError(f"recall needs ks, a non-empty sequence of positive integers; got {ks!r}")
     if "utilization" in metrics and reference is None:

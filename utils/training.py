@@ -1,4 +1,4 @@
-"""Optimizer, schedule, training epoch and feature extraction shared by both experiments.
+"""Optimizer, schedule and training epoch shared by both experiments.
 
 The loop knows nothing about the loss: `criterion(model, images, labels)` returns the loss and a
 dict of detached scalars to log. It never synchronises host and device inside a step: logged
@@ -7,7 +7,7 @@ values stay on the device and are read once every `log_every` steps and once per
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,8 +15,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer, lr_scheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.errors import InputError
-from utils.metrics import evaluate_embeddings
+from utils.errors import InputError, check_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("warmcos", "cos", "step", "warmstep", "constant")
@@ -24,12 +23,6 @@ WARMUP_ITERATIONS = 100  # linear warm-up of the warm* schedules, as in the CE p
 
 # A logger receives (curve name, plot title, x, y) for live plots; see utils.visdom_logger.
 PlotFunction = Callable[[str, str, float, float], None]
-
-
-def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise InputError(f"unknown {key} {value!r}: choose one of {', '.join(map(str, choices))}")
 
 
 def progress(iterable: Iterable, desc: str) -> tqdm:
@@ -104,34 +97,6 @@ def train_one_epoch(model: nn.Module, criterion: Callable, loader: DataLoader, o
                 for key, value in recent.items():
                     plot(key, "Training", epoch - 1 + (i + 1) / len(loader), value)  # epoch 1 spans (0, 1]
     return {key: torch.stack(values).tolist() for key, values in history.items()}
-
-
-@torch.no_grad()
-def extract_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device: torch.device,
-                       desc: str = "Extracting features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and labels of a whole loader, in loader order, on the device."""
-    embeddings, labels = [], []
-    for images, batch_labels in progress(loader, desc):
-        embeddings.append(embed(images.to(device, non_blocking=True)))
-        labels.append(batch_labels)
-    return torch.cat(embeddings), torch.cat(labels).to(device)
-
-
-def evaluate(embed: Callable[[torch.Tensor], torch.Tensor], loaders, device: torch.device,
-             metrics: Sequence[str]) -> dict[str, float]:
-    """Embed the query (and gallery, and for utilization the training) images and compute the metrics."""
-    query, query_labels = extract_embeddings(embed, loaders.query, device, "Extracting query features")
-    gallery = gallery_labels = reference = None
-    if loaders.gallery is not None:
-        gallery, gallery_labels = extract_embeddings(embed, loaders.gallery, device, "Extracting gallery features")
-    if "utilization" in metrics:
-        reference, _ = extract_embeddings(embed, loaders.reference, device, "Extracting training features")
-    results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=loaders.recall_ks,
-                                  metrics=metrics, backend=loaders.eval_backend, reference=reference)
-    # Every query of the prepared data sets has a positive; the count is only news when it is not zero.
-    if results.get("queries_without_positive") == 0:
-        del results["queries_without_positive"]
-    return results
 
 
 def format_metrics(label: str, metrics: dict[str, float]) -> str:

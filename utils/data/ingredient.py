@@ -1,4 +1,4 @@
-"""The `dataset` ingredient: where the data lives, how it is sampled, transformed and evaluated."""
+"""The `dataset` ingredient: where the data lives, how it is sampled and transformed."""
 
 import os
 from pathlib import Path
@@ -12,10 +12,7 @@ from utils.data.image_dataset import ImageDataset
 from utils.data.samplers import ClassBatchSampler
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
-from utils.knn import BACKENDS, faiss_has_gpu
-from utils.metrics import METRICS
 
-DATASETS = ("digits", "cub", "cars", "sop", "inshop")
 SAMPLERS = ("random", "random_id", "balanced")
 
 data_ingredient = Ingredient("dataset")
@@ -48,46 +45,46 @@ def config():
     rotate = None  # random rotation range in degrees
     hflip = False  # random horizontal flips (mirrored digits are other symbols)
 
-    recalls = [1, 2, 4, 8]
-    # Metrics: recall | map_at_r | r_precision | nmi | utilization (nearest training embedding).
-    eval_metrics = ["recall"]  # after every evaluated epoch
-    final_metrics = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]  # of the best epoch's weights
-    eval_backend = "auto"  # auto | faiss | faiss-gpu | torch (exact k-NN, all give the same numbers)
-
 
 # The CE paper's settings for the real data sets (224 px crops of ImageNet-sized images).
 _IMAGENET_SIZED = dict(batch_size=128, preload=False, num_workers=min(8, os.cpu_count() or 1), crop_size=224,
                        scale=(0.16, 1.0), hflip=True)
-_REAL_DATASETS = {
-    "cub": dict(_IMAGENET_SIZED, name="cub", data_path="data/CUB_200_2011", resize=256,
-                color_jitter=(0.25, 0.25, 0.25, 0), recalls=[1, 2, 4, 8, 16, 32]),
-    "cars": dict(_IMAGENET_SIZED, name="cars", data_path="data/CARS_196", resize=(256, 256),
-                 color_jitter=(0.3, 0.3, 0.3, 0.1), ratio=(1, 1), recalls=[1, 2, 4, 8, 16, 32]),
-    "sop": dict(_IMAGENET_SIZED, name="sop", data_path="data/Stanford_Online_Products", resize=(256, 256),
-                recalls=[1, 10, 100, 1000]),
-    "inshop": dict(_IMAGENET_SIZED, name="inshop", data_path="data/InShop", test_file="test_query.txt",
-                   gallery_file="test_gallery.txt", recalls=[1, 10, 20, 30, 40, 50]),
+
+
+class DatasetSpec(NamedTuple):
+    settings: dict  # its named config
+    recalls: tuple[int, ...]  # the Recall@K its papers report
+
+
+# The one list of data sets: the named configs (and their 64 px *_vae variants) and the evaluation's
+# default recall Ks come from here.
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(dict(name="digits"), (1, 2, 4, 8)),
+    "cub": DatasetSpec(dict(_IMAGENET_SIZED, name="cub", data_path="data/CUB_200_2011", resize=256,
+                            color_jitter=(0.25, 0.25, 0.25, 0)), (1, 2, 4, 8, 16, 32)),
+    "cars": DatasetSpec(dict(_IMAGENET_SIZED, name="cars", data_path="data/CARS_196", resize=(256, 256),
+                             color_jitter=(0.3, 0.3, 0.3, 0.1), ratio=(1, 1)), (1, 2, 4, 8, 16, 32)),
+    "sop": DatasetSpec(dict(_IMAGENET_SIZED, name="sop", data_path="data/Stanford_Online_Products",
+                            resize=(256, 256)), (1, 10, 100, 1000)),
+    "inshop": DatasetSpec(dict(_IMAGENET_SIZED, name="inshop", data_path="data/InShop", test_file="test_query.txt",
+                               gallery_file="test_gallery.txt"), (1, 10, 20, 30, 40, 50)),
 }
-data_ingredient.add_named_config("digits", dict(name="digits"))
-for _name, _settings in _REAL_DATASETS.items():
-    data_ingredient.add_named_config(_name, _settings)
-    # 64 px images with light augmentation for the autoencoder baselines.
-    data_ingredient.add_named_config(f"{_name}_vae", dict(_settings, resize=(64, 64), crop_size=64, scale=(0.8, 1.0),
-                                                          color_jitter=None, batch_size=64))
+for _name, _spec in DATASETS.items():
+    data_ingredient.add_named_config(_name, _spec.settings)
+    if _name != "digits":
+        # 64 px images with light augmentation for the autoencoder baselines.
+        data_ingredient.add_named_config(f"{_name}_vae", dict(_spec.settings, resize=(64, 64), crop_size=64,
+                                                              scale=(0.8, 1.0), color_jitter=None, batch_size=64))
 
 
 class MetricLoaders(NamedTuple):
-    """The training batches, the test images and what to measure on them."""
+    """The training batches and the test images."""
 
     train: DataLoader
     query: DataLoader
     gallery: DataLoader | None
     reference: DataLoader  # the training images with the test transform, for utilization
     num_classes: int
-    recall_ks: list[int]
-    eval_metrics: list[str]
-    final_metrics: list[str]
-    eval_backend: str
 
 
 @data_ingredient.capture
@@ -124,40 +121,8 @@ def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_p
 
 
 @data_ingredient.capture
-def check_recalls(query: ImageDataset, gallery: ImageDataset | None, recalls: list[int]) -> None:
-    # A query is never its own neighbour, so a self-searched set offers one candidate less.
-    candidates = len(gallery) if gallery is not None else len(query) - 1
-    if max(recalls) > candidates:
-        raise InputError(f"dataset.recalls asks for R@{max(recalls)} but the gallery offers only {candidates} "
-                         f"neighbours per query: lower dataset.recalls")
-
-
-@data_ingredient.capture
-def check_evaluation(eval_metrics: list[str], final_metrics: list[str], eval_backend: str) -> None:
-    for key, metrics in (("eval_metrics", eval_metrics), ("final_metrics", final_metrics)):
-        if not isinstance(metrics, list | tuple):
-            # Sacred reads `[recall,nmi]` (unquoted names) as one string.
-            raise InputError(f"dataset.{key}={metrics!r} is not a list of metric names: quote them, as in "
-                             f"\"dataset.{key}=['recall','nmi']\"")
-        for metric in metrics:
-            if metric not in METRICS:
-                raise InputError(f"unknown metric {metric!r} in dataset.{key}: choose from {', '.join(METRICS)}")
-        if "recall" not in metrics:
-            raise InputError(f"dataset.{key}={list(metrics)} lacks 'recall': the best epoch and the run's result "
-                             f"are its cosine R@1")
-    if eval_backend not in BACKENDS:
-        raise InputError(f"unknown dataset.eval_backend {eval_backend!r}: choose one of {', '.join(BACKENDS)}")
-    if eval_backend == "faiss-gpu" and not faiss_has_gpu():
-        raise InputError("dataset.eval_backend='faiss-gpu' needs a faiss build with GPU support and a GPU: "
-                         "use eval_backend=torch (exact search on the GPU) or auto")
-
-
-@data_ingredient.capture
-def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, recalls: list[int],
-                eval_metrics: list[str], final_metrics: list[str], eval_backend: str) -> MetricLoaders:
-    check_evaluation()
+def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool) -> MetricLoaders:
     train, query, gallery = get_datasets()
-    check_recalls(query, gallery)
     train_loader = DataLoader(train, batch_sampler=get_train_sampler(train.targets), num_workers=num_workers,
                               pin_memory=pin_memory)
 
@@ -165,6 +130,4 @@ def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, recall
         return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
     return MetricLoaders(train_loader, test_loader(query), test_loader(gallery) if gallery else None,
-                         test_loader(train.with_transform(query.transform)), num_classes=max(train.targets) + 1,
-                         recall_ks=list(recalls), eval_metrics=list(eval_metrics), final_metrics=list(final_metrics),
-                         eval_backend=eval_backend)
+                         test_loader(train.with_transform(query.transform)), num_classes=max(train.targets) + 1)

@@ -1,0 +1,99 @@
+"""The `evaluation` ingredient: which metrics are computed on which test images, with which k-NN backend.
+
+Its settings are checked once, when the evaluator is made, with the engine's own checks (utils.metrics,
+utils.knn) turned into one-line config errors.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from sacred import Ingredient
+from torch.utils.data import DataLoader
+
+from utils.data.ingredient import DATASETS, MetricLoaders, data_ingredient
+from utils.errors import InputError, check_choice
+from utils.knn import BACKENDS, resolve_backend
+from utils.metrics import METRICS, evaluate_embeddings
+from utils.training import progress
+
+evaluation_ingredient = Ingredient("evaluation", ingredients=[data_ingredient])
+
+Embed = Callable[[torch.Tensor], torch.Tensor]
+
+
+@evaluation_ingredient.config
+def config(dataset):
+    # The Recall@K the data set's papers report.
+    recalls = list(DATASETS[dataset["name"]].recalls) if dataset["name"] in DATASETS else [1]
+    # Metrics: recall | map_at_r | r_precision | nmi | utilization (nearest training embedding).
+    metrics = ["recall"]  # after every evaluated epoch (and before training)
+    final_metrics = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]  # of the best epoch's weights
+    backend = "auto"  # auto | faiss | faiss-gpu | torch (exact k-NN, all give the same numbers)
+
+
+@torch.no_grad()
+def extract_embeddings(embed: Embed, loader: DataLoader, device: torch.device, desc: str = "Extracting features"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of a whole loader, in loader order, on the device."""
+    embeddings, labels = [], []
+    for images, batch_labels in progress(loader, desc):
+        embeddings.append(embed(images.to(device, non_blocking=True)))
+        labels.append(batch_labels)
+    return torch.cat(embeddings), torch.cat(labels).to(device)
+
+
+class Evaluator:
+    """Embeds the test images (and for utilization the training images) and computes the metrics."""
+
+    def __init__(self, loaders: MetricLoaders, device: torch.device, recalls: Sequence[int], metrics: Sequence[str],
+                 final_metrics: Sequence[str], backend: str) -> None:
+        self.loaders, self.device = loaders, device
+        self.recalls, self.metrics, self.final_metrics, self.backend = list(recalls), metrics, final_metrics, backend
+
+    def __call__(self, embed: Embed, metrics: Sequence[str]) -> dict[str, float]:
+        loaders, device = self.loaders, self.device
+        query, query_labels = extract_embeddings(embed, loaders.query, device, "Extracting query features")
+        gallery = gallery_labels = reference = None
+        if loaders.gallery is not None:
+            gallery, gallery_labels = extract_embeddings(embed, loaders.gallery, device, "Extracting gallery features")
+        if "utilization" in metrics:
+            reference, _ = extract_embeddings(embed, loaders.reference, device, "Extracting training features")
+        results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=self.recalls, metrics=metrics,
+                                      backend=self.backend, reference=reference)
+        # Every query of the prepared data sets has a positive; the count is only news when it is not zero.
+        if results.get("queries_without_positive") == 0:
+            del results["queries_without_positive"]
+        return results
+
+
+@evaluation_ingredient.capture
+def check_evaluation(device: torch.device, recalls: list[int], metrics: list[str], final_metrics: list[str],
+                     backend: str) -> None:
+    """Every evaluation setting, before any data is read."""
+    for key, names in (("metrics", metrics), ("final_metrics", final_metrics)):
+        if not isinstance(names, list | tuple):
+            # Sacred reads `[recall,nmi]` (unquoted names) as one string.
+            raise InputError(f"evaluation.{key}={names!r} is not a list of metric names: quote them, as in "
+                             f"\"evaluation.{key}=['recall','nmi']\"")
+        for name in names:
+            check_choice(f"evaluation.{key} metric", name, METRICS)
+        if "recall" not in names:
+            raise InputError(f"evaluation.{key}={list(names)} lacks 'recall': the best epoch and the run's result "
+                             f"are its cosine R@1")
+    check_choice("evaluation.backend", backend, BACKENDS)
+    try:
+        resolve_backend(backend, on_cuda=device.type == "cuda")
+    except ValueError as error:
+        raise InputError(f"evaluation.backend={backend!r}: {error}") from None
+
+
+@evaluation_ingredient.capture
+def get_evaluator(loaders: MetricLoaders, device: torch.device, recalls: list[int], metrics: list[str],
+                  final_metrics: list[str], backend: str) -> Evaluator:
+    # A query is never its own neighbour, so a self-searched set offers one candidate less.
+    query, gallery = loaders.query.dataset, loaders.gallery.dataset if loaders.gallery is not None else None
+    candidates = len(gallery) if gallery is not None else len(query) - 1
+    if max(recalls) > candidates:
+        raise InputError(f"evaluation.recalls asks for R@{max(recalls)} but the gallery offers only {candidates} "
+                         f"neighbours per query: lower evaluation.recalls")
+    return Evaluator(loaders, device, recalls, list(metrics), list(final_metrics), backend)
