@@ -24,7 +24,7 @@ from losses.autoencoder import AutoencoderLoss
 from models.vae import Autoencoder
 from models.vae_ingredient import get_vae, vae_ingredient
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
-from utils.driver import Task, artifact_path, fit, keep_output_on_failure, select_device, training_config
+from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
 from utils.errors import InputError, check_choice
 from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
 from utils.training import progress
@@ -100,12 +100,12 @@ def main(select_by: str, _config: dict, _run) -> float:
         return evaluate(lambda images: model(images)[1], metrics) | test_losses(model, objective, loaders, device)
 
     stem = f"{_config['vae']['arch']}_{_config['dataset']['name']}"
-    task = Task(model, objective, evaluate_autoencoder, *SELECTION[select_by], name=stem, plot_titles=PLOT_TITLES)
-    best_epoch, final, checkpoint = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device,
-                                        _config, _run)
-    grid = artifact_path(_config["temp_dir"], stem, ".png")
+    rebuild = {"arch": _config["vae"]["arch"], "image_size": _config["dataset"]["crop_size"], **_run.info["vae"]}
+    task = Task(model, objective, evaluate_autoencoder, *SELECTION[select_by], name=stem, rebuild=rebuild,
+                plot_titles=PLOT_TITLES)
+    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
+    grid = outcome.directory / "reconstructions.png"
     save_image(reconstruction_grid(model, loaders.query, GRID_IMAGES, device), grid, nrow=16)
-    _run.add_artifact(grid, name="reconstructions.png")
-    print(f"Best epoch {best_epoch}: {task.best_key} {final[task.best_key]:.4f}; weights saved to {checkpoint}, "
-          f"reconstructions to {grid}")
-    return final[task.best_key]
+    print(f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
+          f"{outcome.directory} (checkpoint: {outcome.checkpoint.name}, {grid.name})")
+    return outcome.metrics[task.best_key]

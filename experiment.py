@@ -71,10 +71,11 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
     criterion = get_criterion(num_classes=loaders.num_classes, embedding_size=model.head.num_features,
                               label_smoothing=label_smoothing, classifier=classifier_options())
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    name = f"{_run.info['model']['arch']}_{_config['dataset']['name']}"
-    task = Task(model, criterion, lambda metrics: evaluate(model, metrics), best_key="cosine/R@1", name=name,
-                warmup_frozen=backbone, warm_epochs=warm_epochs)
-    best_epoch, final, checkpoint = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device,
-                                        _config, _run)
-    print(f"Best epoch {best_epoch}: cosine R@1 {final['cosine/R@1']:.4f}; weights saved to {checkpoint}")
-    return final["cosine/R@1"]
+    rebuild = {**_run.info["model"], "num_classes": loaders.num_classes, "embedding_size": model.head.num_features}
+    task = Task(model, criterion, lambda metrics: evaluate(model, metrics), best_key="cosine/R@1",
+                name=f"{rebuild['arch']}_{_config['dataset']['name']}", rebuild=rebuild, warmup_frozen=backbone,
+                warm_epochs=warm_epochs)
+    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
+    print(f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
+          f"{outcome.directory} (checkpoint: {outcome.checkpoint.name})")
+    return outcome.metrics["cosine/R@1"]

@@ -174,7 +174,7 @@ def command_line_runner(script: str, capsys, tmp_path: Path) -> Callable[..., Ou
 
     def run(words: str, *updates: str) -> Outcome:
         assert " with " in f" {words} ", "config updates need a `with`"
-        argv = [script, *words.split(), *updates, f"temp_dir={tmp_path}"]
+        argv = [script, *words.split(), *updates, f"output_dir={tmp_path}"]
         code, result = 0, None
         try:
             result = ex.run_commandline(argv)

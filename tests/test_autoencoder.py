@@ -140,7 +140,7 @@ def test_bad_image_size_on_the_command_line(capsys):
 @pytest.mark.parametrize("arch", ["ae", "vae"])
 def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
     run = ex.run_commandline(["autoencoder_experiment.py", "-F", str(tmp_path), "with", f"vae.{arch}", "epochs=1",
-                              "dataset.batch_size=32", f"dataset.data_path={digits_path}", f"temp_dir={tmp_path}",
+                              "dataset.batch_size=32", f"dataset.data_path={digits_path}", f"output_dir={tmp_path}",
                               *TINY])
     files = {path.name for path in (tmp_path / "1").iterdir()}
     assert {"config.json", "run.json", "metrics.json", "cout.txt", "checkpoint.pt", "reconstructions.png"} <= files
@@ -156,7 +156,7 @@ def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
     assert info["metrics"]["test/reconstruction"] == pytest.approx(epoch_reconstruction, rel=1e-6)
 
     model = Autoencoder(32, arch == "vae", latent_dim=8, hidden_dims=(8, 16))
-    model.load_state_dict(torch.load(tmp_path / "1" / "checkpoint.pt"))
+    model.load_state_dict(torch.load(tmp_path / "1" / "checkpoint.pt", weights_only=True)["best"]["model"])
     # 32 test images and their reconstructions, 16 tiles of 32 + 2 px padding per row.
     assert Image.open(tmp_path / "1" / "reconstructions.png").size == (16 * 34 + 2, 4 * 34 + 2)
 
@@ -167,6 +167,6 @@ def test_seed_command_on_a_standin(tmp_path, name, datasets):
     run = ex.run_commandline(["autoencoder_experiment.py", "with", f"dataset.{name}_vae", "vae.ae",
                               f"dataset.data_path={data}", "epochs=1", "dataset.batch_size=4",
                               "dataset.test_batch_size=8", "dataset.num_workers=0", "evaluation.recalls=[1,2]",
-                              f"temp_dir={tmp_path}"])
+                              f"output_dir={tmp_path}"])
     assert run.config["dataset"]["crop_size"] == 64 and run.info["vae"]["hidden_dims"] == [32, 64, 128, 256]
     assert 0 <= run.result <= 1 and run.info["best_epoch"] in (0, 1)

@@ -31,7 +31,7 @@ def cub_run(datasets, experiment):
 
 def test_unknown_dataset_name_in_a_subprocess(tmp_path):
     """The real command line: exit status 1, no traceback, one line naming the choices."""
-    command = [sys.executable, str(REPO / "experiment.py"), "with", "dataset.name=foo", f"temp_dir={tmp_path}"]
+    command = [sys.executable, str(REPO / "experiment.py"), "with", "dataset.name=foo", f"output_dir={tmp_path}"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=os.environ)
     assert_input_error(Outcome(done.returncode, None, done.stdout, done.stderr), "dataset.name 'foo'",
                        "choose one of digits, cub, cars, sop, inshop")

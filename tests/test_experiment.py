@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def assert_clean_output(cout_file: Path, epochs: int) -> None:
     tables = {(epoch, distance) for epoch in range(epochs + 1) for distance in ("l2", "cosine")}
     assert set(recall_table(cout)) == tables
     lines = cout.splitlines()
-    assert all(line.startswith("Epoch ") for line in lines[:-4]) and lines[-1].startswith("Best epoch")
+    assert all(line.startswith(("Epoch ", "Train ")) for line in lines[:-4]) and lines[-1].startswith("Best epoch")
     assert [line.split("|")[1].strip() for line in lines[-4:-1]] == ["l2", "cosine", "all"]
     assert "\r" not in cout and all(line == line.rstrip() for line in lines)
 
@@ -91,7 +92,7 @@ def result_dir(datasets, tmp_path_factory) -> Path:
     """`python experiment.py -F result_dir with dataset.cub`, shrunk, as a real subprocess."""
     cwd = tmp_path_factory.mktemp("observed")
     command = [sys.executable, str(REPO / "experiment.py"), "-F", "result_dir", "with", "dataset.cub", *SHRINK,
-               data_path(datasets["cub"]), f"temp_dir={cwd}"]
+               data_path(datasets["cub"]), f"output_dir={cwd}"]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ)
     assert done.returncode == 0, done.stderr
     return cwd / "result_dir"
@@ -108,7 +109,7 @@ def test_result_dir_holds_config_run_metrics_and_output(result_dir):
     assert run["status"] == "COMPLETED"
     assert run["result"] == info["metrics"]["cosine/R@1"]
     assert info["best_epoch"] in (0, 1)
-    assert "checkpoint.pt" in run["artifacts"]
+    assert info["checkpoint"] == str(run_dir.resolve() / "checkpoint.pt")
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"train.loss", "train.cross_entropy", "train.accuracy"} <= set(metrics)
@@ -134,12 +135,12 @@ def test_result_dir_checkpoint_loads_into_the_model(result_dir):
     run_dir = result_dir / "1"
     config = json.loads((run_dir / "config.json").read_text())
     info = json.loads((run_dir / "info.json").read_text())
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     model = model_from_config(config, info)
-    model.load_state_dict(state)  # strict: same keys and shapes
-    assert all(not value.is_cuda for value in state.values())
-    saved = (run_dir / "cout.txt").read_text().rsplit("weights saved to ", 1)[1].strip()
-    assert Path(saved).read_bytes() == (run_dir / "checkpoint.pt").read_bytes()  # the copy outside the observer
+    model.load_state_dict(checkpoint["best"]["model"])  # strict: same keys and shapes
+    assert checkpoint["best"]["epoch"] == info["best_epoch"] and checkpoint["config"] == config
+    assert checkpoint["rebuild"] == {**info["model"], "num_classes": 4, "embedding_size": 512}
+    assert not any(Path(tempfile.gettempdir()).glob("resnet18_cub_*"))  # no copy of the weights outside
 
 
 def test_failed_run_keeps_what_was_written(dataset_copy, experiment, tmp_path):
@@ -211,6 +212,7 @@ def test_same_seed_same_run(digits_path, experiment, tmp_path):
                .items()} for run in runs]  # without the time stamps
     assert series[0] == series[1]
     infos = [json.loads((run / "info.json").read_text()) for run in runs]
+    assert [info.pop("checkpoint") for info in infos] == [str(run / "checkpoint.pt") for run in runs]
     assert infos[0] == infos[1]
-    weights = [torch.load(run / "checkpoint.pt", weights_only=True) for run in runs]
+    weights = [torch.load(run / "checkpoint.pt", weights_only=True)["model"] for run in runs]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

@@ -2,28 +2,46 @@
 
 An experiment builds its model, its objective and its evaluation (a `Task`) and hands them to `fit`,
 which evaluates before training, trains, evaluates every `eval_every` epochs and after the last one,
-keeps the best epoch's weights, evaluates them with every final metric and saves them. The shared
-configuration keys are defined once, in `training_config`, which both experiments add to their own.
+keeps the best epoch's weights and evaluates them with every final metric. A run is durable: a full
+checkpoint (utils/checkpoint.py) is written at the end of every epoch (and every `checkpoint_every`
+iterations), `resume=PATH` continues one, SIGINT, SIGTERM and SIGHUP stop it cleanly after the current
+step, and a non-finite loss stops it with the last good checkpoint kept. The shared configuration keys
+are defined once, in `training_config`, which both experiments add to their own.
 """
 
 import copy
 import functools
+import json
 import os
-import tempfile
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from sacred.observers import FileStorageObserver
 from sacred.run import Run
 from torch import nn
 from torch.backends import cudnn
 from torch.utils.data import DataLoader
 
-from utils.errors import InputError, check_choice
+from utils.checkpoint import (
+    CHECKPOINT,
+    FORMAT,
+    check_resumable,
+    checkpoint_bytes,
+    load_checkpoint,
+    prepare_directory,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
 from utils.training import (
+    NonFiniteStep,
     PlotFunction,
     build_optimizer,
     build_scheduler,
@@ -34,6 +52,8 @@ from utils.training import (
 from utils.visdom_logger import VisdomLogger
 
 CUDNN_FLAGS = ("benchmark", "deterministic")
+NONFINITE = ("stop", "skip")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def training_config():
@@ -49,13 +69,16 @@ def training_config():
     lr_step = None  # step, warmstep: epochs between learning-rate decays
     lr_gamma = 0.1  # step, warmstep: decay factor
     grad_clip = None  # clip gradients by value
+    nonfinite = "stop"  # a non-finite loss or gradient: stop the run (the last checkpoint is kept) | skip the step
 
     visdom_port = None  # live curves on the visdom server at this port of 127.0.0.1
     visdom_freq = 20  # iterations between two points of the training curves
     eval_every = 1  # epochs between evaluations (evaluation.metrics); the last epoch is always evaluated
     cpu = False  # train on the CPU even when a GPU is available
     cudnn_flag = "benchmark"  # benchmark | deterministic
-    temp_dir = tempfile.gettempdir()  # where the best checkpoint is written
+    output_dir = "outputs"  # without -F, each run writes its checkpoint in a new folder here (with -F: its run dir)
+    checkpoint_every = None  # also write the checkpoint every this many iterations (long epochs); None: per epoch
+    resume = None  # a -F run directory or a checkpoint file to continue (same settings; epochs may be raised)
     seed = 0
 
 
@@ -65,8 +88,8 @@ class Task:
 
     objective(model, images, labels) -> (loss, dict of detached scalars to log); it may own parameters
     (a classifier, proxies), which are trained with the model's: objective.parameter_groups(lr, no_bias_decay)
-    gives their optimizer groups. evaluate(metrics) -> the metrics of the
-    model's current weights. best_key picks the best epoch and is the run's result.
+    gives their optimizer groups. evaluate(metrics) -> the metrics of the model's current weights. best_key
+    picks the best epoch and is the run's result. rebuild holds what rebuilds the model without the data.
     """
 
     model: nn.Module
@@ -74,10 +97,21 @@ class Task:
     evaluate: Callable[[Sequence[str]], dict[str, float]]
     best_key: str
     lower_is_better: bool = False
-    name: str = "model"  # stem of the checkpoint's file name
+    name: str = "model"  # names the output folder without -F
+    rebuild: dict = field(default_factory=dict)
     warmup_frozen: list[nn.Parameter] = field(default_factory=list)  # trained only after warm_epochs
     warm_epochs: int = 0
     plot_titles: dict[str, str] = field(default_factory=lambda: {"/R@1": "Recall@1"})
+
+
+@dataclass
+class Outcome:
+    """What a finished fit leaves."""
+
+    best_epoch: int
+    metrics: dict[str, float]  # the final evaluation of the best epoch's weights, now loaded in the model
+    directory: Path  # where the checkpoint is
+    checkpoint: Path
 
 
 def select_device(cpu: bool, cudnn_flag: str) -> torch.device:
@@ -86,22 +120,39 @@ def select_device(cpu: bool, cudnn_flag: str) -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() and not cpu else "cpu")
 
 
-def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[str]], device: torch.device,
-        config: dict, run: Run) -> tuple[int, dict[str, float], str]:
-    """Train task.model; returns the best epoch, the final metrics of its weights (now loaded in the model) and
-    where they were saved.
+def output_directory(run: Run, output_dir: str, name: str) -> Path:
+    """The -F run directory, or a new folder in output_dir named after the task, the time and the process."""
+    for observer in run.observers:
+        if isinstance(observer, FileStorageObserver):
+            return Path(observer.dir).resolve()
+    return (Path(output_dir) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}").resolve()
 
-    evaluation: the metrics of every evaluated epoch, and the final metrics of the best epoch's weights.
-    """
-    epochs, eval_every, lr = config["epochs"], config["eval_every"], config["lr"]
+
+def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[str]], device: torch.device,
+        config: dict, run: Run) -> Outcome:
+    """Train task.model. evaluation: the metrics of every evaluated epoch, and the final metrics of the best
+    epoch's weights."""
+    check_choice("nonfinite", config["nonfinite"], NONFINITE)
+    epochs, lr, no_bias_decay = config["epochs"], config["lr"], config["no_bias_decay"]
+    evaluate_after = evaluated_epochs(epochs, config["eval_every"])
+    checkpoint_every = config["checkpoint_every"]
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise InputError(f"checkpoint_every={checkpoint_every} must be a positive number of iterations, or None")
+    resumed = load_checkpoint(config["resume"]) if config["resume"] else None
+    if resumed is not None:
+        check_resumable(resumed["config"], plain(config), resumed["epoch"] - 1)
     model, objective = task.model.to(device), task.objective.to(device)
-    evaluate_after = evaluated_epochs(epochs, eval_every)
-    plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] else None
-    groups = parameter_groups(model, config["no_bias_decay"]) + objective.parameter_groups(lr, config["no_bias_decay"])
+    groups = parameter_groups(model, no_bias_decay) + objective.parameter_groups(lr, no_bias_decay)
     optimizer = build_optimizer(groups, config["optimizer"], lr, config["momentum"], config["nesterov"],
                                 config["weight_decay"])
     schedule = build_scheduler(optimizer, len(train_loader), epochs, config["scheduler"], config["lr_step"],
                                config["lr_gamma"])
+    directory = output_directory(run, config["output_dir"], task.name)
+    prepare_directory(directory, checkpoint_bytes(model, objective))
+    path = directory / CHECKPOINT
+    run.info["checkpoint"] = str(path)
+    plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] else None
+    best = BestEpoch(task.best_key, task.lower_is_better)
 
     def evaluate_and_log(epoch: int) -> dict[str, float]:
         model.eval()
@@ -109,24 +160,104 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
         log_evaluation(run, epoch, metrics, plot, task.plot_titles)
         return metrics
 
-    best = BestEpoch(task.best_key, task.lower_is_better)
-    best.update(0, evaluate_and_log(0), model)
-    torch.manual_seed(config["seed"])
-    for epoch in range(1, epochs + 1):
-        for parameter in task.warmup_frozen:
-            parameter.requires_grad_(epoch > task.warm_epochs)
-        with cudnn_benchmark(config["cudnn_flag"]):
-            history = train_one_epoch(model, objective, train_loader, optimizer, schedule, device, epoch,
-                                      config["grad_clip"], config["visdom_freq"], plot)
-        log_training(run, epoch, history)
-        if epoch in evaluate_after:
-            best.update(epoch, evaluate_and_log(epoch), model)
+    def write(epoch: int, iteration: int) -> None:
+        """The checkpoint after `iteration` iterations of epoch (0: the epoch is complete)."""
+        save_checkpoint({
+            "format": FORMAT, "epoch": epoch, "iteration": iteration, "iterations": schedule.last_epoch,
+            "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(), "scaler": None,
+            "best": {"epoch": best.epoch, "metrics": best.metrics, "model": best.state},
+            "rng": rng_state(), "config": plain(config), "code": plain(run.experiment_info),
+            "rebuild": plain(task.rebuild),
+        }, path)
+
+    if resumed is None:
+        best.update(0, evaluate_and_log(0), model)
+        torch.manual_seed(config["seed"])
+        start_epoch, start_iteration = 1, 0
+    else:
+        start_epoch, start_iteration = restore(resumed, model, objective, optimizer, schedule, best)
+        print(f"Resumed from {config['resume']}: epoch {start_epoch}, iteration {start_iteration}")
+
+    with stop_requests() as stop_signal:
+        def after_step(iteration: int) -> bool:
+            if checkpoint_every and schedule.last_epoch % checkpoint_every == 0:
+                write(epoch, iteration)
+            return stop_signal() is not None
+
+        for epoch in range(start_epoch, epochs + 1):
+            for parameter in task.warmup_frozen:
+                parameter.requires_grad_(epoch > task.warm_epochs)
+            start, start_iteration = start_iteration, 0
+            train_loader.batch_sampler.set_epoch(epoch, start)
+            with cudnn_benchmark(config["cudnn_flag"]):
+                try:
+                    history, counters = train_one_epoch(
+                        model, objective, train_loader, optimizer, schedule, device, epoch, config["grad_clip"],
+                        config["visdom_freq"], plot, start, after_step, config["nonfinite"] == "skip")
+                except NonFiniteStep as step:
+                    raise RunFailed(nonfinite_message(epoch, step, path)) from None
+            log_training(run, epoch, history, counters)
+            if counters["iterations"] < start + len(train_loader):
+                write(epoch, counters["iterations"])
+                raise RunInterrupted(f"stopped by {stop_signal()} at epoch {epoch}, iteration "
+                                     f"{counters['iterations']}; the checkpoint is {path}: continue with "
+                                     f"`resume={directory}`")
+            if epoch in evaluate_after:
+                best.update(epoch, evaluate_and_log(epoch), model)
+            write(epoch + 1, 0)
+            if stop_signal() is not None:
+                raise RunInterrupted(f"stopped by {stop_signal()} after epoch {epoch}; the checkpoint is {path}: "
+                                     f"continue with `resume={directory}`")
 
     model.load_state_dict(best.state)
     model.eval()
     final = task.evaluate(evaluation[1])
     report_final(run, best.epoch, final)
-    return best.epoch, final, save_checkpoint(run, best.state, config["temp_dir"], task.name)
+    return Outcome(best.epoch, final, directory, path)
+
+
+def plain(value: Any) -> Any:
+    """Sacred's read-only dicts and tuples as plain dicts and lists, which torch.load(weights_only=True) reads."""
+    return json.loads(json.dumps(value))
+
+
+def restore(checkpoint: dict, model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
+            schedule: torch.optim.lr_scheduler.LRScheduler, best: "BestEpoch") -> tuple[int, int]:
+    """Load a checkpoint's state; returns the epoch and iteration to go on from."""
+    model.load_state_dict(checkpoint["model"])
+    objective.load_state_dict(checkpoint["objective"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    schedule.load_state_dict(checkpoint["scheduler"])
+    best.epoch, best.metrics, best.state = (checkpoint["best"][key] for key in ("epoch", "metrics", "model"))
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"], checkpoint["iteration"]
+
+
+def nonfinite_message(epoch: int, step: NonFiniteStep, checkpoint: Path) -> str:
+    terms = " ".join(f"{key}={value:.4g}" for key, value in step.logs.items())
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
+    return (f"non-finite loss or gradient at epoch {epoch}, iteration {step.iteration + 1} ({terms}); {kept}: "
+            f"lower lr or set grad_clip, then resume=..., or skip such steps with nonfinite=skip")
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], str | None]]:
+    """While open, SIGINT, SIGTERM and SIGHUP ask the run to stop after the current step (a second one stops
+    at once); yields a function returning the name of the first signal received, or None."""
+    received: list[str] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager
@@ -140,11 +271,16 @@ def cudnn_benchmark(cudnn_flag: str) -> Iterator[None]:
         cudnn.benchmark = False
 
 
-def log_training(run: Run, epoch: int, history: dict[str, list[float]]) -> None:
-    """Every iteration's logged values as train.<key>, at fractional epochs."""
+def log_training(run: Run, epoch: int, history: dict[str, list[float]], counters: dict[str, float]) -> None:
+    """Every iteration's logged values as train.<key>, at fractional epochs, and one line for the epoch: the mean
+    of each term, the steps skipped, and where the time went (waiting for data or in steps)."""
     for key, values in history.items():
         for i, value in enumerate(values):
-            run.log_scalar(f"train.{key}", value, epoch - 1 + i / len(values))
+            run.log_scalar(f"train.{key}", value, epoch - 1 + (counters["start"] + i) / counters["total"])
+    means = " ".join(f"{key} {sum(values) / len(values):.4f}" for key, values in history.items() if values)
+    skipped = f", {counters['skipped']} non-finite steps skipped" if counters["skipped"] else ""
+    print(f"Train {epoch:3d} | {means} | {counters['data_seconds']:.1f} s waiting for data, "
+          f"{counters['step_seconds']:.1f} s in steps{skipped}")
 
 
 def log_evaluation(run: Run, epoch: int, metrics: dict[str, float], plot: PlotFunction | None,
@@ -189,19 +325,6 @@ class BestEpoch:
         if best is None or (value <= best if self.lower_is_better else value >= best):
             self.epoch, self.metrics = epoch, metrics
             self.state = copy.deepcopy(model.state_dict())
-
-
-def artifact_path(temp_dir: str, stem: str, suffix: str) -> str:
-    """A file name in temp_dir that concurrent runs do not share: stem, time stamp and process id."""
-    return os.path.join(temp_dir, f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}{suffix}")
-
-
-def save_checkpoint(run: Run, state: dict[str, torch.Tensor], temp_dir: str, stem: str) -> str:
-    """Save the weights (on the CPU) in temp_dir and attach them to the run as checkpoint.pt; returns the path."""
-    checkpoint = artifact_path(temp_dir, stem, ".pt")
-    torch.save({key: value.cpu() for key, value in state.items()}, checkpoint)
-    run.add_artifact(checkpoint, name="checkpoint.pt")
-    return checkpoint
 
 
 def keep_output_on_failure(main: Callable) -> Callable:

@@ -1,8 +1,8 @@
-"""The one error type for bad user input, and the one check of a name against its choices."""
+"""The errors a user sees as one line: bad input, a run that failed, a run that was stopped."""
 
 from collections.abc import Iterable
 
-from sacred.utils import SacredError
+from sacred.utils import SacredError, SacredInterrupt
 
 
 class InputError(SacredError, ValueError):
@@ -26,3 +26,21 @@ def check_choice(key: str, value: object, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:
         raise InputError(f"unknown {key} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+
+class RunFailed(SacredError):
+    """A run that cannot go on (a non-finite loss, a failed write): one line saying why and what was kept.
+
+    Sacred marks the run FAILED and prints the line without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, print_traceback=False)
+
+
+class RunInterrupted(SacredInterrupt, SacredError):
+    """A run stopped by a signal after writing its checkpoint: sacred marks it INTERRUPTED and prints the one line
+    saying how to resume; the exit status is 1."""
+
+    def __init__(self, message: str) -> None:
+        SacredError.__init__(self, message, print_traceback=False)

@@ -7,6 +7,7 @@ values stay on the device and are read once every `log_every` steps and once per
 
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -25,11 +26,11 @@ WARMUP_ITERATIONS = 100  # linear warm-up of the warm* schedules, as in the CE p
 PlotFunction = Callable[[str, str, float, float], None]
 
 
-def progress(iterable: Iterable, desc: str) -> tqdm:
-    """A progress bar that disappears when done, on the terminal only: sacred captures sys.stderr for its
-    observers, and its file observer only appends to cout.txt, so a bar redrawing its line would leave
-    fragments there."""
-    return tqdm(iterable, desc=desc, ncols=100, leave=False, file=sys.__stderr__)
+def progress(iterable: Iterable, desc: str, **options) -> tqdm:
+    """A progress bar as wide as the terminal that disappears when done, on the terminal only: sacred captures
+    sys.stderr for its observers, and its file observer only appends to cout.txt, so a bar redrawing its line
+    would leave fragments there."""
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=sys.__stderr__, **options)
 
 
 def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
@@ -70,33 +71,77 @@ def build_scheduler(optimizer: Optimizer, iterations_per_epoch: int, epochs: int
     return lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model: nn.Module, criterion: Callable, loader: DataLoader, optimizer: Optimizer,
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient is not finite: its iteration (from 0 within the epoch) and loss terms."""
+
+    def __init__(self, iteration: int, logs: dict[str, torch.Tensor]) -> None:
+        super().__init__(iteration)
+        self.iteration = iteration
+        self.logs = {key: value.item() for key, value in logs.items()}
+
+
+def all_finite(loss: torch.Tensor, parameters: list[torch.Tensor]) -> bool:
+    """Whether the loss and every gradient are finite (one read on the host per step, before the update)."""
+    gradients = [p.grad for p in parameters if p.grad is not None]
+    norm = nn.utils.get_total_norm(gradients, error_if_nonfinite=False) if gradients else loss.new_zeros(())
+    return bool(torch.isfinite(loss) & torch.isfinite(norm))
+
+
+def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, optimizer: Optimizer,
                     scheduler: lr_scheduler.LRScheduler, device: torch.device, epoch: int,
-                    grad_clip: float | None = None, log_every: int = 20,
-                    plot: PlotFunction | None = None) -> dict[str, list[float]]:
-    """One pass over loader; returns every logged value of every iteration."""
+                    grad_clip: float | None = None, log_every: int = 20, plot: PlotFunction | None = None,
+                    start: int = 0, after_step: Callable[[int], bool] | None = None,
+                    skip_nonfinite: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """One pass over loader, whose first `start` batches of the epoch were done before (a resumed epoch).
+
+    Returns every logged value of every iteration, and the epoch's counters: its first iteration here, its
+    length, the iterations done in all, the steps skipped for a non-finite loss or gradient, and the seconds
+    spent waiting for data and in steps. after_step(i) is called with the number of iterations done so far;
+    True stops the epoch there. A non-finite step raises NonFiniteStep before the update, or with
+    skip_nonfinite is skipped and counted.
+    """
     model.train()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     history: dict[str, list[torch.Tensor]] = {}
-    bar = progress(loader, f"Training   [{epoch:03d}]")
-    for i, (images, labels) in enumerate(bar):
+    total = start + len(loader)
+    counters = {"start": start, "total": total, "iterations": start, "skipped": 0, "data_seconds": 0.0,
+                "step_seconds": 0.0}
+    bar = progress(loader, f"Training   [{epoch:03d}]", initial=start, total=total)
+    ready = time.perf_counter()
+    for i, (images, labels) in enumerate(bar, start=start):
+        loaded = time.perf_counter()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        loss, logs = criterion(model, images, labels)
+        loss, logs = objective(model, images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_value_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
-        optimizer.step()
+        if all_finite(loss, parameters):
+            if grad_clip:
+                nn.utils.clip_grad_value_(parameters, grad_clip)
+            optimizer.step()
+            for key, value in logs.items():
+                history.setdefault(key, []).append(value)
+        elif skip_nonfinite:
+            counters["skipped"] += 1
+        else:
+            raise NonFiniteStep(i, logs)
         scheduler.step()
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
-        if (i + 1) % log_every == 0:
+        counters["iterations"] = i + 1
+        done = time.perf_counter()
+        counters["data_seconds"] += loaded - ready
+        counters["step_seconds"] += done - loaded
+        ready = done
+        if (i + 1) % log_every == 0 and history:
             recent = {key: torch.stack(values[-log_every:]).mean().item() for key, values in history.items()}
-            bar.set_postfix({key: f"{value:.3f}" for key, value in recent.items()})
+            bar.set_postfix({**{key: f"{value:.3f}" for key, value in recent.items()},
+                             "data": f"{counters['data_seconds'] / (i + 1 - start):.3f}s",
+                             "step": f"{counters['step_seconds'] / (i + 1 - start):.3f}s"})
             if plot is not None:
                 for key, value in recent.items():
-                    plot(key, "Training", epoch - 1 + (i + 1) / len(loader), value)  # epoch 1 spans (0, 1]
-    return {key: torch.stack(values).tolist() for key, values in history.items()}
+                    plot(key, "Training", epoch - 1 + (i + 1) / total, value)  # epoch 1 spans (0, 1]
+        if after_step is not None and after_step(i + 1):
+            break
+    return {key: torch.stack(values).tolist() for key, values in history.items()}, counters
 
 
 def format_metrics(label: str, metrics: dict[str, float]) -> str:

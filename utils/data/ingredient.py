@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sacred import Ingredient
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
-from utils.data.samplers import ClassBatchSampler
+from utils.data.samplers import EpochBatches, epoch_batches
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
 
@@ -108,23 +108,22 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
 
 @data_ingredient.capture
 def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_per_class: int,
-                      num_iterations: int | None) -> BatchSampler | ClassBatchSampler:
+                      num_iterations: int | None, _seed: int) -> EpochBatches:
+    """The training batches; _seed is sacred's seed for this function, derived from the run's seed."""
     if sampler not in SAMPLERS:
         raise InputError(f"unknown dataset.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if batch_size > len(labels):
         raise InputError(f"dataset.batch_size={batch_size} exceeds the {len(labels)} training images: lower it")
     num_batches = num_iterations or len(labels) // batch_size
-    if sampler == "random":
-        images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size)
-        return BatchSampler(images, batch_size, drop_last=True)
-    return ClassBatchSampler(labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced")
+    return epoch_batches(labels, batch_size, sampler, images_per_class, num_batches, _seed)
 
 
 @data_ingredient.capture
 def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool) -> MetricLoaders:
     train, query, gallery = get_datasets()
-    train_loader = DataLoader(train, batch_sampler=get_train_sampler(train.targets), num_workers=num_workers,
-                              pin_memory=pin_memory)
+    batches = get_train_sampler(train.targets)
+    train_loader = DataLoader(train, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                              generator=batches.worker_seeds)
 
     def test_loader(dataset: ImageDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)

@@ -4,10 +4,11 @@ Pairwise losses need positives in the batch; a plain random sampler rarely gives
 sets with many small classes (SOP, In-Shop).
 """
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
 from utils.errors import InputError
 
@@ -18,11 +19,13 @@ class ClassBatchSampler(Sampler[list[int]]):
     replace=False (`random_id`, the CE paper's identity sampler): only classes with at least
     images_per_class images are drawn, their images without replacement.
     replace=True (`balanced`, Metrix's sampler): any class, its images drawn with replacement.
-    Classes are drawn afresh for every batch; an epoch has num_batches batches.
+    Classes are drawn afresh for every batch; an epoch has num_batches batches. The draws come from
+    generator (torch's global one when None).
     """
 
     def __init__(self, labels: Sequence[int], batch_size: int, images_per_class: int, num_batches: int,
-                 replace: bool) -> None:
+                 replace: bool, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
         if images_per_class < 1 or batch_size % images_per_class:
             raise InputError(f"dataset.batch_size={batch_size} must be a multiple of "
                              f"dataset.images_per_class={images_per_class}")
@@ -47,11 +50,47 @@ class ClassBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.num_batches):
             batch = []
-            for c in torch.randperm(len(self.groups))[: self.classes_per_batch].tolist():
+            for c in torch.randperm(len(self.groups), generator=self.generator)[: self.classes_per_batch].tolist():
                 group = self.groups[c]
                 if self.replace:
-                    picks = torch.randint(len(group), (self.images_per_class,))
+                    picks = torch.randint(len(group), (self.images_per_class,), generator=self.generator)
                 else:
-                    picks = torch.randperm(len(group))[: self.images_per_class]
+                    picks = torch.randperm(len(group), generator=self.generator)[: self.images_per_class]
                 batch.extend(group[picks].tolist())
             yield batch
+
+
+class EpochBatches(Sampler[list[int]]):
+    """The batches of an epoch drawn from generators seeded by (seed, epoch), whatever ran before: an epoch can be
+    replayed, and a stopped one resumed after its first `start` batches (set_epoch) with the same batches.
+
+    batches draws from `generator`; the DataLoader draws its workers' seeds from `worker_seeds`.
+    """
+
+    def __init__(self, batches: BatchSampler | ClassBatchSampler, generator: torch.Generator, seed: int) -> None:
+        self.batches, self.generator, self.seed = batches, generator, seed
+        self.worker_seeds = torch.Generator()
+        self.set_epoch(1)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        stream = (self.seed * 1_000_003 + self.epoch) * 2  # one for the batches, one for the workers' seeds
+        self.generator.manual_seed(stream)
+        self.worker_seeds.manual_seed(stream + 1)
+        return itertools.islice(iter(self.batches), self.start, None)
+
+
+def epoch_batches(labels: Sequence[int], batch_size: int, sampler: str, images_per_class: int, num_batches: int,
+                  seed: int) -> EpochBatches:
+    """random: batches of distinct images drawn at random; random_id and balanced: ClassBatchSampler's."""
+    generator = torch.Generator()
+    if sampler == "random":
+        images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size, generator=generator)
+        return EpochBatches(BatchSampler(images, batch_size, drop_last=True), generator, seed)
+    return EpochBatches(ClassBatchSampler(labels, batch_size, images_per_class, num_batches,
+                                          replace=sampler == "balanced", generator=generator), generator, seed)

@@ -1,0 +1,139 @@
+"""Durable runs: where a run writes, its checkpoint written atomically and verified, and what resuming checks.
+
+A checkpoint is one dict holding everything a run needs to go on: the model, the objective's parameters
+(a classifier, proxies), the optimizer, the schedule, the epoch and the iterations done in it, the best
+epoch with its metrics and weights, every random state, the sacred config, the code version and what
+rebuilds the model without the data. It loads with torch.load(..., weights_only=True).
+"""
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import InputError, RunFailed
+
+FORMAT = 1
+CHECKPOINT = "checkpoint.pt"
+# Settings a resumed run may change: where and how it is observed, evaluated and loaded, and epochs (to extend
+# a run). Every other setting changes the training, and a resumed run must keep the checkpoint's.
+RESUMABLE = ("epochs", "resume", "output_dir", "checkpoint_every", "visdom_port", "visdom_freq", "eval_every", "cpu",
+             "cudnn_flag", "evaluation.", "dataset.data_path", "dataset.num_workers", "dataset.pin_memory",
+             "dataset.test_batch_size")
+
+
+def rng_state() -> dict:
+    """Python's, numpy's, torch's and every CUDA device's random state, in types torch.load reads safely."""
+    version, keys, gauss = random.getstate()
+    kind, np_keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss],
+            "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, np_keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np_keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_bytes(*modules: torch.nn.Module) -> int:
+    """About what a checkpoint of these modules takes: their weights twice (current and best) and two optimizer
+    slots per parameter (Adam's moments; SGD keeps at most one)."""
+    parameters = sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for module in modules for b in module.buffers())
+    return 2 * (parameters + buffers) + 2 * parameters
+
+
+def prepare_directory(directory: Path, needed: int) -> None:
+    """Create directory, check that it is writable and has room for a few checkpoints of `needed` bytes."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"cannot write in the output folder {directory} ({error.strerror or error}): make it "
+                         f"writable or choose another with output_dir=... (or -F another folder)") from None
+    free = shutil.disk_usage(directory).free
+    if free < 3 * needed:
+        raise InputError(f"the output folder {directory} has {free / 2**20:,.0f} MiB free, but a checkpoint takes "
+                         f"about {needed / 2**20:,.0f} MiB and the run needs room for 3: free some space or choose "
+                         f"another folder with output_dir=... (or -F)")
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write atomically: a temporary file beside path, flushed to disk and read back, then renamed over path, so
+    that the checkpoint on disk is always complete. A failed write keeps the previous checkpoint and fails the
+    run with one line."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        written = torch.load(temporary, map_location="cpu", weights_only=True)
+        if written.get("format") != FORMAT or written.get("iterations") != checkpoint["iterations"]:
+            raise OSError("the file read back differs from what was written")
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
+        raise RunFailed(f"could not write the checkpoint {path} ({error}): {kept}; free some space or fix the "
+                        f"folder, then resume with resume={path.parent}") from None
+
+
+def checkpoint_file(path: str) -> Path:
+    """The checkpoint of resume=PATH: PATH itself, or the checkpoint.pt of a run directory."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / CHECKPOINT
+    if not file.is_file():
+        raise InputError(f"resume={path}: no checkpoint there (expected a run directory holding {CHECKPOINT}, or a "
+                         f"checkpoint file)")
+    return file
+
+
+def load_checkpoint(path: str) -> dict:
+    file = checkpoint_file(path)
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged or foreign file
+        raise InputError(f"{file} cannot be read as a checkpoint ({type(error).__name__}: {error}); point resume= "
+                         f"at another one") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise InputError(f"{file} holds only weights (written before runs could resume) or is not one of our "
+                         f"checkpoints: it cannot be resumed; start a new run")
+    return checkpoint
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_resumable(saved: dict, current: dict, done_epochs: int) -> None:
+    """Refuse, in one line, settings that change the training, and fewer epochs than were already done."""
+    old, new = flatten(saved), flatten(current)
+    changed = sorted(key for key in old.keys() | new.keys()
+                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE))
+    if changed:
+        listing = ", ".join(f"{key}={new.get(key)!r} (checkpoint: {old.get(key)!r})" for key in changed)
+        raise InputError(f"resume: these settings differ from the checkpoint's and would change the training: "
+                         f"{listing}; drop them (only {', '.join(RESUMABLE)} may change)")
+    if new["epochs"] < done_epochs:
+        raise InputError(f"resume: epochs={new['epochs']} but the checkpoint has done {done_epochs}; "
+                         f"set epochs to at least {done_epochs}")
