@@ -42,9 +42,14 @@ def no_proxies(monkeypatch):
 
 @pytest.fixture
 def server():
-    """An HTTP server on 127.0.0.1 serving `files` (name -> bytes) and counting requests per name."""
+    """An HTTP server on 127.0.0.1 serving `files` (name -> bytes), counting requests per name.
+
+    It answers Range requests (`bytes=N-`) with 206 unless ranges is False, records each range asked for,
+    and sends only the first `cut[name]` bytes of a file once (then closes), as a dropped connection does.
+    """
     files: dict[str, bytes] = {}
     hits: Counter = Counter()
+    state = SimpleNamespace(ranges=True, asked=[], cut={})
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -53,10 +58,21 @@ def server():
             if name not in files:
                 self.send_error(404)
                 return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(files[name])))
+            data, start = files[name], 0
+            asked = self.headers.get("Range")
+            if asked and state.ranges:
+                state.asked.append(asked)
+                start = int(asked.removeprefix("bytes=").rstrip("-"))
+                if start >= len(data):
+                    self.send_error(416)
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
-            self.wfile.write(files[name])
+            self.wfile.write(data[start:start + state.cut.pop(name, len(data))])
 
         def log_message(self, *args):
             pass
@@ -64,7 +80,8 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield SimpleNamespace(files=files, hits=hits, url=lambda name: f"http://127.0.0.1:{httpd.server_port}/{name}")
+    yield SimpleNamespace(files=files, hits=hits, state=state,
+                          url=lambda name: f"http://127.0.0.1:{httpd.server_port}/{name}")
     httpd.shutdown()
     httpd.server_close()
 
