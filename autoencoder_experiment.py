@@ -36,6 +36,7 @@ from utils.run import (
     save_checkpoint,
     select_device,
 )
+from utils.settings import settings_hook
 from utils.training import (
     build_optimizer,
     build_scheduler,
@@ -49,6 +50,7 @@ from utils.visdom_logger import VisdomLogger
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("autoencoder", ingredients=[data_ingredient, vae_ingredient])
+ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 
 # Where each selection metric lives in the evaluation results, and whether lower is better.

@@ -26,12 +26,14 @@ from utils.run import (
     save_checkpoint,
     select_device,
 )
+from utils.settings import settings_hook
 from utils.training import build_optimizer, build_scheduler, evaluate, parameter_groups, train_one_epoch
 from utils.visdom_logger import VisdomLogger
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("metric_learning", ingredients=[data_ingredient, model_ingredient, loss_ingredient,
                                                     metrix_ingredient])
+ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 
 
