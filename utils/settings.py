@@ -228,7 +228,10 @@ def violations(config: Mapping, rules: Mapping[str, Check] = RULES,
         value = lookup(config, key)
         if value is not MISSING and not check.test(value):
             broken.add(key)
-            lines.append(f"{key}={value!r} is invalid: expected {check.description}")
+            # Sacred reads `[recall,nmi]` (unquoted names) as one string.
+            hint = (f", quote them as in \"{key}=['a','b']\"" if isinstance(value, str) and value.startswith("[")
+                    else "")
+            lines.append(f"{key}={value!r} is invalid: expected {check.description}{hint}")
     for rule in cross_rules:
         values = [lookup(config, key) for key in rule.keys]
         if MISSING not in values and not broken.intersection(rule.keys) and not rule.test(*values):
