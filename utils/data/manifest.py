@@ -95,12 +95,12 @@ def _problem(path: Path) -> str | None:
 
 
 def verify_images(data_path: Path, splits: dict[str, Samples], workers: int | None = None) -> None:
-    """Decode every image once (threads: Pillow decodes without holding the GIL); refuse any that fails."""
+    """Decode every image once, in threads (Pillow's decoders release the GIL, and threads are safe in a
+    process that has loaded torch); refuse any image that fails."""
     paths = sorted({data_path / path for samples in splits.values() for path, _ in samples})
-    workers = max(1, workers or os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        problems = [problem for problem in tqdm(pool.map(_problem, paths), total=len(paths),
-                                                desc="decoding images", unit=" images", leave=False) if problem]
+    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
+        problems = [problem for problem in tqdm(pool.map(_problem, paths), total=len(paths), desc="decoding images",
+                                                unit=" images", leave=False) if problem]
     if problems:
         raise InputError(f"{len(problems):,} of the {len(paths):,} images do not decode (first: {problems[0]}); "
                          f"delete the data set's folder (keep the archive if its checksum was checked) and run again")
