@@ -2,6 +2,7 @@
 
 import io
 import os
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -228,3 +229,24 @@ def test_training_refuses_a_folder_marked_incomplete(experiment, dataset_copy):
     outcome = experiment("with dataset.cub model.small_cnn", f"dataset.data_path={root}", *SHRINK)
     assert_input_error(outcome, f"data folder {root} is not completely prepared (interrupted): run "
                                 f"`python prepare_data.py cub`")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (mounting needs root: skipped elsewhere)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_during_extraction_is_one_line_and_leaves_nothing(tmp_path, small_disk):
+    archive = tmp_path / "big.tgz"
+    archive.write_bytes(tar_bytes({"data/a.bin": os.urandom(100_000), "data/b.bin": os.urandom(100_000)}))
+    with pytest.raises(InputError, match=f"^disk full while extracting {archive} into {small_disk}: free some space"):
+        extract(archive, small_disk)
+    assert list(small_disk.iterdir()) == []
