@@ -91,7 +91,7 @@ def test_shapes(size, hidden_dims, variational):
 
 
 def test_unknown_arch():
-    with pytest.raises(InputError, match=r"vae.arch='vq' is invalid: expected one of ae, vae"):
+    with pytest.raises(InputError, match=r"unknown vae.arch 'vq': choose one of ae, vae"):
         get_vae(image_size=32, arch="vq", in_channels=3, latent_dim=8, hidden_dims=[8])
 
 
