@@ -95,7 +95,8 @@ def test_the_issues_examples(key, value, description):
      "dataset.crop_size=300, dataset.resize=256 are inconsistent: expected dataset.crop_size <= dataset.resize "
      "(its shorter side)"),
     ({"dataset": {"crop_size": 224, "resize": [256, 200]}}, "dataset.crop_size=224, dataset.resize=[256, 200]"),
-    ({"dataset": {"images_per_class": 5, "batch_size": 4}}, "expected dataset.images_per_class <= dataset.batch_size"),
+    ({"dataset": {"sampler": "balanced", "images_per_class": 5, "batch_size": 4}},
+     "expected dataset.images_per_class <= dataset.batch_size with a class sampler"),
     ({"warm_epochs": 3, "epochs": 2}, "expected warm_epochs <= epochs"),
     ({"scheduler": "step", "lr_step": None}, "expected lr_step set (epochs between decays) when scheduler is step"),
     ({"nesterov": True, "momentum": 0.0}, "expected momentum > 0 when nesterov=True"),
@@ -106,7 +107,8 @@ def test_cross_key_rules(config, line):
 
 
 def test_every_cross_rule_is_tested_and_passes_when_consistent():
-    consistent = {"dataset": {"crop_size": 224, "resize": 256, "images_per_class": 5, "batch_size": 100},
+    consistent = {"dataset": {"crop_size": 224, "resize": 256, "sampler": "random", "images_per_class": 5,
+                              "batch_size": 2},
                   "warm_epochs": 1, "epochs": 1, "scheduler": "step", "lr_step": 10, "nesterov": True, "momentum": 0.9}
     assert violations(consistent) == []
     assert len(CROSS_RULES) == 5  # one parametrised case above per rule

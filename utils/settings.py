@@ -200,8 +200,9 @@ class CrossRule:
 CROSS_RULES = (
     CrossRule(("dataset.crop_size", "dataset.resize"), lambda crop, resize: resize is None
               or crop <= _shorter_side(resize), "dataset.crop_size <= dataset.resize (its shorter side)"),
-    CrossRule(("dataset.images_per_class", "dataset.batch_size"), lambda per_class, batch: per_class <= batch,
-              "dataset.images_per_class <= dataset.batch_size"),
+    CrossRule(("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
+              lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
+              "dataset.images_per_class <= dataset.batch_size with a class sampler"),
     CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs"),
     CrossRule(("scheduler", "lr_step"), lambda scheduler, step: scheduler not in ("step", "warmstep")
               or step is not None, "lr_step set (epochs between decays) when scheduler is step or warmstep"),
