@@ -3,6 +3,7 @@
 import io
 import os
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import prepare_data
+from tests.conftest import REPO
 from tests.test_prepare_data import CUB_TEST, JPEG, cub_files, lines, md5, no_proxies, run, server, tar_bytes, zip_bytes
 from utils.data import manifest
 from utils.data.download import download, extract
@@ -250,3 +252,34 @@ def test_a_full_disk_during_extraction_is_one_line_and_leaves_nothing(tmp_path, 
     with pytest.raises(InputError, match=f"^disk full while extracting {archive} into {small_disk}: free some space"):
         extract(archive, small_disk)
     assert list(small_disk.iterdir()) == []
+
+
+def test_prepare_data_refuses_a_hostile_archive_from_a_mirror(server, tmp_path):
+    # The command line, with the checksum off (md5=None), as a user with a mirror of their own would run it.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"precious")
+    server.files["CUB_200_2011.tgz"] = cve_2025_4517_tar(outside)
+    data_path = tmp_path / "data/CUB_200_2011"
+    done = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), "cub", "with", f"data_path={data_path}",
+                           f"urls={server.url('CUB_200_2011.tgz')}", "md5=None"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=os.environ | {"no_proxy": "127.0.0.1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"utils.errors.InputError: {data_path / 'CUB_200_2011.tgz'}: refusing to extract member 'a': it is a link")
+    assert (outside / "victim").read_bytes() == b"precious" and [path.name for path in outside.iterdir()] == ["victim"]
+    assert manifest.read(data_path)["complete"] is False
+    assert sorted(path.name for path in data_path.iterdir()) == ["CUB_200_2011.tgz", "manifest.json"]
+
+
+def test_a_second_preparation_of_the_same_split_files_is_not_decoded_again(tmp_path):
+    for name, data in cub_files("").items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    run(prepare_data.cub, data_path=str(tmp_path), download=False)
+    first = manifest.read(tmp_path)
+    run(prepare_data.cub, data_path=str(tmp_path), download=False)
+    assert manifest.read(tmp_path) == first  # the same verification, vouching for the same split files
+    (tmp_path / "images.txt").write_text((tmp_path / "images.txt").read_text().replace("w2.jpg", "w1.jpg"))
+    run(prepare_data.cub, data_path=str(tmp_path), download=False)
+    assert manifest.read(tmp_path)["verified"] != first["verified"]
