@@ -27,10 +27,12 @@ from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
 from utils.errors import InputError, check_choice
 from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
+from utils.settings import settings_hook
 from utils.training import progress
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("autoencoder", ingredients=[data_ingredient, evaluation_ingredient, vae_ingredient])
+ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 

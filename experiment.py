@@ -18,10 +18,12 @@ from models.ingredient import classifier_options, get_model, model_ingredient, r
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
 from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
+from utils.settings import settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("metric_learning", ingredients=[data_ingredient, evaluation_ingredient, model_ingredient,
                                                     loss_ingredient, metrix_ingredient])
+ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 

@@ -124,7 +124,7 @@ def test_bad_input_on_the_command_line_is_one_line_and_status_1():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == \
-        "utils.errors.InputError: unknown vae.arch 'vq': choose one of ae, vae"
+        "utils.errors.InputError: vae.arch='vq' is invalid: expected one of ae, vae"
     assert "Traceback" not in result.stderr
 
 

@@ -33,8 +33,8 @@ def test_unknown_dataset_name_in_a_subprocess(tmp_path):
     """The real command line: exit status 1, no traceback, one line naming the choices."""
     command = [sys.executable, str(REPO / "experiment.py"), "with", "dataset.name=foo", f"output_dir={tmp_path}"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=os.environ)
-    assert_input_error(Outcome(done.returncode, None, done.stdout, done.stderr), "dataset.name 'foo'",
-                       "choose one of digits, cub, cars, sop, inshop")
+    assert_input_error(Outcome(done.returncode, None, done.stdout, done.stderr), "dataset.name='foo' is invalid",
+                       "expected one of digits, cub, cars, sop, inshop")
 
 
 def test_unknown_named_config(experiment):
@@ -44,24 +44,24 @@ def test_unknown_named_config(experiment):
 
 
 @pytest.mark.parametrize(("update", "fragments"), [
-    ("model.arch=foo", ("model.arch 'foo'", "choose one of", "resnet50")),
-    ("model.pooling=sum", ("model.pooling 'sum'", "avg+max")),
-    ("model.norm_layer=group", ("model.norm_layer 'group'",)),
-    ("scheduler=foo", ("scheduler 'foo'", "choose one of", "warmcos")),
-    ("dataset.sampler=foo", ("dataset.sampler 'foo'", "choose one of", "balanced")),
-    ("optimizer=foo", ("optimizer 'foo'", "choose one of", "adamw")),
-    ("cudnn_flag=fast", ("cudnn_flag 'fast'", "deterministic")),
-    ("loss.pairwise=triplet", ("loss.pairwise 'triplet'", "multisimilarity")),
-    ("metrix.mode=pixels", ("metrix.mode 'pixels'", "feature")),
-    ("metrix.feature metrix.strategy=all", ("metrix.strategy 'all'", "positive_negative")),
+    ("model.arch=foo", ("model.arch='foo' is invalid", "expected one of", "resnet50")),
+    ("model.pooling=sum", ("model.pooling='sum' is invalid", "avg+max")),
+    ("model.norm_layer=group", ("model.norm_layer='group' is invalid",)),
+    ("scheduler=foo", ("scheduler='foo' is invalid", "expected one of", "warmcos")),
+    ("dataset.sampler=foo", ("dataset.sampler='foo' is invalid", "expected one of", "balanced")),
+    ("optimizer=foo", ("optimizer='foo' is invalid", "expected one of", "adamw")),
+    ("cudnn_flag=fast", ("cudnn_flag='fast' is invalid", "deterministic")),
+    ("loss.pairwise=triplet", ("loss.pairwise='triplet' is invalid", "multisimilarity")),
+    ("metrix.mode=pixels", ("metrix.mode='pixels' is invalid", "feature")),
+    ("metrix.feature metrix.strategy=all", ("metrix.strategy='all' is invalid", "positive_negative")),
     ("metrix.feature metrix.weight=0", ("no loss would use the mixed examples", "metrix.weight")),
     ("loss.ce_weight=0", ("no loss to train with",)),
-    ("scheduler=step", ("scheduler='step' needs lr_step", "lr_step=10")),
-    ("eval_every=0", ("eval_every=0", "positive number of epochs")),
-    ("evaluation.metrics=['recall','auc']", ("unknown evaluation.metrics metric 'auc'", "map_at_r")),
-    ("evaluation.metrics=[recall,nmi]", ("is not a list of metric names", "quote them")),
+    ("scheduler=step", ("scheduler='step', lr_step=None are inconsistent", "lr_step set")),
+    ("eval_every=0", ("eval_every=0 is invalid", "an integer >= 1")),
+    ("evaluation.metrics=['recall','auc']", ("evaluation.metrics=['recall', 'auc'] is invalid", "map_at_r")),
+    ("evaluation.metrics=[recall,nmi]", ("evaluation.metrics='[recall,nmi]' is invalid", "quote them")),
     ("evaluation.final_metrics=['nmi']", ("evaluation.final_metrics=['nmi'] lacks 'recall'",)),
-    ("evaluation.backend=annoy", ("evaluation.backend 'annoy'", "faiss-gpu", "torch")),
+    ("evaluation.backend=annoy", ("evaluation.backend='annoy' is invalid", "faiss-gpu", "torch")),
     ("evaluation.backend=faiss-gpu", ("evaluation.backend='faiss-gpu'", "needs a faiss build with GPU support",
                                      "use 'torch'")),
     ("evaluation.recalls=[1,32]", ("R@32", "only 15 neighbours", "lower evaluation.recalls")),

@@ -124,7 +124,7 @@ def test_small_chunks_and_large_k_give_the_same_result(backend):
     rng = np.random.default_rng(2)
     x = quantised(70, rng)
     labels = labels_with_singletons(70, 8, 3, rng)
-    ks = (1, 5, 69, 500)
+    ks = (1, 5, 69)  # 69: every other item
     whole = run(x, labels, ks=ks, backend=backend)
     chunked = run(x, labels, ks=ks, backend=backend, chunk_size=7)
     assert_matches(chunked, whole)
@@ -303,3 +303,54 @@ def test_bad_inputs_raise():
 def test_faiss_gpu_without_gpu_support_raises():
     with pytest.raises(ValueError, match="GPU support"):
         evaluate_embeddings(np.zeros((4, 2), dtype=np.float32), [0, 0, 1, 1], ks=[1], backend="faiss-gpu")
+
+
+# ---------------------------------------------------------------- strict inputs
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"query": np.zeros((0, 4), np.float32), "query_labels": []}, "the query set is empty"),
+    ({"gallery": np.zeros((0, 4), np.float32), "gallery_labels": []}, "the gallery set is empty"),
+    ({"metrics": ["utilization"], "reference": np.zeros((0, 4), np.float32)}, "the reference set is empty"),
+    ({"metrics": ["nmi"], "query": np.zeros((0, 4), np.float32), "query_labels": []}, "the query set is empty"),
+    ({"ks": [1, 10]}, "R@10 asks for 10 neighbours but the gallery offers only 9 per query"),
+    ({"ks": [2], "gallery": np.ones((1, 4), np.float32), "gallery_labels": [0]},
+     "R@2 asks for 2 neighbours but the gallery offers only 1 per query"),
+    ({"query": np.full((10, 4), 1e19, np.float32)}, "the query embeddings reach 1e+19 in magnitude"),
+    ({"gallery": np.full((3, 4), -1e19), "gallery_labels": [0, 1, 2]}, "the gallery embeddings reach 1e+19"),
+], ids=["empty-query", "empty-gallery", "empty-reference", "empty-nmi", "k-self", "k-gallery", "overflow-query",
+        "overflow-gallery"])
+def test_inputs_without_a_meaningful_answer_raise_one_value_error(arguments, message):
+    rng = np.random.default_rng(0)
+    call = {"query": rng.normal(size=(10, 4)).astype(np.float32), "query_labels": np.arange(10) % 3, "ks": [1],
+            "metrics": ["recall", "map_at_r", "nmi"]} | arguments
+    with pytest.raises(ValueError) as error:
+        evaluate_embeddings(**call)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_large_finite_embeddings_below_the_overflow_limit_are_accepted():
+    x = np.random.default_rng(0).normal(size=(10, 4)) * 1e17
+    assert evaluate_embeddings(x, np.arange(10) % 2, ks=[1])["l2/R@1"] == evaluate_embeddings(
+        x / 1e17, np.arange(10) % 2, ks=[1])["l2/R@1"]
+
+
+@pytest.mark.parametrize(("rows", "columns", "layout"), [
+    (slice(None, None, -1), slice(None), np.asarray), (slice(None, None, 2), slice(None), np.asarray),
+    (slice(None), slice(None, None, 2), np.asarray), (slice(None), slice(None), np.asfortranarray),
+    (slice(None), slice(None), lambda x: readonly(x)),
+], ids=["reversed", "strided-rows", "strided-columns", "fortran", "read-only"])
+def test_any_numpy_view_is_accepted(rows, columns, layout):
+    x = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
+    labels = np.arange(40) % 5
+    seen, seen_labels = layout(x[rows, columns]), labels[rows]
+    copy, copy_labels = np.ascontiguousarray(seen), np.ascontiguousarray(seen_labels)
+    metrics = ["recall", "map_at_r", "r_precision", "utilization"]
+    assert evaluate_embeddings(seen, seen_labels, ks=[1, 4], metrics=metrics, reference=seen) == evaluate_embeddings(
+        copy, copy_labels, ks=[1, 4], metrics=metrics, reference=copy)
+
+
+def readonly(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    x.flags.writeable = False
+    return x

@@ -70,6 +70,9 @@ def prepare(x: Tensor | np.ndarray, distance: str) -> Tensor:
     """float32 embeddings, L2-normalised for cosine. Both backends normalise with this same code,
     so that they see the same float32 vectors."""
     check_choice("distance", distance, DISTANCES)
+    if isinstance(x, np.ndarray):
+        # torch cannot wrap negative strides (a reversed view) nor, without a warning, read-only arrays.
+        x = np.require(x, requirements=["C", "W"])
     x = torch.as_tensor(x).detach().to(torch.float32)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(x.shape)}")

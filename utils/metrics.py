@@ -5,6 +5,7 @@ bounded: no N x N matrix, and no N x K neighbour matrix beyond one chunk. Neighb
 utils.knn in its deterministic (distance, gallery index) order, whichever backend searches.
 """
 
+import math
 from collections.abc import Iterator, Sequence
 
 import faiss
@@ -22,6 +23,7 @@ RETRIEVAL_METRICS = ("recall", "map_at_r", "r_precision")
 CHUNK_BYTES = 256 * 2**20
 KMEANS_SEED = 1234
 KMEANS_ITERATIONS = 20
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Labels = Tensor | np.ndarray | Sequence[int]
 
@@ -50,6 +52,7 @@ def evaluate_embeddings(
     """
     _check_request(metrics, distances, ks, reference, chunk_size)
     _check_shapes(query, query_labels, gallery, gallery_labels)
+    _check_contents(query, gallery, reference, ks if "recall" in metrics else [])
     on_cuda = any(isinstance(x, Tensor) and x.is_cuda for x in (query, gallery, reference))
     backend = resolve_backend(backend, on_cuda)
     query_codes, gallery_codes = _label_codes(query_labels, gallery_labels)
@@ -91,6 +94,7 @@ def utilization(
     query: Tensor | np.ndarray, reference: Tensor | np.ndarray, *, backend: str = "auto", chunk_size: int | None = None
 ) -> float:
     """Metrix's utilization: mean squared L2 distance from each query to its nearest reference embedding."""
+    _check_contents(query, None, reference, [])
     q = prepare(query, "l2")
     ref = prepare(reference, "l2").to(q.device)
     if ref.shape[1] != q.shape[1]:
@@ -238,6 +242,31 @@ def _check_request(
         raise ValueError("metric 'utilization' needs the training embeddings: pass reference=")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
+
+
+def _check_contents(query: Tensor | np.ndarray, gallery: Tensor | np.ndarray | None,
+                    reference: Tensor | np.ndarray | None, ks: Sequence[int]) -> None:
+    """Refuse empty sets, a K beyond the gallery and magnitudes whose float32 distances would overflow."""
+    sets = {"query": query, "gallery": gallery, "reference": reference}
+    for name, embeddings in sets.items():
+        if embeddings is not None:
+            if embeddings.shape[0] == 0:
+                raise ValueError(f"the {name} set is empty (shape {tuple(embeddings.shape)}): nothing to evaluate")
+            _check_magnitude(name, embeddings)
+    # A query is never its own neighbour, so a self-searched set offers one candidate less.
+    candidates = gallery.shape[0] if gallery is not None else query.shape[0] - 1
+    if ks and max(ks) > candidates:
+        raise ValueError(f"R@{max(ks)} asks for {max(ks)} neighbours but the gallery offers only {candidates} per "
+                         f"query: lower ks")
+
+
+def _check_magnitude(name: str, embeddings: Tensor | np.ndarray) -> None:
+    """Distances are float32 |q|^2 + |g|^2 - 2 q.g: refuse finite values large enough to overflow them."""
+    largest = float(max(embeddings.max(), -embeddings.min()))  # no copy of the array, unlike abs()
+    limit = math.sqrt(FLOAT32_MAX / (4 * max(1, embeddings.shape[1])))  # bounds (|q| + |g|)^2
+    if math.isfinite(largest) and largest > limit:
+        raise ValueError(f"the {name} embeddings reach {largest:.3g} in magnitude, beyond {limit:.3g}, where their "
+                         f"squared float32 distances overflow in dimension {embeddings.shape[1]}: rescale them")
 
 
 def _check_shapes(

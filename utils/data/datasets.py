@@ -5,7 +5,7 @@ by hand (into that folder or into the archive's own sub-folder) is used as it is
 relative to the data set's folder; labels run from 0 within each split.
 """
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +16,11 @@ from utils.data.download import download, extract, is_extracted
 from utils.errors import InputError
 
 Samples = list[tuple[str, int]]
+Urls = str | Sequence[str]  # one URL, or mirrors of one file in the order to try them
 
 CUB_TRAIN_CLASSES = 100  # class ids 1-100 train, 101-200 test
 CARS_TRAIN_CLASSES = 98  # class ids 1-98 train, 99-196 test
 INSHOP_PAGE = "http://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
-
-# (images, classes) of each official split; None: not checked. A difference means a damaged or other copy.
-EXPECTED = {
-    "cub": {"train.txt": (5_864, 100), "test.txt": (5_924, 100)},
-    "cars": {"train.txt": (8_054, 98), "test.txt": (8_131, 98)},
-    "sop": {"train.txt": (59_551, 11_318), "test.txt": (60_502, 11_316)},
-    # The 3,985 test items are shared by query and gallery; their per-file item counts are not published.
-    "inshop": {"train.txt": (25_882, 3_997), "test_query.txt": (14_218, None), "test_gallery.txt": (12_612, None)},
-}
-
 
 def relabel(*splits: list[tuple[str, Hashable]]) -> list[Samples]:
     """Number the classes found in the given splits 0, 1, ... in sorted order, one numbering for all."""
@@ -45,7 +36,7 @@ def _read_rows(path: Path, columns: int, skip: int = 0, numeric: tuple[int, ...]
         fields = line.split()
         if not fields:
             continue
-        if len(fields) != columns or not all(fields[i].isdigit() for i in numeric):
+        if len(fields) != columns or not all(fields[i].isascii() and fields[i].isdigit() for i in numeric):
             raise InputError(f"{path}, line {number}: unexpected {line!r}; the file is damaged or not the "
                              f"official one: restore it (delete the folder and run again)")
         rows.append(fields)
@@ -67,20 +58,21 @@ def _locate(data_path: Path, marker: str, folder: str) -> Path | None:
     return next((root for root in (data_path, data_path / folder) if (root / marker).is_file()), None)
 
 
-def _obtain(url: str, path: Path, md5: str | None, allow_download: bool, note: str = "") -> Path:
+def _obtain(urls: Urls, path: Path, md5: str | None, allow_download: bool, note: str = "") -> Path:
     if not allow_download and not path.is_file():
-        raise InputError(f"{path.name} not found and download=False: download {url} to {path}"
+        first = urls if isinstance(urls, str) else urls[0]
+        raise InputError(f"{path.name} not found and download=False: download {first} to {path}"
                          + (f"; {note}" if note else ""))
-    return download(url, path, md5=md5, note=note)
+    return download(urls, path, md5=md5, note=note)
 
 
-def _fetch_and_extract(url: str, archive: Path, md5: str | None, allow_download: bool, present: bool,
+def _fetch_and_extract(urls: Urls, archive: Path, md5: str | None, allow_download: bool, present: bool,
                        note: str = "") -> None:
     """Extract archive (downloaded when missing) into its folder unless done; present: its files are there."""
     # Files there without the archive were extracted by hand, or the archive was deleted to save space.
     if present and (is_extracted(archive, archive.parent) or not archive.is_file()):
         return
-    extract(_obtain(url, archive, md5, allow_download, note), archive.parent, force=not present)
+    extract(_obtain(urls, archive, md5, allow_download, note), archive.parent, force=not present)
 
 
 def _require(data_path: Path, marker: str, folder: str, archive: Path) -> Path:
@@ -91,11 +83,11 @@ def _require(data_path: Path, marker: str, folder: str, archive: Path) -> Path:
     return root
 
 
-def prepare_cub(data_path: Path, url: str, md5: str | None, allow_download: bool) -> dict[str, Samples]:
+def prepare_cub(data_path: Path, urls: Urls, md5: str | None, allow_download: bool) -> dict[str, Samples]:
     """CUB-200-2011: first 100 classes train, last 100 test."""
     archive = data_path / "CUB_200_2011.tgz"
     present = _locate(data_path, "images.txt", "CUB_200_2011") is not None
-    _fetch_and_extract(url, archive, md5, allow_download, present)
+    _fetch_and_extract(urls, archive, md5, allow_download, present)
     root = _require(data_path, "images.txt", "CUB_200_2011", archive)
     paths = dict(_read_rows(root / "images.txt", 2, numeric=(0,)))
     labels = {image: int(label) for image, label in _read_rows(root / "image_class_labels.txt", 2, numeric=(0, 1))}
@@ -117,23 +109,23 @@ def _read_cars_annotations(path: Path) -> list[tuple[str, int]]:
                          f"delete it and run again") from None
 
 
-def prepare_cars(data_path: Path, images_url: str, images_md5: str | None, annotations_url: str,
+def prepare_cars(data_path: Path, images_urls: Urls, images_md5: str | None, annotations_urls: Urls,
                  annotations_md5: str | None, allow_download: bool) -> dict[str, Samples]:
     """Cars-196 (car_ims.tgz and cars_annos.mat): first 98 classes train, last 98 test."""
     note = (f"the Stanford server is often offline: get car_ims.tgz and cars_annos.mat from a mirror of "
             f"Cars-196 and place both in {data_path}")
-    annotations = _obtain(annotations_url, data_path / "cars_annos.mat", annotations_md5, allow_download, note)
+    annotations = _obtain(annotations_urls, data_path / "cars_annos.mat", annotations_md5, allow_download, note)
     archive = data_path / "car_ims.tgz"
-    _fetch_and_extract(images_url, archive, images_md5, allow_download, (data_path / "car_ims").is_dir(), note)
+    _fetch_and_extract(images_urls, archive, images_md5, allow_download, (data_path / "car_ims").is_dir(), note)
     # The annotations' paths (car_ims/000001.jpg) are relative to the folder holding car_ims/.
     return _split_by_class(_read_cars_annotations(annotations), CARS_TRAIN_CLASSES)
 
 
-def prepare_sop(data_path: Path, url: str, md5: str | None, allow_download: bool) -> dict[str, Samples]:
+def prepare_sop(data_path: Path, urls: Urls, md5: str | None, allow_download: bool) -> dict[str, Samples]:
     """Stanford Online Products: the official Ebay_train.txt / Ebay_test.txt split."""
     archive = data_path / "Stanford_Online_Products.zip"
     present = _locate(data_path, "Ebay_train.txt", "Stanford_Online_Products") is not None
-    _fetch_and_extract(url, archive, md5, allow_download, present)
+    _fetch_and_extract(urls, archive, md5, allow_download, present)
     root = _require(data_path, "Ebay_train.txt", "Stanford_Online_Products", archive)
 
     def read(name: str) -> list[tuple[str, int]]:
@@ -185,5 +177,5 @@ def write_splits(data_path: Path, splits: dict[str, Samples]) -> None:
     """Write each split as `path,label` lines; via a temporary file, so a split file is never half-written."""
     for name, samples in splits.items():
         temporary = data_path / f".{name}.tmp"
-        temporary.write_text("".join(f"{path},{label}\n" for path, label in samples))
+        temporary.write_text("".join(f"{path},{label}\n" for path, label in samples), encoding="utf-8")
         temporary.replace(data_path / name)

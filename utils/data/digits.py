@@ -6,6 +6,7 @@ network has something to learn. Rendering is deterministic per image. Digits 0-4
 training classes and 5-9 the test classes, as in the zero-shot protocol of the real data sets.
 """
 
+import fcntl
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.datasets import load_digits
 
 CANVAS = 32
 TRAIN_CLASSES = range(0, 5)
+SPLITS = ("train", "test")
 
 
 def render_digit(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -33,15 +35,28 @@ def render_digit(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def prepare_digits(root: str | Path, seed: int = 0) -> None:
-    """Render every digit into root/images and write root/train.txt and root/test.txt."""
+    """Render every digit into root/images and write root/train.txt and root/test.txt, unless done before.
+
+    Safe when several runs start together on a fresh checkout: one renders under a lock while the others
+    wait, and the split files appear atomically, train.txt (the mark of a complete rendering) last.
+    """
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".render.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if not all((root / f"{split}.txt").is_file() for split in SPLITS):
+            _render(root, seed)
+
+
+def _render(root: Path, seed: int) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     digits = load_digits()
-    splits: dict[str, list[str]] = {"train": [], "test": []}
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for index, (digit, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         path = f"images/{index:04d}.png"
         render_digit(digit, np.random.default_rng([seed, index])).save(root / path)
         splits["train" if label in TRAIN_CLASSES else "test"].append(f"{path},{label}\n")
-    # Split files last: their presence marks a complete preparation.
-    for split, lines in splits.items():
-        (root / f"{split}.txt").write_text("".join(lines))
+    for split in ("test", "train"):  # train.txt last: runs that find it take the rendering as complete
+        temporary = root / f".{split}.txt.tmp"
+        temporary.write_text("".join(splits[split]))
+        temporary.replace(root / f"{split}.txt")

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
+from utils.data.manifest import check_prepared
 from utils.data.samplers import EpochBatches, epoch_batches
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
@@ -99,9 +100,10 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
     if not root.is_dir():
         raise InputError(f"data folder {root} not found: run `python prepare_data.py` "
                          f"or point dataset.data_path at the prepared data")
+    check_prepared(root)
     train_transform, test_transform = build_transforms(crop_size, resize, scale, ratio, color_jitter, rotate, hflip)
     train = ImageDataset(root, train_file, train_transform, preload)
-    query = ImageDataset(root, test_file, test_transform, preload)
+    query = ImageDataset(root, test_file, test_transform, preload, min_classes=2)
     gallery = ImageDataset(root, gallery_file, test_transform, preload) if gallery_file else None
     return train, query, gallery
 

@@ -1,0 +1,106 @@
+"""What prepare_data verified in a data folder (manifest.json), and the checks behind it.
+
+A preparation first marks the folder incomplete, then checks that every listed image exists and decodes
+and that the split counts are the published ones, and only then writes the split files and marks the
+folder complete. Training refuses a folder whose manifest says it is incomplete; a folder without a
+manifest (made by hand, or the digits rendered on first use) is taken as it is.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.data.images import load_image
+from utils.errors import InputError
+
+MANIFEST = "manifest.json"
+Samples = list[tuple[str, int]]
+# (images, classes) of each split, named by its file without .txt (sacred's keys hold no dots); classes None:
+# not published, not checked.
+Expected = Mapping[str, Sequence[int | None]]
+
+
+def read(data_path: Path) -> dict | None:
+    try:
+        return json.loads((data_path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write(data_path: Path, content: dict) -> None:
+    """Replace the manifest atomically, so that it is never half-written."""
+    data_path.mkdir(parents=True, exist_ok=True)
+    temporary = data_path / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+    temporary.replace(data_path / MANIFEST)
+
+
+def mark_incomplete(data_path: Path, dataset: str, reason: str) -> None:
+    write(data_path, {"dataset": dataset, "complete": False, "reason": reason})
+
+
+def mark_complete(data_path: Path, dataset: str, splits: dict[str, Samples]) -> None:
+    write(data_path, {"dataset": dataset, "complete": True, "verified": datetime.now(timezone.utc).isoformat(),
+                      "splits": {name: {"images": len(samples), "classes": len({label for _, label in samples}),
+                                        "sha256": digest(samples)} for name, samples in splits.items()}})
+
+
+def digest(samples: Samples) -> str:
+    return hashlib.sha256("".join(f"{path},{label}\n" for path, label in samples).encode()).hexdigest()
+
+
+def verified_before(manifest: dict | None, splits: dict[str, Samples]) -> bool:
+    """Whether a complete manifest already vouches for exactly these split files."""
+    if not manifest or manifest.get("complete") is not True:
+        return False
+    recorded = manifest.get("splits", {})
+    return recorded.keys() == splits.keys() and all(recorded[name].get("sha256") == digest(samples)
+                                                    for name, samples in splits.items())
+
+
+def check_prepared(data_path: Path) -> None:
+    """Refuse a data folder whose manifest says its preparation did not complete."""
+    manifest = read(data_path)
+    if manifest is not None and manifest.get("complete") is not True:
+        name = manifest.get("dataset", "")
+        raise InputError(f"data folder {data_path} is not completely prepared ({manifest.get('reason', 'unknown')}): "
+                         f"run `python prepare_data.py {name}` until it reports the data set ready")
+
+
+def check_counts(splits: dict[str, Samples], expected: Expected | None) -> None:
+    """Refuse split counts other than the published ones (expected None: nothing to compare with)."""
+    for split, (images, classes) in (expected or {}).items():
+        name = f"{split}.txt"
+        samples = splits.get(name, [])
+        found = (len(samples), len({label for _, label in samples}))
+        if found[0] != images or classes is not None and found[1] != classes:
+            published = f"{images:,} images" + (f" / {classes:,} classes" if classes is not None else "")
+            raise InputError(f"{name} would have {found[0]:,} images / {found[1]:,} classes, the published split "
+                             f"{published}: the data set is incomplete or not the official version; delete its "
+                             f"folder and run again (or set `expected` to the counts of your version)")
+
+
+def _problem(path: Path) -> str | None:
+    try:
+        load_image(path)
+    except InputError as error:
+        return str(error)
+    return None
+
+
+def verify_images(data_path: Path, splits: dict[str, Samples], workers: int | None = None) -> None:
+    """Decode every image once, in threads (Pillow's decoders release the GIL, and threads are safe in a
+    process that has loaded torch); refuse any image that fails."""
+    paths = sorted({data_path / path for samples in splits.values() for path, _ in samples})
+    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
+        problems = [problem for problem in tqdm(pool.map(_problem, paths), total=len(paths), desc="decoding images",
+                                                unit=" images", leave=False) if problem]
+    if problems:
+        raise InputError(f"{len(problems):,} of the {len(paths):,} images do not decode (first: {problems[0]}); "
+                         f"delete the data set's folder (keep the archive if its checksum was checked) and run again")
