@@ -169,12 +169,13 @@ class Outcome:
 
 def command_line_runner(script: str, capsys, tmp_path: Path) -> Callable[..., Outcome]:
     """Run `python <script> <words> <updates>` in this process (a subprocess spends seconds importing torch);
-    checkpoints and images go to tmp_path instead of the system's temporary folder."""
+    without -F, the run's folder goes to tmp_path unless the updates say output_dir=."""
     ex = importlib.import_module(script.removesuffix(".py")).ex
 
     def run(words: str, *updates: str) -> Outcome:
         assert " with " in f" {words} ", "config updates need a `with`"
-        argv = [script, *words.split(), *updates, f"output_dir={tmp_path}"]
+        given = any(update.startswith("output_dir=") for update in updates)
+        argv = [script, *words.split(), *updates, *([] if given else [f"output_dir={tmp_path}"])]
         code, result = 0, None
         try:
             result = ex.run_commandline(argv)

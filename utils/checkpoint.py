@@ -107,7 +107,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged or foreign file
-        raise InputError(f"{file} cannot be read as a checkpoint ({type(error).__name__}: {error}); point resume= "
+        reason = str(error).splitlines()[0].split(". ")[0] if str(error) else ""
+        raise InputError(f"{file} cannot be read as a checkpoint ({type(error).__name__}: {reason}); point resume= "
                          f"at another one") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise InputError(f"{file} holds only weights (written before runs could resume) or is not one of our "

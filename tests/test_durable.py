@@ -1,0 +1,285 @@
+"""Durable runs, with real processes, real signals and a real small filesystem: a stopped run resumed with
+resume=<its run directory> ends with exactly the metrics of the same run left uninterrupted (the oracle)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import REPO, assert_input_error
+from utils.training import NonFiniteStep, train_one_epoch
+
+# Digits' small splits, 40 balanced batches of 20 per epoch, Metrix on: long enough epochs to stop mid-way.
+RUN = ["dataset.train_file=train_small.txt", "dataset.test_file=test_small.txt", "dataset.batch_size=20",
+       "dataset.sampler=balanced", "dataset.images_per_class=4", "dataset.num_iterations=40", "epochs=3",
+       "loss.contrastive", "metrix.feature", "evaluation.final_metrics=['recall','map_at_r']", "cpu=True"]
+
+
+def run_words(digits_path: Path, *extra: str) -> list[str]:
+    return [*RUN, f"dataset.data_path={digits_path}", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_path, tmp_path_factory) -> dict:
+    """The final metrics of the run left alone, as a subprocess like the interrupted ones."""
+    observed = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run([sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with",
+                           *run_words(digits_path)], capture_output=True, text=True, timeout=600, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    return json.loads((observed / "1" / "info.json").read_text())["metrics"]
+
+
+def start(observed: Path, words: list[str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with", *words]
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ)
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment the test waits for"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint goes on from (0 when there is none yet); it is always complete on disk."""
+    return torch.load(path, weights_only=True)["epoch"] if path.exists() else 0
+
+
+def final_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "info.json").read_text())["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(stop, digits_path, uninterrupted,
+                                                                                experiment, tmp_path):
+    observed = tmp_path / "runs"
+    log = tmp_path / "log.txt"
+    process = start(observed, run_words(digits_path), log)
+    # In the middle of epoch 2: some steps after the end of epoch 1.
+    wait_for(lambda: "Train   1 |" in log.read_text(errors="replace"), process)
+    time.sleep(0.5)
+    process.send_signal(stop)
+    assert process.wait(timeout=120) == 1
+    last = log.read_text(errors="replace").strip().splitlines()[-1]
+    assert last.startswith(f"utils.errors.RunInterrupted: stopped by {stop.name}")
+    assert f"continue with `resume={observed.resolve() / '1'}`" in last
+    run = json.loads((observed / "1" / "run.json").read_text())
+    assert run["status"] == "INTERRUPTED"
+    cout = (observed / "1" / "cout.txt").read_text()
+    assert "Epoch   1 | cosine" in cout and "Train   1 |" in cout  # the captured output is complete
+    checkpoint = torch.load(observed / "1" / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["iteration"]) > (2, 0) or checkpoint["epoch"] == 3
+
+    outcome = experiment(f"-F {observed} with", *run_words(digits_path), f"resume={observed / '1'}")
+    assert outcome.code == 0, outcome.err
+    assert f"Resumed from {observed / '1'}: epoch {checkpoint['epoch']}, iteration {checkpoint['iteration']}" \
+        in outcome.out
+    assert final_metrics(observed / "2") == uninterrupted
+
+
+@pytest.mark.slow
+def test_sigkill_loses_only_the_work_since_the_last_checkpoint(digits_path, uninterrupted, experiment, tmp_path):
+    observed = tmp_path / "runs"
+    process = start(observed, run_words(digits_path), tmp_path / "log.txt")
+    wait_for(lambda: checkpoint_epoch(observed / "1" / "checkpoint.pt") == 2, process)  # epoch 1 is complete
+    process.kill()
+    process.wait(timeout=60)
+    outcome = experiment(f"-F {observed} with", *run_words(digits_path), f"resume={observed / '1'}")
+    assert outcome.code == 0, outcome.err
+    assert final_metrics(observed / "2") == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_mid_run_keeps_the_last_epoch_and_resuming_loses_nothing(digits_path, uninterrupted,
+                                                                                 experiment, tmp_path):
+    data = tmp_path / "digits"
+    shutil.copytree(digits_path, data)
+    words = run_words(data, "dataset.preload=False")
+    image = data / (data / "train_small.txt").read_text().split(",", 1)[0]
+    original = image.read_bytes()
+    observed = tmp_path / "runs"
+    log = tmp_path / "log.txt"
+    process = start(observed, words, log)
+    wait_for(lambda: checkpoint_epoch(observed / "1" / "checkpoint.pt") == 2, process)
+    image.write_bytes(b"not an image")
+    assert process.wait(timeout=120) == 1
+    assert f"image {image} cannot be read" in log.read_text(errors="replace").strip().splitlines()[-1]
+    assert json.loads((observed / "1" / "run.json").read_text())["status"] == "FAILED"
+    assert checkpoint_epoch(observed / "1" / "checkpoint.pt") == 2  # the last complete epoch survives
+
+    image.write_bytes(original)
+    outcome = experiment(f"-F {observed} with", *words, f"resume={observed / '1'}")
+    assert outcome.code == 0, outcome.err
+    assert final_metrics(observed / "2") == uninterrupted
+
+
+def test_a_nonfinite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(digits_path, experiment, tmp_path):
+    observed = tmp_path / "runs"
+    outcome = experiment(f"-F {observed} with", *run_words(digits_path, "optimizer=sgd", "lr=1e38",
+                                                           "checkpoint_every=1"))
+    last = outcome.err.strip().splitlines()[-1]
+    assert outcome.code == 1 and "Traceback" not in outcome.err
+    assert last.startswith("utils.errors.RunFailed: non-finite loss or gradient at epoch 1, iteration ")
+    assert "mixed_contrastive=" in last and f"the last good checkpoint is {observed.resolve() / '1'}" in last
+    failed_at = int(last.split("iteration ")[1].split(" ")[0])
+    checkpoint = torch.load(observed / "1" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["iteration"] == failed_at - 1  # written after the last good step
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
+    assert json.loads((observed / "1" / "run.json").read_text())["status"] == "FAILED"
+
+
+class ScriptedObjective(nn.Module):
+    """A loss that is NaN at chosen iterations: the training loop must stop there, or skip and count them."""
+
+    def __init__(self, bad: set[int]) -> None:
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        loss = model(images).square().mean() * (float("nan") if self.calls in self.bad else 1.0)
+        self.calls += 1
+        return loss, {"loss": loss.detach()}
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_nonfinite_steps_stop_or_are_skipped_before_the_update(skip):
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)) for _ in range(5)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def train():
+        return train_one_epoch(model, ScriptedObjective({0, 3}), batches, optimizer, schedule, torch.device("cpu"),
+                               1, skip_nonfinite=skip)
+
+    if not skip:
+        with pytest.raises(NonFiniteStep) as stopped:
+            train()
+        assert stopped.value.iteration == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no update
+    else:
+        history, counters = train()
+        assert counters["skipped"] == 2 and counters["iterations"] == 5 and len(history["loss"]) == 3
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'mount failed'})")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    mounted = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        mount_tmpfs(path, size)
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_no_room_for_checkpoints_is_refused_before_training(digits_path, experiment, small_filesystem):
+    disk = small_filesystem("8m")
+    outcome = experiment(f"-F {disk} with", *run_words(digits_path))
+    assert_input_error(outcome, f"the output folder {disk / '1'} has", "MiB free", "needs room for 3")
+    assert "Train " not in outcome.out
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_run_fails_it_and_keeps_no_broken_checkpoint(digits_path, small_filesystem, tmp_path):
+    disk = small_filesystem("80m")
+    log = tmp_path / "log.txt"
+    process = start(disk, run_words(digits_path), log)
+    wait_for(lambda: "Epoch   0 |" in log.read_text(errors="replace"), process)
+    with open(disk / "filler", "wb") as filler:  # another job fills the disk
+        try:
+            while True:
+                filler.write(b"\0" * 2**20)
+        except OSError:
+            pass
+    assert process.wait(timeout=300) == 1
+    last = log.read_text(errors="replace").strip().splitlines()[-1]
+    assert last.startswith(f"utils.errors.RunFailed: could not write the checkpoint {disk.resolve() / '1'}")
+    (disk / "filler").unlink()
+    assert json.loads((disk / "1" / "run.json").read_text())["status"] == "FAILED"
+    assert not list((disk / "1").glob("checkpoint.pt*"))  # no truncated file
+
+
+def test_an_unwritable_output_folder_is_refused_before_training(digits_path, experiment, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    outcome = experiment("with", *run_words(digits_path), f"output_dir={blocker / 'runs'}")
+    assert_input_error(outcome, "cannot write in the output folder", str(blocker / "runs"), "output_dir=")
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_path, tmp_path_factory) -> Path:
+    observed = tmp_path_factory.mktemp("finished")
+    done = subprocess.run([sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with",
+                           *run_words(digits_path, "epochs=1", "dataset.num_iterations=3")],
+                          capture_output=True, text=True, timeout=600, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    return observed / "1"
+
+
+@pytest.mark.parametrize(("change", "fragments"), [
+    (["lr=0.5"], ["lr=0.5 (checkpoint: 0.001)", "would change the training"]),
+    (["loss.margin=0.3", "seed=4"], ["loss.margin=0.3 (checkpoint: 0.5)", "seed=4 (checkpoint: 0)"]),
+    (["epochs=0"], ["epochs=0 but the checkpoint has done 1"]),
+])
+def test_resume_refuses_settings_that_change_the_training(change, fragments, finished_run, digits_path,
+                                                          experiment):
+    words = run_words(digits_path, "epochs=1", "dataset.num_iterations=3", *change, f"resume={finished_run}")
+    assert_input_error(experiment("with", *words), *fragments)
+
+
+def test_resume_extends_a_finished_run(finished_run, digits_path, experiment, tmp_path):
+    words = run_words(digits_path, "epochs=2", "dataset.num_iterations=3", "evaluation.backend=torch",
+                      f"resume={finished_run}")
+    outcome = experiment(f"-F {tmp_path} with", *words)
+    assert outcome.code == 0, outcome.err
+    assert "Resumed from" in outcome.out and "epoch 2, iteration 0" in outcome.out and "Train   2 |" in outcome.out
+
+
+@pytest.mark.parametrize("content", ["weights only", "garbage", "missing"])
+def test_resume_refuses_what_is_not_a_checkpoint(content, digits_path, experiment, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    if content == "weights only":  # what runs wrote before they could resume
+        torch.save(nn.Linear(2, 2).state_dict(), path)
+        expected = "holds only weights"
+    elif content == "garbage":
+        path.write_bytes(b"\x00not a checkpoint")
+        expected = "cannot be read as a checkpoint"
+    else:
+        expected = "no checkpoint there"
+    outcome = experiment("with", *run_words(digits_path), f"resume={path}")
+    assert_input_error(outcome, expected)
+
+
+def test_the_end_of_a_run_says_where_its_results_are(digits_path, experiment, tmp_path):
+    outcome = experiment("with", *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"),
+                         f"output_dir={tmp_path}")
+    assert outcome.code == 0, outcome.err
+    directory = next(tmp_path.iterdir())
+    assert directory.name.startswith("small_cnn_digits_")
+    assert f"results in {directory} (checkpoint: checkpoint.pt)" in outcome.out
