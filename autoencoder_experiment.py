@@ -13,6 +13,7 @@ their reconstructions.
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from sacred import SETTINGS, Experiment
@@ -26,7 +27,8 @@ from models.vae_ingredient import get_vae, vae_ingredient
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
 from utils.errors import InputError, check_choice
-from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
+from utils.evaluation import Evaluator, check_evaluation, evaluation_ingredient, get_evaluator
+from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.settings import settings_hook
 from utils.training import progress
 
@@ -83,9 +85,26 @@ def autoencoder_objective(arch: str, kl_weight: float) -> AutoencoderLoss:
     return AutoencoderLoss(kl_weight)
 
 
-@ex.automain
+def evaluation(model: Autoencoder, objective: AutoencoderLoss, loaders: MetricLoaders, evaluate: Evaluator,
+               device: torch.device) -> Callable[[list[str]], dict[str, float]]:
+    """metrics -> the retrieval metrics of the latent means, and the mean test losses."""
+    return lambda metrics: (evaluate(lambda images: model(images)[1], metrics)
+                            | test_losses(model, objective, loaders, device))
+
+
+def autoencoder_from_checkpoint(checkpoint: dict) -> Autoencoder:
+    """The autoencoder of a run's checkpoint with its best epoch's weights."""
+    rebuild, options = checkpoint["rebuild"], checkpoint["config"]["vae"]
+    model = Autoencoder(rebuild["image_size"], rebuild["arch"] == "vae", options["in_channels"], options["latent_dim"],
+                        tuple(rebuild["hidden_dims"]))
+    model.load_state_dict(checkpoint["best"]["model"])
+    return model
+
+
+@ex.main
 @keep_output_on_failure
 def main(select_by: str, _config: dict, _run) -> float:
+    """Train an autoencoder and evaluate its codes (the default command)."""
     check_choice("select_by", select_by, SELECTION)
     device = select_device(_config["cpu"], _config["cudnn_flag"])
     check_evaluation(device)
@@ -96,18 +115,42 @@ def main(select_by: str, _config: dict, _run) -> float:
     objective = autoencoder_objective(_config["vae"]["arch"], _config["vae"]["kl_weight"])
     loaders = get_loaders()
     evaluate = get_evaluator(loaders, device)
-
-    def evaluate_autoencoder(metrics: list[str]) -> dict[str, float]:
-        """The retrieval metrics of the latent means, and the mean test losses."""
-        return evaluate(lambda images: model(images)[1], metrics) | test_losses(model, objective, loaders, device)
-
     stem = f"{_config['vae']['arch']}_{_config['dataset']['name']}"
     rebuild = {"arch": _config["vae"]["arch"], "image_size": _config["dataset"]["crop_size"], **_run.info["vae"]}
-    task = Task(model, objective, evaluate_autoencoder, *SELECTION[select_by], name=stem, rebuild=rebuild,
-                plot_titles=PLOT_TITLES)
+    task = Task(model, objective, evaluation(model, objective, loaders, evaluate, device), *SELECTION[select_by],
+                name=stem, rebuild=rebuild, plot_titles=PLOT_TITLES)
     outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
     grid = outcome.directory / "reconstructions.png"
     save_image(reconstruction_grid(model, loaders.query, GRID_IMAGES, device), grid, nrow=16)
     print(f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
           f"{outcome.directory} (checkpoint: {outcome.checkpoint.name}, {grid.name})")
     return outcome.metrics[task.best_key]
+
+
+@ex.command
+@keep_output_on_failure
+def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
+    """Evaluate the best weights of checkpoint=PATH with every final metric (on the run's data by default)."""
+    saved, config, device = restore(checkpoint, _config, _run)
+    loaders, evaluator = evaluation_data(config, device)
+    model = autoencoder_from_checkpoint(saved).to(device).eval()
+    objective = autoencoder_objective(config["vae"]["arch"], config["vae"]["kl_weight"])
+    select_key = SELECTION[config["select_by"]][0]
+    return evaluate_checkpoint(evaluation(model, objective, loaders, evaluator, device), evaluator.final_metrics,
+                               saved, _run)[select_key]
+
+
+@ex.command
+@keep_output_on_failure
+def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
+          _run) -> str:
+    """Embed images=DIR_OR_SPLIT_FILE (latent means) with the best weights of checkpoint=PATH into out=FILE.npz."""
+    if not images:
+        raise InputError("embed needs images=DIR_OR_SPLIT_FILE: a folder of images or a split file")
+    saved, config, device = restore(checkpoint, _config, _run)
+    model = autoencoder_from_checkpoint(saved).to(device).eval()
+    return str(embed_images(lambda batch: model(batch)[1], config, device, images, out, bad_images))
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

@@ -4,6 +4,8 @@
     python experiment.py with dataset.cub model.resnet50 epochs=30 lr=0.02
     python experiment.py -F result_dir with dataset.cub   # config, metrics, output, checkpoint
     python experiment.py print_config with dataset.sop    # every option and its value
+    python experiment.py evaluate with checkpoint=result_dir/1              # its best weights, every final metric
+    python experiment.py embed with checkpoint=result_dir/1 images=DIR out=embeddings.npz
 
 The training loop is utils/driver.py's; this script says what is its own: the model (backbone and
 embedding head), the objective (losses and Metrix) and the result (cosine R@1 of the best epoch).
@@ -14,10 +16,12 @@ from sacred import SETTINGS, Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
-from models.ingredient import classifier_options, get_model, model_ingredient, resolve_model
+from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
+from utils.errors import InputError
 from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
+from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.settings import settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
@@ -59,9 +63,10 @@ def metrix_recipe():
     dataset = dict(batch_size=100, sampler="balanced", images_per_class=5)
 
 
-@ex.automain
+@ex.main
 @keep_output_on_failure
 def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float:
+    """Train an embedding and evaluate it (the default command)."""
     device = select_device(_config["cpu"], _config["cudnn_flag"])
     check_evaluation(device)
     torch.manual_seed(_config["seed"])
@@ -81,3 +86,30 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
     print(f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
           f"{outcome.directory} (checkpoint: {outcome.checkpoint.name})")
     return outcome.metrics["cosine/R@1"]
+
+
+@ex.command
+@keep_output_on_failure
+def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
+    """Evaluate the best weights of checkpoint=PATH with every final metric (on the run's data by default)."""
+    saved, config, device = restore(checkpoint, _config, _run)
+    _, evaluator = evaluation_data(config, device)
+    model = model_from_checkpoint(saved).to(device).eval()
+    return evaluate_checkpoint(lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved,
+                               _run)["cosine/R@1"]
+
+
+@ex.command
+@keep_output_on_failure
+def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
+          _run) -> str:
+    """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
+    if not images:
+        raise InputError("embed needs images=DIR_OR_SPLIT_FILE: a folder of images or a split file")
+    saved, config, device = restore(checkpoint, _config, _run)
+    model = model_from_checkpoint(saved).to(device).eval()
+    return str(embed_images(model, config, device, images, out, bad_images))
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

@@ -22,7 +22,7 @@ CHECKPOINT = "checkpoint.pt"
 # a run). Every other setting changes the training, and a resumed run must keep the checkpoint's.
 RESUMABLE = ("epochs", "resume", "output_dir", "checkpoint_every", "visdom_port", "visdom_freq", "eval_every", "cpu",
              "cudnn_flag", "evaluation.", "dataset.data_path", "dataset.num_workers", "dataset.pin_memory",
-             "dataset.test_batch_size")
+             "dataset.test_batch_size", "checkpoint", "images", "out", "bad_images")
 
 
 def rng_state() -> dict:
@@ -91,28 +91,29 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
                         f"folder, then resume with resume={path.parent}") from None
 
 
-def checkpoint_file(path: str) -> Path:
-    """The checkpoint of resume=PATH: PATH itself, or the checkpoint.pt of a run directory."""
+def checkpoint_file(path: str, key: str) -> Path:
+    """The checkpoint of key=PATH: PATH itself, or the checkpoint.pt of a run directory."""
     file = Path(path).expanduser()
     if file.is_dir():
         file = file / CHECKPOINT
     if not file.is_file():
-        raise InputError(f"resume={path}: no checkpoint there (expected a run directory holding {CHECKPOINT}, or a "
+        raise InputError(f"{key}={path}: no checkpoint there (expected a run directory holding {CHECKPOINT}, or a "
                          f"checkpoint file)")
     return file
 
 
-def load_checkpoint(path: str) -> dict:
-    file = checkpoint_file(path)
+def load_checkpoint(path: str, key: str = "resume") -> dict:
+    """The checkpoint dict of key=PATH (resume=, checkpoint=), or one line saying why it cannot be used."""
+    file = checkpoint_file(path, key)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged or foreign file
         reason = str(error).splitlines()[0].split(". ")[0] if str(error) else ""
-        raise InputError(f"{file} cannot be read as a checkpoint ({type(error).__name__}: {reason}); point resume= "
+        raise InputError(f"{file} cannot be read as a checkpoint ({type(error).__name__}: {reason}); point {key}= "
                          f"at another one") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise InputError(f"{file} holds only weights (written before runs could resume) or is not one of our "
-                         f"checkpoints: it cannot be resumed; start a new run")
+        raise InputError(f"{file} holds only weights (written before runs kept full checkpoints) or is not one of "
+                         f"our checkpoints: {key}= cannot use it; train again to get one")
     return checkpoint
 
 

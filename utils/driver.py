@@ -81,6 +81,12 @@ def training_config():
     resume = None  # a -F run directory or a checkpoint file to continue (same settings; epochs may be raised)
     seed = 0
 
+    # The evaluate and embed commands (after training).
+    checkpoint = None  # evaluate, embed: a -F run directory or a checkpoint file whose best weights to use
+    images = None  # embed: a folder of images, or a split file of `path,label` lines
+    out = None  # embed: the .npz file to write (embeddings, paths, labels, skipped)
+    bad_images = "stop"  # embed: an unreadable image stops the command | is skipped and listed
+
 
 @dataclass
 class Task:

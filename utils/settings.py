@@ -20,6 +20,7 @@ from models.vae_ingredient import ARCHS as VAE_ARCHS
 from utils.data.ingredient import DATASETS, SAMPLERS
 from utils.driver import CUDNN_FLAGS, NONFINITE
 from utils.errors import InputError
+from utils.inference import BAD_IMAGES
 from utils.knn import BACKENDS
 from utils.metrics import METRICS
 from utils.training import OPTIMIZERS, SCHEDULERS
@@ -120,6 +121,10 @@ RULES: dict[str, Check] = {
     "output_dir": text(),
     "checkpoint_every": optional(SIZE),
     "resume": optional(text()),
+    "checkpoint": optional(text()),
+    "images": optional(text()),
+    "out": optional(text()),
+    "bad_images": choice(BAD_IMAGES),
     "seed": integer(0, SEED_LIMIT),
     "dataset.name": choice(DATASETS),
     "dataset.data_path": text(),

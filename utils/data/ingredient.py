@@ -81,7 +81,7 @@ for _name, _spec in DATASETS.items():
 class MetricLoaders(NamedTuple):
     """The training batches and the test images."""
 
-    train: DataLoader
+    train: DataLoader | None  # None when only evaluating
     query: DataLoader
     gallery: DataLoader | None
     reference: DataLoader  # the training images with the test transform, for utilization
@@ -121,14 +121,21 @@ def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_p
 
 
 @data_ingredient.capture
-def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool) -> MetricLoaders:
+def get_loaders(num_workers: int, pin_memory: bool) -> MetricLoaders:
     train, query, gallery = get_datasets()
     batches = get_train_sampler(train.targets)
     train_loader = DataLoader(train, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
                               generator=batches.worker_seeds)
+    return test_loaders(train, query, gallery)._replace(train=train_loader)
+
+
+@data_ingredient.capture
+def test_loaders(train: ImageDataset, query: ImageDataset, gallery: ImageDataset | None, test_batch_size: int,
+                 num_workers: int, pin_memory: bool) -> MetricLoaders:
+    """The test images (and the training images under the test transform, for utilization); no training batches."""
 
     def test_loader(dataset: ImageDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
-    return MetricLoaders(train_loader, test_loader(query), test_loader(gallery) if gallery else None,
+    return MetricLoaders(None, test_loader(query), test_loader(gallery) if gallery else None,
                          test_loader(train.with_transform(query.transform)), num_classes=max(train.targets) + 1)

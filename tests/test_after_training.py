@@ -1,0 +1,110 @@
+"""After training: evaluate and embed with a checkpoint, and the pieces used in a plain PyTorch loop."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.ingredient import model_from_checkpoint
+from tests.conftest import REPO, assert_input_error, digits_updates
+from utils.data.images import load_image
+from utils.data.transforms import build_transforms
+
+
+@pytest.fixture(scope="module")
+def finished(digits_path, tmp_path_factory) -> Path:
+    """A short -F run of the digits default on the small splits."""
+    from experiment import ex
+
+    observed = tmp_path_factory.mktemp("finished")
+    ex.run_commandline(["experiment.py", "-F", str(observed), "with", "epochs=2", *digits_updates(digits_path)])
+    return observed / "1"
+
+
+def test_evaluate_reproduces_the_runs_final_numbers(finished, experiment):
+    outcome = experiment(f"evaluate with checkpoint={finished}")
+    assert outcome.code == 0, outcome.err
+    recorded = json.loads((finished / "info.json").read_text())
+    assert outcome.run.info["metrics"] == recorded["metrics"]
+    assert outcome.run.result == json.loads((finished / "run.json").read_text())["result"]
+    assert f"Best  {recorded['best_epoch']:3d} | cosine" in outcome.out
+
+
+def test_evaluate_takes_other_evaluation_settings(finished, experiment):
+    outcome = experiment(f"evaluate with checkpoint={finished}", "evaluation.backend=torch",
+                         "evaluation.final_metrics=['recall']", "evaluation.recalls=[1,3]")
+    assert outcome.code == 0, outcome.err
+    recorded = json.loads((finished / "info.json").read_text())["metrics"]
+    assert set(outcome.run.info["metrics"]) == {f"{d}/R@{k}" for d in ("l2", "cosine") for k in (1, 3)}
+    assert outcome.run.info["metrics"]["cosine/R@1"] == recorded["cosine/R@1"]
+
+
+def test_autoencoder_evaluate_reproduces_the_runs_final_numbers(digits_path, autoencoder_experiment, tmp_path):
+    observed = tmp_path / "runs"
+    tiny = ["vae.hidden_dims=[8,16,32]", "vae.latent_dim=8", "epochs=1"]
+    assert autoencoder_experiment(f"-F {observed} with vae.vae", *tiny, *digits_updates(digits_path)).code == 0
+    outcome = autoencoder_experiment(f"evaluate with checkpoint={observed / '1'}")
+    assert outcome.code == 0, outcome.err
+    assert outcome.run.info["metrics"] == json.loads((observed / "1" / "info.json").read_text())["metrics"]
+
+
+def test_evaluate_needs_a_checkpoint(experiment):
+    assert_input_error(experiment("evaluate with"), "needs checkpoint=PATH")
+
+
+def test_embed_a_folder_of_images(finished, experiment, digits_path, tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "more").mkdir(parents=True)
+    sources = sorted((digits_path / "images").glob("*.png"))[:5]
+    for i, source in enumerate(sources):
+        Image.open(source).save(folder / ("more" if i % 2 else "") / f"{i}.jpg")
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "embeddings.npz"
+
+    stopped = experiment(f"embed with checkpoint={finished} images={folder} out={out}")
+    assert_input_error(stopped, f"image {folder / 'broken.png'} cannot be read")
+    assert not out.exists()
+
+    outcome = experiment(f"embed with checkpoint={finished} images={folder} out={out} bad_images=skip")
+    assert outcome.code == 0, outcome.err
+    saved = np.load(out)
+    paths = sorted(str(path) for path in folder.rglob("*.jpg"))
+    assert sorted(saved["paths"]) == paths and list(saved["skipped"]) == [str(folder / "broken.png")]
+    assert (saved["labels"] == -1).all() and saved["embeddings"].dtype == np.float32
+    # The oracle: the checkpoint's model on the test transform of the run's data set, image by image.
+    checkpoint = torch.load(finished / "checkpoint.pt", weights_only=True)
+    model = model_from_checkpoint(checkpoint).eval()
+    data = checkpoint["config"]["dataset"]
+    _, transform = build_transforms(data["crop_size"], data["resize"], data["scale"], data["ratio"], None, None, False)
+    for path, embedding in zip(saved["paths"], saved["embeddings"], strict=True):
+        with torch.no_grad():
+            expected = model(transform(load_image(Path(path)))[None])[0]
+        np.testing.assert_allclose(embedding, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_a_split_file_keeps_its_labels(finished, experiment, digits_path, tmp_path):
+    out = tmp_path / "test"
+    outcome = experiment(f"embed with checkpoint={finished} images={digits_path / 'test_small.txt'} out={out}")
+    assert outcome.code == 0, outcome.err
+    saved = np.load(tmp_path / "test.npz")
+    lines = (digits_path / "test_small.txt").read_text().splitlines()
+    assert list(saved["labels"]) == [int(line.rsplit(",", 1)[1]) for line in lines]
+    assert len(saved["embeddings"]) == len(lines)
+
+
+def readme_block(title: str) -> str:
+    """The python code block under a README heading."""
+    section = (REPO / "README.md").read_text().split(f"### {title}", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_loop_runs(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # its data/digits is rendered there
+    scope: dict = {}
+    exec(compile(readme_block("Using the pieces in your own loop"), "README.md", "exec"), scope)
+    assert 0 <= scope["results"]["cosine/R@1"] <= 1
+    assert sum(scope["losses"][-5:]) < sum(scope["losses"][:5])  # it learns

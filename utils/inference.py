@@ -1,0 +1,141 @@
+"""After training: the best weights of a run's checkpoint evaluated again, or used to embed any images.
+
+Both commands rebuild the run from its checkpoint: its config, with the data set, evaluation and device
+settings given on the command line instead (so `evaluate with checkpoint=PATH` on the run's own data
+reproduces its final numbers, and `with dataset.sop evaluation.backend=torch ...` changes only those).
+"""
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sacred.run import Run
+from torch.utils.data import DataLoader, Dataset
+
+from utils.checkpoint import flatten, load_checkpoint
+from utils.data.images import load_image, read_split
+from utils.data.ingredient import MetricLoaders, get_datasets, test_loaders
+from utils.data.transforms import build_transforms
+from utils.driver import report_final, select_device
+from utils.errors import InputError, check_choice
+from utils.evaluation import Evaluator, check_evaluation, get_evaluator
+from utils.training import progress
+
+OVERRIDABLE = ("dataset.", "evaluation.", "cpu", "cudnn_flag")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what embed finds in a folder
+BAD_IMAGES = ("stop", "skip")
+
+
+def call_with(function: Callable, config: Mapping, **given: Any) -> Any:
+    """Call a sacred captured function with the settings of config it names (not the run's own)."""
+    raw = getattr(function, "__wrapped__", function)
+    names = inspect.signature(raw).parameters
+    return raw(**given, **{name: config[name] for name in names if name in config and name not in given})
+
+
+def run_config(checkpoint: dict, current: dict, run: Run) -> dict:
+    """The checkpoint's config with the data set, evaluation and device settings this command line set."""
+    config = copy.deepcopy(checkpoint["config"])
+    current_flat = flatten(current)
+    for key in run.config_modifications.modified:
+        if key.startswith(OVERRIDABLE) and key in current_flat:
+            *parents, leaf = key.split(".")
+            node = config
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = current_flat[key]
+    return config
+
+
+def restore(path: str | None, current: dict, run: Run) -> tuple[dict, dict, torch.device]:
+    """The checkpoint of `checkpoint=PATH`, the config to use with it and the device."""
+    if not path:
+        raise InputError("this command needs checkpoint=PATH: a -F run directory or a checkpoint.pt")
+    checkpoint = load_checkpoint(path, key="checkpoint")
+    config = run_config(checkpoint, current, run)
+    return checkpoint, config, select_device(config["cpu"], config["cudnn_flag"])
+
+
+def evaluation_data(config: dict, device: torch.device) -> tuple[MetricLoaders, Evaluator]:
+    """The test images of config's data set and its evaluator (no training batches)."""
+    call_with(check_evaluation, config["evaluation"], device=device)
+    train, query, gallery = call_with(get_datasets, config["dataset"])
+    loaders = call_with(test_loaders, config["dataset"], train=train, query=query, gallery=gallery)
+    return loaders, call_with(get_evaluator, config["evaluation"], loaders=loaders, device=device)
+
+
+def evaluate_checkpoint(evaluate: Callable[[list[str]], dict[str, float]], metrics: list[str], checkpoint: dict,
+                        run: Run) -> dict[str, float]:
+    """The metrics of the checkpoint's best weights (already in the model), printed and kept in the run's info."""
+    results = evaluate(metrics)
+    report_final(run, checkpoint["best"]["epoch"], results)
+    return results
+
+
+class ImageFiles(Dataset):
+    """Images listed in a split file (with their labels) or found in a folder (label -1), for embedding.
+
+    An unreadable image stops with its name, or with skip=True yields None, collected by the caller."""
+
+    def __init__(self, source: str, transform: Callable, skip: bool) -> None:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            self.paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            self.labels = [-1] * len(self.paths)
+        elif path.is_file():
+            samples = read_split(path)
+            self.paths = [path.parent / relative for relative, _ in samples]
+            self.labels = [label for _, label in samples]
+        else:
+            raise InputError(f"images={source} is neither a folder of images nor a split file")
+        if not self.paths:
+            raise InputError(f"images={source} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        self.transform, self.skip = transform, skip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.transform(load_image(self.paths[index])), index
+        except InputError:
+            if not self.skip:
+                raise
+            return torch.empty(0), index
+
+
+def embed_images(embed: Callable[[torch.Tensor], torch.Tensor], config: dict, device: torch.device, images: str,
+                 out: str | None, bad_images: str) -> Path:
+    """Embed every image of `images` with the test transform of the run's data set; write out.npz with
+    embeddings (float32, N x D), paths and labels (-1 without), and the skipped images' paths."""
+    check_choice("bad_images", bad_images, BAD_IMAGES)
+    if not out:
+        raise InputError("embed needs out=FILE, e.g. out=embeddings.npz")
+    data = config["dataset"]
+    _, transform = build_transforms(data["crop_size"], data["resize"], data["scale"], data["ratio"], None, None, False)
+    files = ImageFiles(images, transform, skip=bad_images == "skip")
+    loader = DataLoader(files, batch_size=data["test_batch_size"], num_workers=data["num_workers"],
+                        collate_fn=list)  # unreadable images are empty tensors: no stacking here
+    embeddings, kept, skipped = [], [], []
+    for batch in progress(loader, "Embedding images"):
+        good = [(image, index) for image, index in batch if image.numel()]
+        skipped += [str(files.paths[index]) for image, index in batch if not image.numel()]
+        if good:
+            with torch.no_grad():
+                embeddings.append(embed(torch.stack([image for image, _ in good]).to(device)).float().cpu())
+            kept += [index for _, index in good]
+    if not kept:
+        raise InputError(f"no image of images={images} could be read")
+    target = Path(out).expanduser()
+    target = target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(target, embeddings=torch.cat(embeddings).numpy(), paths=np.array([str(files.paths[i]) for i in kept]),
+             labels=np.array([files.labels[i] for i in kept], dtype=np.int64), skipped=np.array(skipped, dtype=str))
+    print(f"Embedded {len(kept):,} images into {target}" + (f"; skipped {len(skipped)} unreadable: "
+                                                           f"{', '.join(skipped)}" if skipped else ""))
+    return target
+
