@@ -23,7 +23,7 @@ metrix_ingredient = Ingredient("metrix")
 def loss_config():
     ce_weight = 1.0  # label-smoothed cross-entropy on a classifier the loss owns (label_smoothing is top-level)
     pairwise = None  # None | contrastive | multisimilarity | proxyanchor
-    pair_weight = 1.0
+    pair_weight = 1.0  # weight of the pairwise loss
     margin = 0.5  # contrastive: negative margin on the Euclidean distance of normalised embeddings
     ms_alpha = 2.0  # multi-similarity: positive scale
     ms_beta = 50.0  # multi-similarity: negative scale

@@ -57,13 +57,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def training_config():
-    """The configuration keys of the driver; an experiment's own config scope may change their defaults."""
+    # The driver's configuration keys; an experiment's own config scope may change their defaults.
     epochs = 30  # training epochs
     optimizer = "adam"  # sgd | adam | adamw
     lr = 1e-3  # learning rate
     momentum = 0.0  # sgd
     nesterov = False  # sgd with momentum
-    weight_decay = 0.0
+    weight_decay = 0.0  # L2 penalty (decoupled with adamw)
     no_bias_decay = True  # no weight decay on biases and normalisation parameters
     scheduler = "cos"  # warmcos | cos | step | warmstep | constant (warm*: 100 warm-up iterations)
     lr_step = None  # step, warmstep: epochs between learning-rate decays

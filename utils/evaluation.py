@@ -23,8 +23,7 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 
 @evaluation_ingredient.config
 def config(dataset):
-    # The Recall@K the data set's papers report.
-    recalls = list(DATASETS[dataset["name"]].recalls) if dataset["name"] in DATASETS else [1]
+    recalls = list(DATASETS[dataset["name"]].recalls) if dataset["name"] in DATASETS else [1]  # its papers' Ks
     # Metrics: recall | map_at_r | r_precision | nmi | utilization (nearest training embedding).
     metrics = ["recall"]  # after every evaluated epoch (and before training)
     final_metrics = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]  # of the best epoch's weights

@@ -23,22 +23,22 @@ data_ingredient = Ingredient("dataset")
 def config():
     # The defaults are the embedded digits set; the named configs below set the real data sets.
     name = "digits"  # digits | cub | cars | sop | inshop
-    data_path = "data/digits"
-    train_file = "train.txt"
+    data_path = "data/digits"  # the prepared folder (split files and images)
+    train_file = "train.txt"  # split file of `relative/path,label` lines
     test_file = "test.txt"  # the queries; also the gallery unless gallery_file is set
     gallery_file = None  # In-Shop: queries are searched in a separate gallery
 
-    batch_size = 32
-    test_batch_size = 256
+    batch_size = 32  # training images per step
+    test_batch_size = 256  # images per step when embedding test images
     sampler = "random"  # random | random_id | balanced
     images_per_class = 2  # random_id, balanced: images of each class in a batch
     num_iterations = None  # batches per epoch (None: as many as one pass over the training set)
 
     preload = True  # decode every image into RAM once
     num_workers = 0  # DataLoader worker processes
-    pin_memory = False
+    pin_memory = False  # page-locked host memory for faster copies to a GPU
 
-    crop_size = 32
+    crop_size = 32  # side of the (random in training, central in test) square crop
     resize = None  # resize before cropping (test images too)
     scale = (0.5, 1.0)  # RandomResizedCrop area range
     ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
