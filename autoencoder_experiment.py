@@ -145,8 +145,6 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
 def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
           _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE (latent means) with the best weights of checkpoint=PATH into out=FILE.npz."""
-    if not images:
-        raise InputError("embed needs images=DIR_OR_SPLIT_FILE: a folder of images or a split file")
     saved, config, device = restore(checkpoint, _config, _run)
     model = autoencoder_from_checkpoint(saved).to(device).eval()
     return str(embed_images(lambda batch: model(batch)[1], config, device, images, out, bad_images))

@@ -19,7 +19,6 @@ from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
-from utils.errors import InputError
 from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.settings import settings_hook
@@ -104,8 +103,6 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
 def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
           _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
-    if not images:
-        raise InputError("embed needs images=DIR_OR_SPLIT_FILE: a folder of images or a split file")
     saved, config, device = restore(checkpoint, _config, _run)
     model = model_from_checkpoint(saved).to(device).eval()
     return str(embed_images(model, config, device, images, out, bad_images))

@@ -108,11 +108,13 @@ class ImageFiles(Dataset):
             return torch.empty(0), index
 
 
-def embed_images(embed: Callable[[torch.Tensor], torch.Tensor], config: dict, device: torch.device, images: str,
+def embed_images(embed: Callable[[torch.Tensor], torch.Tensor], config: dict, device: torch.device, images: str | None,
                  out: str | None, bad_images: str) -> Path:
     """Embed every image of `images` with the test transform of the run's data set; write out.npz with
     embeddings (float32, N x D), paths and labels (-1 without), and the skipped images' paths."""
     check_choice("bad_images", bad_images, BAD_IMAGES)
+    if not images:
+        raise InputError("embed needs images=DIR_OR_SPLIT_FILE: a folder of images or a split file")
     if not out:
         raise InputError("embed needs out=FILE, e.g. out=embeddings.npz")
     data = config["dataset"]
