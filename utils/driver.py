@@ -137,13 +137,10 @@ def output_directory(run: Run, output_dir: str, name: str) -> Path:
 def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[str]], device: torch.device,
         config: dict, run: Run) -> Outcome:
     """Train task.model. evaluation: the metrics of every evaluated epoch, and the final metrics of the best
-    epoch's weights."""
-    check_choice("nonfinite", config["nonfinite"], NONFINITE)
+    epoch's weights. The settings' types and ranges were checked before (utils/settings.py)."""
     epochs, lr, no_bias_decay = config["epochs"], config["lr"], config["no_bias_decay"]
     evaluate_after = evaluated_epochs(epochs, config["eval_every"])
     checkpoint_every = config["checkpoint_every"]
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise InputError(f"checkpoint_every={checkpoint_every} must be a positive number of iterations, or None")
     resumed = load_checkpoint(config["resume"]) if config["resume"] else None
     if resumed is not None:
         check_resumable(resumed["config"], plain(config), resumed["epoch"] - 1)
