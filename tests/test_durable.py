@@ -3,6 +3,7 @@ resume=<its run directory> ends with exactly the metrics of the same run left un
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,9 +68,9 @@ def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(sto
     observed = tmp_path / "runs"
     log = tmp_path / "log.txt"
     process = start(observed, run_words(digits_path), log)
-    # In the middle of epoch 2: some steps after the end of epoch 1.
-    wait_for(lambda: "Train   1 |" in log.read_text(errors="replace"), process)
-    time.sleep(0.5)
+    # In the middle of epoch 2: its progress bar (on stderr, in the log) shows 5 of its 40 steps done.
+    wait_for(lambda: re.search(r"Training   \[002\]:[^\r]*\b([5-9]|[1-3]\d)/40", log.read_text(errors="replace")),
+             process)
     process.send_signal(stop)
     assert process.wait(timeout=120) == 1
     last = log.read_text(errors="replace").strip().splitlines()[-1]
@@ -80,7 +81,7 @@ def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(sto
     cout = (observed / "1" / "cout.txt").read_text()
     assert "Epoch   1 | cosine" in cout and "Train   1 |" in cout  # the captured output is complete
     checkpoint = torch.load(observed / "1" / "checkpoint.pt", weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["iteration"]) > (2, 0) or checkpoint["epoch"] == 3
+    assert checkpoint["epoch"] == 2 and 5 <= checkpoint["iteration"] < 40  # mid-epoch
 
     outcome = experiment(f"-F {observed} with", *run_words(digits_path), f"resume={observed / '1'}")
     assert outcome.code == 0, outcome.err
