@@ -65,6 +65,11 @@ def test_curves_png(tmp_path):
     assert pixels.shape == (760, 1650, 3)  # 5 panels in 3 columns of 5.5 x 3.8 inches at 100 dpi
 
 
+def test_curves_of_a_run_that_logged_nothing(tmp_path):
+    draw_curves({}, tmp_path / "curves.png")
+    assert open_png(tmp_path / "curves.png").shape == (380, 550, 3)
+
+
 @pytest.fixture(scope="module")
 def test_set(digits_path) -> ImageDataset:
     return ImageDataset(digits_path, "test_small.txt")

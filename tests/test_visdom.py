@@ -22,6 +22,7 @@ from PIL import Image
 from tests.conftest import assert_input_error, digits_updates
 from utils.errors import InputError
 from utils.visdom_logger import VisdomLogger, server_answers
+from utils.visdom_server import USER_STYLE, USER_STYLE_LINK, asset_sources, install_assets
 
 START_TIMEOUT = 60  # seconds; importing tornado and visdom on two busy cores can be slow
 
@@ -93,6 +94,21 @@ def test_experiment_draws_training_and_recall_curves(server, digits_path, experi
     assert set(recall) == {"l2/R@1", "cosine/R@1"}
     assert recall["cosine/R@1"][0] == [0, 1]
     assert outcome.run.result in recall["cosine/R@1"][1]
+
+
+def test_install_assets_fills_the_static_folder(tmp_path):
+    (tmp_path / "index.html").write_text(f"<link href={USER_STYLE}>")
+    install_assets(tmp_path)
+    for relative, source in asset_sources().items():
+        assert (tmp_path / relative).read_bytes() == source.read_bytes()
+    assert {"js/plotly-plotly.min.js", "js/react-react.min.js", "css/bootstrap.min.css"} <= set(asset_sources())
+    assert (tmp_path / "index.html").read_text() == f"<link href={USER_STYLE_LINK}>"
+
+
+def test_unwritable_static_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "static").write_text("a file where the folder should be")
+    with pytest.raises(InputError, match=f"cannot install visdom's web page scripts into {tmp_path / 'static'}"):
+        install_assets(tmp_path / "static")
 
 
 def test_no_server_is_a_clear_error(capsys):

@@ -30,7 +30,7 @@ def draw_curves(metrics: dict[str, Series], path: str | Path, title: str = "") -
     """One figure of a run's metrics.json: a panel of the training loss terms per iteration, one of
     the other training series (accuracy), and one per evaluation metric per epoch (R@1, R@2, MAP@R,
     reconstruction, ...), each with a line per distance or split (cosine, l2, test)."""
-    panels = curve_panels(metrics)
+    panels = curve_panels(metrics) or {"no metrics were logged": []}
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure = Figure(figsize=(5.5 * columns, 3.8 * rows), dpi=DPI, layout="constrained")
@@ -43,7 +43,8 @@ def draw_curves(metrics: dict[str, Series], path: str | Path, title: str = "") -
         ax.set(title=panel, xlabel=x_label)
         ax.ticklabel_format(axis="y", useOffset=False)  # a loss near 1.609 reads as 1.609, not +1.609
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if lines:
+            ax.legend(fontsize="small")
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     if title:
