@@ -1,22 +1,28 @@
-"""Live curves against a real visdom server on 127.0.0.1, and a clear error when none answers.
+"""Live curves against a real visdom server on 127.0.0.1, seen in a real browser, and a clear error
+when none answers.
 
-`python -m visdom.server` first downloads the web page's scripts and dies offline; the server's
-own entry point, run_server.main, serves without them, which is all the plotting API needs.
+The server is the README's offline one, `python -m utils.visdom_server`: `python -m visdom.server`
+downloads the web page's scripts at start and dies without internet.
 """
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import visdom
+from PIL import Image
 
 from tests.conftest import assert_input_error, digits_updates
 from utils.errors import InputError
 from utils.visdom_logger import VisdomLogger, server_answers
+from utils.visdom_server import USER_STYLE, USER_STYLE_LINK, asset_sources, install_assets
 
 START_TIMEOUT = 60  # seconds; importing tornado and visdom on two busy cores can be slow
 
@@ -32,7 +38,7 @@ def server(tmp_path_factory) -> Iterator[int]:
     """A visdom server on a free local port, its environments in a temporary folder; yields the port."""
     folder = tmp_path_factory.mktemp("visdom")
     port = free_port()
-    command = [sys.executable, "-c", "from visdom.server.run_server import main; main()", "-port", str(port),
+    command = [sys.executable, "-m", "utils.visdom_server", "-port", str(port),
                "-bind_local", "-env_path", f"{folder / 'envs'}/", "-logging_level", "WARNING"]
     with open(folder / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -90,6 +96,21 @@ def test_experiment_draws_training_and_recall_curves(server, digits_path, experi
     assert outcome.run.result in recall["cosine/R@1"][1]
 
 
+def test_install_assets_fills_the_static_folder(tmp_path):
+    (tmp_path / "index.html").write_text(f"<link href={USER_STYLE}>")
+    install_assets(tmp_path)
+    for relative, source in asset_sources().items():
+        assert (tmp_path / relative).read_bytes() == source.read_bytes()
+    assert {"js/plotly-plotly.min.js", "js/react-react.min.js", "css/bootstrap.min.css"} <= set(asset_sources())
+    assert (tmp_path / "index.html").read_text() == f"<link href={USER_STYLE_LINK}>"
+
+
+def test_unwritable_static_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "static").write_text("a file where the folder should be")
+    with pytest.raises(InputError, match=f"cannot install visdom's web page scripts into {tmp_path / 'static'}"):
+        install_assets(tmp_path / "static")
+
+
 def test_no_server_is_a_clear_error(capsys):
     port = free_port()
     with pytest.raises(InputError, match=f"no visdom server answers at http://127.0.0.1:{port}"):
@@ -101,3 +122,36 @@ def test_experiment_without_server(digits_path, experiment):
     outcome = experiment(f"with epochs=1 visdom_port={free_port()}", *digits_updates(digits_path))
     assert_input_error(outcome, "no visdom server answers", "python -m visdom.server", "leave visdom_port unset")
 
+
+
+PLOTLY_BLUE = np.array([31, 119, 180])  # plotly's first trace colour, #1f77b4
+
+
+def screenshot(url: str, path: Path) -> np.ndarray:
+    """The page at url as headless Chromium draws it, once its scripts have run, as RGB pixels."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
+    # A profile of its own: a shared one would clash with other browsers; --no-sandbox: CI runs as root.
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={path.parent / 'profile'}", "--window-size=1000,700",
+                    "--virtual-time-budget=5000", f"--screenshot={path}", url],
+                   check=True, capture_output=True, timeout=120)
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def trace_pixels(pixels: np.ndarray) -> int:
+    return int((np.abs(pixels - PLOTLY_BLUE).sum(axis=-1) < 40).sum())
+
+
+def test_browser_shows_the_logged_curve(server, tmp_path):
+    # One point makes the environment and its window (a page for an unknown one shows another
+    # environment) but draws no line: only the legend's short sample, about 50 pixels.
+    plot = VisdomLogger(server, env="test_browser")
+    plot("loss", "Training", 1, 1.0)
+    url = f"http://127.0.0.1:{server}/env/test_browser"
+    before = trace_pixels(screenshot(url, tmp_path / "before.png"))
+    assert before < 100
+    for x in range(2, 11):
+        plot("loss", "Training", x, 1 / x)
+    assert trace_pixels(screenshot(url, tmp_path / "after.png")) > before + 200
