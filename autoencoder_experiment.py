@@ -19,7 +19,6 @@ import torch
 from sacred import SETTINGS, Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
 
 from losses.autoencoder import AutoencoderLoss
 from models.vae import Autoencoder
@@ -27,8 +26,9 @@ from models.vae_ingredient import get_vae, vae_ingredient
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
 from utils.errors import InputError, check_choice
-from utils.evaluation import Evaluator, check_evaluation, evaluation_ingredient, get_evaluator
+from utils.evaluation import Evaluator, check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
+from utils.plots import draw_reconstructions
 from utils.settings import settings_hook
 from utils.training import progress
 
@@ -41,7 +41,7 @@ ex.config(training_config)
 # Where each selection metric lives in the evaluation results, and whether lower is better.
 SELECTION = {"recall": ("cosine/R@1", False), "reconstruction": ("test/reconstruction", True)}
 PLOT_TITLES = {"/R@1": "Recall@1", "/reconstruction": "Test losses", "/kl": "Test losses"}
-GRID_IMAGES = 32  # test images shown beside their reconstructions, 8 pairs per row
+GRID_IMAGES = 16  # test images shown above their reconstructions (best and first epoch), 8 per row
 
 
 @ex.config
@@ -68,14 +68,16 @@ def test_losses(model: Autoencoder, objective: AutoencoderLoss, loaders: MetricL
 
 
 @torch.no_grad()
-def reconstruction_grid(model: Autoencoder, loader: DataLoader, num_images: int, device: torch.device
-                        ) -> torch.Tensor:
-    """The first num_images images of loader, each followed by its reconstruction."""
+def test_images(loader: DataLoader, count: int) -> torch.Tensor:
+    """The first count test images, the same for every picture of the run."""
+    batches = itertools.islice(loader, math.ceil(count / loader.batch_size))
+    return torch.cat([batch for batch, _ in batches])[:count]
+
+
+@torch.no_grad()
+def reconstruct(model: Autoencoder, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     model.eval()
-    batches = itertools.islice(loader, math.ceil(num_images / loader.batch_size))
-    images = torch.cat([batch for batch, _ in batches])[:num_images]
-    reconstructions = model(images.to(device))[0].cpu()
-    return torch.stack([images, reconstructions], dim=1).flatten(0, 1)
+    return model(images.to(device))[0].cpu()
 
 
 def autoencoder_objective(arch: str, kl_weight: float) -> AutoencoderLoss:
@@ -117,13 +119,22 @@ def main(select_by: str, _config: dict, _run) -> float:
     evaluate = get_evaluator(loaders, device)
     stem = f"{_config['vae']['arch']}_{_config['dataset']['name']}"
     rebuild = {"arch": _config["vae"]["arch"], "image_size": _config["dataset"]["crop_size"], **_run.info["vae"]}
+    shown = test_images(loaders.query, GRID_IMAGES)
+    first_epoch = {}  # the first epoch's reconstructions, for comparison with the best epoch's
+
+    def after_epoch(epoch: int) -> None:
+        if epoch == 1:
+            first_epoch["reconstructions"] = reconstruct(model, shown, device)
+
     task = Task(model, objective, evaluation(model, objective, loaders, evaluate, device), *SELECTION[select_by],
-                name=stem, rebuild=rebuild, plot_titles=PLOT_TITLES)
+                name=stem, rebuild=rebuild, plot_titles=PLOT_TITLES, after_epoch=after_epoch)
     outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
-    grid = outcome.directory / "reconstructions.png"
-    save_image(reconstruction_grid(model, loaders.query, GRID_IMAGES, device), grid, nrow=16)
+    draw_reconstructions(shown, reconstruct(model, shown, device), outcome.directory / "reconstructions.png",
+                         f"{stem}: test images above their reconstructions by the best epoch ({outcome.best_epoch}) "
+                         f"and the first", first_epoch.get("reconstructions"))
+    draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     print(f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
-          f"{outcome.directory} (checkpoint: {outcome.checkpoint.name}, {grid.name})")
+          f"{outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)")
     return outcome.metrics[task.best_key]
 
 

@@ -19,7 +19,7 @@ from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
-from utils.evaluation import check_evaluation, evaluation_ingredient, get_evaluator
+from utils.evaluation import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.settings import settings_hook
 
@@ -82,8 +82,9 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
                 name=f"{rebuild['arch']}_{_config['dataset']['name']}", rebuild=rebuild, warmup_frozen=backbone,
                 warm_epochs=warm_epochs)
     outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
+    draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     print(f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
-          f"{outcome.directory} (checkpoint: {outcome.checkpoint.name})")
+          f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)")
     return outcome.metrics["cosine/R@1"]
 
 

@@ -143,7 +143,8 @@ def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
                               "dataset.batch_size=32", f"dataset.data_path={digits_path}", f"output_dir={tmp_path}",
                               *TINY])
     files = {path.name for path in (tmp_path / "1").iterdir()}
-    assert {"config.json", "run.json", "metrics.json", "cout.txt", "checkpoint.pt", "reconstructions.png"} <= files
+    assert {"config.json", "run.json", "metrics.json", "cout.txt", "checkpoint.pt", "reconstructions.png",
+            "curves.png", "retrieval.png"} <= files
 
     metrics = json.loads((tmp_path / "1" / "metrics.json").read_text())
     assert metrics["eval.cosine/R@1"]["steps"] == [0, 1]
@@ -157,8 +158,13 @@ def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
 
     model = Autoencoder(32, arch == "vae", latent_dim=8, hidden_dims=(8, 16))
     model.load_state_dict(torch.load(tmp_path / "1" / "checkpoint.pt", weights_only=True)["best"]["model"])
-    # 32 test images and their reconstructions, 16 tiles of 32 + 2 px padding per row.
-    assert Image.open(tmp_path / "1" / "reconstructions.png").size == (16 * 34 + 2, 4 * 34 + 2)
+    # 16 test images in 2 blocks of 8: inputs, the best epoch's and the first epoch's reconstructions, tiles of
+    # 128 px at least; then the curves and the retrieval grid of the latent codes.
+    pictures = {name: Image.open(tmp_path / "1" / name) for name in ("reconstructions.png", "curves.png",
+                                                                      "retrieval.png")}
+    assert all(picture.format == "PNG" for picture in pictures.values())
+    width, height = pictures["reconstructions.png"].size
+    assert width >= 8 * 128 and height >= 6 * 128
 
 
 @pytest.mark.parametrize("name", ["cub", "cars", "sop", "inshop"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from models.backbones import get_backbone
 from models.metric_model import EmbeddingHead, MetricModel
@@ -100,8 +101,11 @@ def result_dir(datasets, tmp_path_factory) -> Path:
 
 def test_result_dir_holds_config_run_metrics_and_output(result_dir):
     run_dir = result_dir / "1"
-    assert {"config.json", "run.json", "metrics.json", "info.json", "cout.txt", "checkpoint.pt"} <= {
-        path.name for path in run_dir.iterdir()}
+    assert {"config.json", "run.json", "metrics.json", "info.json", "cout.txt", "checkpoint.pt", "curves.png",
+            "retrieval.png"} <= {path.name for path in run_dir.iterdir()}
+    for picture in ("curves.png", "retrieval.png"):
+        with Image.open(run_dir / picture) as image:
+            assert image.format == "PNG" and min(image.size) > 500
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"]["name"] == "cub" and config["epochs"] == 1
     run = json.loads((run_dir / "run.json").read_text())

@@ -40,6 +40,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
+from utils.plots import draw_curves
 from utils.training import (
     NonFiniteStep,
     PlotFunction,
@@ -108,6 +109,7 @@ class Task:
     warmup_frozen: list[nn.Parameter] = field(default_factory=list)  # trained only after warm_epochs
     warm_epochs: int = 0
     plot_titles: dict[str, str] = field(default_factory=lambda: {"/R@1": "Recall@1"})
+    after_epoch: Callable[[int], None] | None = None  # called after each epoch's training (e.g. for pictures)
 
 
 @dataclass
@@ -156,11 +158,12 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
     run.info["checkpoint"] = str(path)
     plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] else None
     best = BestEpoch(task.best_key, task.lower_is_better)
+    curves: dict[str, dict[str, list]] = {}  # every logged series, in metrics.json's shape, for curves.png
 
     def evaluate_and_log(epoch: int) -> dict[str, float]:
         model.eval()
         metrics = task.evaluate(evaluation[0])
-        log_evaluation(run, epoch, metrics, plot, task.plot_titles)
+        log_evaluation(run, curves, epoch, metrics, plot, task.plot_titles)
         return metrics
 
     def write(epoch: int, iteration: int) -> None:
@@ -171,7 +174,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
             "scheduler": schedule.state_dict(), "scaler": None,
             "best": {"epoch": best.epoch, "metrics": best.metrics, "model": best.state},
             "rng": rng_state(), "config": plain(config), "code": plain(run.experiment_info),
-            "rebuild": plain(task.rebuild),
+            "rebuild": plain(task.rebuild), "curves": curves,
         }, path)
 
     if resumed is None:
@@ -180,6 +183,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
         start_epoch, start_iteration = 1, 0
     else:
         start_epoch, start_iteration = restore(resumed, model, objective, optimizer, schedule, best)
+        curves.update(resumed["curves"])
         print(f"Resumed from {config['resume']}: epoch {start_epoch}, iteration {start_iteration}")
 
     with stop_requests() as stop_signal:
@@ -200,12 +204,14 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
                         config["visdom_freq"], plot, start, after_step, config["nonfinite"] == "skip")
                 except NonFiniteStep as step:
                     raise RunFailed(nonfinite_message(epoch, step, path)) from None
-            log_training(run, epoch, history, counters)
+            log_training(run, curves, epoch, history, counters)
             if counters["iterations"] < start + len(train_loader):
                 write(epoch, counters["iterations"])
                 raise RunInterrupted(f"stopped by {stop_signal()} at epoch {epoch}, iteration "
                                      f"{counters['iterations']}; the checkpoint is {path}: continue with "
                                      f"`resume={directory}`")
+            if task.after_epoch is not None:
+                task.after_epoch(epoch)
             if epoch in evaluate_after:
                 best.update(epoch, evaluate_and_log(epoch), model)
             write(epoch + 1, 0)
@@ -217,6 +223,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
     model.eval()
     final = task.evaluate(evaluation[1])
     report_final(run, best.epoch, final)
+    draw_curves(curves, directory / "curves.png", title=f"{task.name}: best epoch {best.epoch}")
     return Outcome(best.epoch, final, directory, path)
 
 
@@ -274,25 +281,34 @@ def cudnn_benchmark(cudnn_flag: str) -> Iterator[None]:
         cudnn.benchmark = False
 
 
-def log_training(run: Run, epoch: int, history: dict[str, list[float]], counters: dict[str, float]) -> None:
+def log_scalar(run: Run, curves: dict[str, dict[str, list]], name: str, value: float, step: float) -> None:
+    """A point of a series, for sacred's observers and for the run's own curves."""
+    run.log_scalar(name, value, step)
+    series = curves.setdefault(name, {"steps": [], "values": []})
+    series["steps"].append(step)
+    series["values"].append(value)
+
+
+def log_training(run: Run, curves: dict, epoch: int, history: dict[str, list[float]], counters: dict[str, float]
+                 ) -> None:
     """Every iteration's logged values as train.<key>, at fractional epochs, and one line for the epoch: the mean
     of each term, the steps skipped, and where the time went (waiting for data or in steps)."""
     for key, values in history.items():
         for i, value in enumerate(values):
-            run.log_scalar(f"train.{key}", value, epoch - 1 + (counters["start"] + i) / counters["total"])
+            log_scalar(run, curves, f"train.{key}", value, epoch - 1 + (counters["start"] + i) / counters["total"])
     means = " ".join(f"{key} {sum(values) / len(values):.4f}" for key, values in history.items() if values)
     skipped = f", {counters['skipped']} non-finite steps skipped" if counters["skipped"] else ""
     print(f"Train {epoch:3d} | {means} | {counters['data_seconds']:.1f} s waiting for data, "
           f"{counters['step_seconds']:.1f} s in steps{skipped}")
 
 
-def log_evaluation(run: Run, epoch: int, metrics: dict[str, float], plot: PlotFunction | None,
+def log_evaluation(run: Run, curves: dict, epoch: int, metrics: dict[str, float], plot: PlotFunction | None,
                    plot_titles: dict[str, str]) -> None:
     """Print the metrics, log them as eval.<key> and plot those whose key ends with a suffix of plot_titles
     in that plot."""
     print(format_metrics(f"Epoch {epoch:3d}", metrics))
     for key, value in metrics.items():
-        run.log_scalar(f"eval.{key}", value, epoch)
+        log_scalar(run, curves, f"eval.{key}", value, epoch)
         title = next((title for suffix, title in plot_titles.items() if key.endswith(suffix)), None)
         if plot is not None and title is not None:
             plot(key, title, epoch, value)

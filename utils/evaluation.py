@@ -5,6 +5,7 @@ machine, before any data is read.
 """
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from sacred import Ingredient
@@ -14,6 +15,7 @@ from utils.data.ingredient import DATASETS, MetricLoaders, data_ingredient
 from utils.errors import InputError
 from utils.knn import resolve_backend
 from utils.metrics import evaluate_embeddings
+from utils.plots import draw_dataset_retrieval
 from utils.training import progress
 
 evaluation_ingredient = Ingredient("evaluation", ingredients=[data_ingredient])
@@ -42,12 +44,14 @@ def extract_embeddings(embed: Embed, loader: DataLoader, device: torch.device, d
 
 
 class Evaluator:
-    """Embeds the test images (and for utilization the training images) and computes the metrics."""
+    """Embeds the test images (and for utilization the training images) and computes the metrics; the test
+    embeddings of the last call stay in `last` (query, gallery or None), for pictures."""
 
     def __init__(self, loaders: MetricLoaders, device: torch.device, recalls: Sequence[int], metrics: Sequence[str],
                  final_metrics: Sequence[str], backend: str) -> None:
         self.loaders, self.device = loaders, device
         self.recalls, self.metrics, self.final_metrics, self.backend = list(recalls), metrics, final_metrics, backend
+        self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __call__(self, embed: Embed, metrics: Sequence[str]) -> dict[str, float]:
         loaders, device = self.loaders, self.device
@@ -55,6 +59,7 @@ class Evaluator:
         gallery = gallery_labels = reference = None
         if loaders.gallery is not None:
             gallery, gallery_labels = extract_embeddings(embed, loaders.gallery, device, "Extracting gallery features")
+        self.last = query, gallery
         if "utilization" in metrics:
             reference, _ = extract_embeddings(embed, loaders.reference, device, "Extracting training features")
         results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=self.recalls, metrics=metrics,
@@ -89,3 +94,12 @@ def get_evaluator(loaders: MetricLoaders, device: torch.device, recalls: list[in
         raise InputError(f"evaluation.recalls asks for R@{max(recalls)} but the gallery offers only {candidates} "
                          f"neighbours per query: lower evaluation.recalls")
     return Evaluator(loaders, device, recalls, list(metrics), list(final_metrics), backend)
+
+
+def draw_retrieval(evaluator: Evaluator, path: Path, seed: int) -> None:
+    """The retrieval grid of the last evaluation's embeddings: seeded test queries and their nearest neighbours."""
+    query, gallery = evaluator.last
+    loaders = evaluator.loaders
+    draw_dataset_retrieval(loaders.query.dataset, query.cpu(), path,
+                           loaders.gallery.dataset if loaders.gallery is not None else None,
+                           gallery.cpu() if gallery is not None else None, seed=seed)
