@@ -75,7 +75,7 @@ def build(setup: Setup, loss_name: str, device: torch.device
     model = MetricModel(small_cnn(None), EmbeddingHead(256, 128, pooling="avg+max"))
     loss = ContrastiveLoss() if loss_name == "contrastive" else MultiSimilarityLoss()
     mixer = Metrix(setup.mode, max_pairs=setup.max_pairs) if setup.mode else None
-    criterion = Criterion({loss_name: (1.0, loss)}, mixer, mix_weight=0.4)
+    criterion = Criterion({loss_name: (1.0, loss)}, mixer)
     model.to(device).train()
     return model, criterion, torch.optim.Adam(model.parameters(), lr=1e-4)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.mixing import interpolate, mixed_max
 from utils.errors import InputError
 
 POOLINGS = ("avg", "max", "avg+max")
@@ -39,12 +40,34 @@ class EmbeddingHead(nn.Module):
             nn.init.zeros_(self.remap.bias)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.pool(feature_map))
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C): the pooling, avg + max summed for avg+max."""
         pooled = []
         if "avg" in self.pooling:
             pooled.append(feature_map.mean(dim=(2, 3)))
         if "max" in self.pooling:
             pooled.append(feature_map.amax(dim=(2, 3)))
-        features = self.remap(self.norm(sum(pooled)))
+        return sum(pooled)
+
+    def pool_mixtures(self, feature_map: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                      lam: torch.Tensor) -> torch.Tensor:
+        """(M, C): pool(lam * feature_map[first] + (1 - lam) * feature_map[second]) without the M mixed maps.
+
+        Average pooling is linear, so it commutes with mixing; max pooling does not, and mixed_max computes it in
+        chunks of pairs (see its docstring for the gradient).
+        """
+        pooled = []
+        if "avg" in self.pooling:
+            pooled.append(interpolate(feature_map.mean(dim=(2, 3)), first, second, lam))
+        if "max" in self.pooling:
+            pooled.append(mixed_max(feature_map, first, second, lam))
+        return sum(pooled)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, C) pooled features -> (N, num_features) embeddings."""
+        features = self.remap(self.norm(pooled))
         return F.normalize(features, dim=1) if self.normalize else features
 
 
