@@ -66,7 +66,7 @@ def metrix_config():
     alpha = 2.0  # mixing factor lam ~ Beta(alpha, alpha)
     lam = "per_batch"  # per_batch (one lam per step, the paper) | per_pair
     strategy = "random"  # random | positive_negative | anchor_negative (random: one of the two per step)
-    anchor_negative = "no_positive"  # anchor-negative mixing for: no_positive (anchors without one, the paper) | every_anchor
+    anchor_negative = "no_positive"  # mix with negatives: no_positive (anchors without one, the paper) | every_anchor
     weight = 0.4  # weight of the loss on mixed examples (positive-negative steps)
     anchor_negative_weight = 0.3 if mode == "embed" else weight  # on anchor-negative steps (the paper's per mode)
     max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
