@@ -51,8 +51,8 @@ def timing_setups(cap: int, input_all_pairs: bool) -> list[Setup]:
 
 
 def memory_setups(cap: int) -> list[Setup]:
-    return [Setup("baseline"), Setup("feature", "feature"), Setup(f"feature, cap {cap}", "feature", cap),
-            Setup(f"input, cap {cap}", "input", cap)]
+    return [Setup("baseline"), Setup("embed", "embed"), Setup("feature", "feature"),
+            Setup(f"feature, cap {cap}", "feature", cap), Setup(f"input, cap {cap}", "input", cap)]
 
 
 def make_labels(layout: str, batch: int) -> torch.Tensor:

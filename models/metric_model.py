@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.mixing import interpolate, mixed_max
+from models.mixing import mixed_pool
 from utils.errors import InputError
 
 POOLINGS = ("avg", "max", "avg+max")
@@ -53,17 +53,9 @@ class EmbeddingHead(nn.Module):
 
     def pool_mixtures(self, feature_map: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
                       lam: torch.Tensor) -> torch.Tensor:
-        """(M, C): pool(lam * feature_map[first] + (1 - lam) * feature_map[second]) without the M mixed maps.
-
-        Average pooling is linear, so it commutes with mixing; max pooling does not, and mixed_max computes it in
-        chunks of pairs (see its docstring for the gradient).
-        """
-        pooled = []
-        if "avg" in self.pooling:
-            pooled.append(interpolate(feature_map.mean(dim=(2, 3)), first, second, lam))
-        if "max" in self.pooling:
-            pooled.append(mixed_max(feature_map, first, second, lam))
-        return sum(pooled)
+        """(M, C): pool(lam * feature_map[first] + (1 - lam) * feature_map[second]) without the M mixed maps
+        (models.mixing.mixed_pool; its docstring says how the gradient treats ties of the max)."""
+        return mixed_pool(feature_map, first, second, lam, self.pooling)
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
         """(N, C) pooled features -> (N, num_features) embeddings."""

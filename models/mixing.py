@@ -1,10 +1,9 @@
 """Mixing examples pairwise (Metrix), and max pooling of mixed feature maps without materialising them.
 
-In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Average pooling is
-linear and commutes with mixing; max pooling does not, but per pair and channel it needs only the maximum of
-one mixed row of H x W values. `mixed_max` computes those maxima a chunk of pairs at a time, keeps only the
-winning position of each (pair, channel), and its backward sends the gradient there: memory holds one chunk of
-mixed maps instead of M of them.
+In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Per pair and channel the
+pooling needs one mixed row of H x W values: `mixed_pool` mixes and pools a chunk of pairs at a time, keeps only
+the pooled values and the winning position of each (pair, channel), and its backward rebuilds the gradient from
+them (average pooling is linear: its gradient spreads evenly). Memory holds one chunk of mixed maps instead of M.
 """
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 # Mixed-map elements per chunk: 16 MiB in float32, enough to amortise the per-chunk overhead on a CPU or a GPU.
-CHUNK_ELEMENTS = 2**22
+CHUNK_ELEMENTS = 2**20
 
 
 def interpolate(x: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
@@ -32,46 +31,78 @@ def chunks(count: int, row_elements: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, max(count, 1), size)]
 
 
-class MixedMax(torch.autograd.Function):
-    """(B, C, P) feature maps flattened over positions -> (M, C) max over P of the pairs' mixtures."""
+class MixedPool(torch.autograd.Function):
+    """(B, C, P) feature maps flattened over positions -> (M, C) pooled mixtures of the pairs (see mixed_pool)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, flat: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
-        maxima, positions = [], []
+    def forward(ctx: FunctionCtx, flat: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
+        pooled, positions = [], []
         for part in chunks(first.shape[0], flat[0].numel()):
-            value, position = interpolate(flat, first[part], second[part], lam[part]).max(dim=2)
-            maxima.append(value)
-            positions.append(position.to(torch.int32))  # half the memory of int64; P < 2**31
-        ctx.save_for_backward(first, second, lam, torch.cat(positions))
-        ctx.flat_shape = flat.shape
-        return torch.cat(maxima)
+            mixed = interpolate(flat, first[part], second[part], lam[part])
+            parts = []
+            if "avg" in pooling:
+                parts.append(mixed.mean(dim=2))
+            if "max" in pooling:
+                value, position = mixed.max(dim=2)
+                parts.append(value)
+                positions.append(position.to(position_dtype(flat.shape[2])))
+            pooled.append(sum(parts))
+        ctx.save_for_backward(first, second, lam, *([torch.cat(positions)] if positions else []))
+        ctx.flat_shape, ctx.pooling = flat.shape, pooling
+        return torch.cat(pooled)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        first, second, lam, positions = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        first, second, lam, *positions = ctx.saved_tensors
         batch, channels, size = ctx.flat_shape
-        grad_flat = grad.new_zeros(batch * channels * size)
-        channel_offset = torch.arange(channels, device=grad.device) * size
         weight = lam.to(grad.dtype)[:, None]
-        for part in chunks(first.shape[0], channels):
-            within = channel_offset + positions[part].long()  # (m, C) offsets inside one example's map
-            for source, share in ((first[part], weight[part]), (second[part], 1 - weight[part])):
-                index = source[:, None] * (channels * size) + within
-                grad_flat.index_add_(0, index.view(-1), (grad[part] * share).view(-1))
-        return grad_flat.view(batch, channels, size), None, None, None
+        sources = ((first, weight), (second, 1 - weight))
+        grad_flat = grad.new_zeros(batch, channels, size)
+        if "avg" in ctx.pooling:  # every position of a source's channel gets share * grad / P
+            grad_avg = grad.new_zeros(batch, channels)
+            for source, share in sources:
+                grad_avg.index_add_(0, source, grad * share)
+            grad_flat += grad_avg[:, :, None] / size
+        if "max" in ctx.pooling:
+            scatter_to_maxima(grad_flat, grad, sources, positions[0])
+        return grad_flat, None, None, None, None
 
 
-def mixed_max(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
-    """(M, C): amax over (H, W) of lam * feature_map[first] + (1 - lam) * feature_map[second], pair by pair.
+def position_dtype(size: int) -> torch.dtype:
+    """The smallest integer type that holds a position among size: the positions are kept until the backward."""
+    return torch.uint8 if size <= 256 else torch.int32
 
-    The values equal those of the materialised mixtures. The gradient goes to the winning position of each
-    (pair, channel), split between the two sources as lam and 1 - lam: exactly the gradient through the
-    materialised mixtures wherever the maximum is unique. On an exact tie this picks one of the tied positions
-    where torch.amax splits the gradient evenly among them (both are subgradients of the max); after a ReLU the
-    common tie is between zeros, whose gradient the ReLU's backward drops either way. lam is a sample, not a
-    parameter: it gets no gradient.
+
+def scatter_to_maxima(grad_flat: Tensor, grad: Tensor, sources: tuple[tuple[Tensor, Tensor], ...],
+                      positions: Tensor) -> None:
+    """Add share * grad of every (pair, channel) to its winning position in each source's map, in chunks.
+
+    grad_flat: (B, C, P), the gradient being built; grad: (M, C); sources: (example index, share) of both ends
+    of each pair; positions: (M, C) the winning position of each (pair, channel).
+    """
+    channels, size = grad_flat.shape[1:]
+    flat = grad_flat.view(-1)
+    channel_offset = torch.arange(channels, device=grad.device) * size
+    for part in chunks(grad.shape[0], channels):
+        within = channel_offset + positions[part].long()  # (m, C) offsets inside one example's map
+        for source, share in sources:
+            index = source[part, None] * (channels * size) + within
+            flat.index_add_(0, index.view(-1), (grad[part] * share[part]).view(-1))
+
+
+def mixed_pool(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
+    """(M, C): the pooling (avg | max | avg+max, summed) of lam * feature_map[first] + (1 - lam) *
+    feature_map[second], pair by pair, a chunk of pairs at a time.
+
+    The values equal those of the materialised mixtures. Only the winning position of each (pair, channel) is
+    kept for the backward, which sends the max's gradient there, split between the two sources as lam and
+    1 - lam, and the average's evenly over the positions: exactly the gradient through the materialised mixtures
+    wherever the maximum is unique. On an exact tie this picks one of the tied positions where torch.amax splits
+    the gradient evenly among them (both are subgradients of the max); after a ReLU the common tie is between
+    zeros, whose gradient the ReLU's backward drops either way. lam is a sample, not a parameter: it gets no
+    gradient.
     """
     if lam.requires_grad:
-        raise ValueError("mixed_max does not differentiate with respect to lam")
-    return MixedMax.apply(feature_map.flatten(2), first, second, lam)
+        raise ValueError("mixed_pool does not differentiate with respect to lam")
+    return MixedPool.apply(feature_map.flatten(2), first, second, lam, pooling)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 import models.mixing
 from models.metric_model import POOLINGS, EmbeddingHead
-from models.mixing import mixed_max
+from models.mixing import mixed_pool
 
 DTYPE = torch.float64
 
@@ -36,15 +36,31 @@ def value_and_gradient(function, feature_map: Tensor, probe: Tensor) -> tuple[Te
     return value.detach(), leaf.grad
 
 
+POOLS = {"avg": lambda x: x.mean(dim=(2, 3)), "max": lambda x: x.amax(dim=(2, 3)),
+         "avg+max": lambda x: x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))}
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("chunk_elements", [1, 24, 50, 2**22])
-def test_mixed_max_equals_the_max_of_the_materialised_maps(chunk_elements: int,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_pool_equals_the_pooling_of_the_materialised_maps(chunk_elements: int, pooling: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """With one pair per chunk, chunks cutting the pairs unevenly, and a single chunk."""
     monkeypatch.setattr(models.mixing, "CHUNK_ELEMENTS", chunk_elements)
     feature_map, first, second, lam = random_case()
     probe = torch.randn(first.shape[0], feature_map.shape[1], dtype=DTYPE)
-    got = value_and_gradient(lambda x: mixed_max(x, first, second, lam), feature_map, probe)
-    want = value_and_gradient(lambda x: materialised(x, first, second, lam).amax(dim=(2, 3)), feature_map, probe)
+    got = value_and_gradient(lambda x: mixed_pool(x, first, second, lam, pooling), feature_map, probe)
+    want = value_and_gradient(lambda x: POOLS[pooling](materialised(x, first, second, lam)), feature_map, probe)
+    torch.testing.assert_close(got, want)
+
+
+def test_positions_of_large_maps_are_kept_exactly() -> None:
+    """20 x 20 = 400 positions: more than uint8 holds."""
+    generator = torch.Generator().manual_seed(2)
+    feature_map = torch.randn(3, 2, 20, 20, generator=generator, dtype=DTYPE)
+    first, second, lam = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 2]), torch.tensor([0.3, 0.6, 0.9], dtype=DTYPE)
+    probe = torch.randn(3, 2, generator=generator, dtype=DTYPE)
+    got = value_and_gradient(lambda x: mixed_pool(x, first, second, lam, "max"), feature_map, probe)
+    want = value_and_gradient(lambda x: POOLS["max"](materialised(x, first, second, lam)), feature_map, probe)
     torch.testing.assert_close(got, want)
 
 
@@ -66,11 +82,11 @@ def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str) -> 
 
 def test_ties_send_the_whole_gradient_to_one_maximal_position() -> None:
     """Two identical constant maps: every position ties. torch.amax would split the gradient evenly over the 12
-    positions; mixed_max gives it to one of them, with the same total, lam to the first source, 1 - lam to the
+    positions; mixed_pool gives it to one of them, with the same total, lam to the first source, 1 - lam to the
     second."""
     feature_map = torch.ones(2, 1, 3, 4, dtype=DTYPE, requires_grad=True)
     lam = torch.tensor([0.25], dtype=DTYPE)
-    mixed_max(feature_map, torch.tensor([0]), torch.tensor([1]), lam).sum().backward()
+    mixed_pool(feature_map, torch.tensor([0]), torch.tensor([1]), lam, "max").sum().backward()
     gradient = feature_map.grad.flatten(1)
     assert (gradient > 0).sum(dim=1).tolist() == [1, 1]
     assert gradient.sum(dim=1).tolist() == [0.25, 0.75]
@@ -79,10 +95,10 @@ def test_ties_send_the_whole_gradient_to_one_maximal_position() -> None:
 def test_no_pairs_gives_an_empty_result() -> None:
     feature_map = torch.randn(3, 2, 2, 2, dtype=DTYPE)
     empty = torch.zeros(0, dtype=torch.long)
-    assert mixed_max(feature_map, empty, empty, torch.zeros(0, dtype=DTYPE)).shape == (0, 2)
+    assert mixed_pool(feature_map, empty, empty, torch.zeros(0, dtype=DTYPE), "avg+max").shape == (0, 2)
 
 
 def test_lam_is_not_differentiated() -> None:
     feature_map, first, second, lam = random_case()
     with pytest.raises(ValueError, match="lam"):
-        mixed_max(feature_map, first, second, lam.requires_grad_())
+        mixed_pool(feature_map, first, second, lam.requires_grad_(), "max")
