@@ -63,10 +63,11 @@ def make_labels(layout: str, batch: int) -> torch.Tensor:
 
 
 def usable_pairs(labels: torch.Tensor) -> tuple[int, int]:
-    """How many ordered pairs some anchor sees: (positive-negative, anchor-negative)."""
+    """How many ordered pairs some anchor sees: (positive-negative, anchor-negative with Metrix's default
+    anchor_negative="no_positive")."""
     different = labels[:, None] != labels[None, :]
     has_positive = (~different).sum(dim=1) > 1
-    return int((different & has_positive[:, None]).sum()), int(different.sum())
+    return int((different & has_positive[:, None]).sum()), int((different & ~has_positive[:, None]).sum())
 
 
 def build(setup: Setup, loss_name: str, device: torch.device
@@ -229,8 +230,9 @@ def main() -> None:
         return
     started = time.perf_counter()
     print(f"# Metrix step cost: {machine(device)}, torch {torch.__version__}; load average {load_average()}")
-    print(f"small_cnn at {args.image_size} px, batch {args.batch}, {args.loss} loss, mix weight 0.4, random "
-          f"strategy, Adam; median of {args.repeats} steps after {args.warmup} warm-up\n")
+    print(f"small_cnn at {args.image_size} px, batch {args.batch}, {args.loss} loss, Metrix's defaults (the "
+          f"released code's: random strategy, one lam per step, mix weight 0.4), Adam; median of {args.repeats} "
+          f"steps after {args.warmup} warm-up\n")
     # Other processes' load inflates wall times: the fastest step is the least disturbed one.
     print("Step time relative to the baseline (no mixing) in the same run, median (and fastest) step:\n")
     print(timing_table(args, device), flush=True)
