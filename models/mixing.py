@@ -37,8 +37,10 @@ class MixedPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, flat: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
         pooled, positions = [], []
+        weight = lam.to(flat.dtype)[:, None, None]
         for part in chunks(first.shape[0], flat[0].numel()):
-            mixed = interpolate(flat, first[part], second[part], lam[part])
+            # One fused pass instead of interpolate's three: x_j + lam (x_i - x_j), equal up to rounding.
+            mixed = torch.lerp(flat.index_select(0, second[part]), flat.index_select(0, first[part]), weight[part])
             parts = []
             if "avg" in pooling:
                 parts.append(mixed.mean(dim=2))
