@@ -33,6 +33,9 @@ from losses.multi_similarity import MultiSimilarityLoss  # noqa: E402
 from models.backbones import small_cnn  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 
+# wall: elapsed time; cpu: CPU time of this process (all its threads), less disturbed by other processes' load on
+# shared cores (CPU only: a GPU's work is not in it).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 LAYOUTS = {"random": "random labels over 100 classes", "balanced": "B/5 classes x 5 images"}
 
 
@@ -105,11 +108,11 @@ def time_layout(layout: str, args: argparse.Namespace, device: torch.device) -> 
         for name, (model, criterion, optimizer) in runs.items():
             torch.manual_seed(repeat)  # the same strategy draws for every setup
             synchronize(device)
-            start = time.perf_counter()
+            start = CLOCKS[args.clock]()
             train_step(model, criterion, optimizer, images, labels)
             synchronize(device)
             if repeat >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(CLOCKS[args.clock]() - start)
     return times
 
 
@@ -214,6 +217,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--loss", choices=("contrastive", "multisimilarity"), default="contrastive")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per setup")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per setup (the median is reported)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="what a step's time is")
     parser.add_argument("--input-all-pairs", action="store_true", help="also time input mode without a cap")
     parser.add_argument("--memory-batches", type=int, nargs="*", default=[50, 100, 150],
                         help="batch sizes of the memory table (none: skip it)")
@@ -234,7 +238,8 @@ def main() -> None:
           f"released code's: random strategy, one lam per step, mix weight 0.4), Adam; median of {args.repeats} "
           f"steps after {args.warmup} warm-up\n")
     # Other processes' load inflates wall times: the fastest step is the least disturbed one.
-    print("Step time relative to the baseline (no mixing) in the same run, median (and fastest) step:\n")
+    print(f"Step time ({args.clock} clock) relative to the baseline (no mixing) in the same run, median (and fastest) "
+          f"step:\n")
     print(timing_table(args, device), flush=True)
     if args.memory_batches:
         kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS above the idle process"
