@@ -36,27 +36,27 @@ class MixedPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, flat: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
-        pooled, positions = [], []
+        # Written chunk by chunk into preallocated outputs: concatenating the chunks costs a copy of each.
+        pooled = flat.new_zeros(first.shape[0], flat.shape[1])
+        positions = torch.empty(pooled.shape, dtype=position_dtype(flat.shape[2]), device=flat.device)
         weight = lam.to(flat.dtype)[:, None, None]
         for part in chunks(first.shape[0], flat[0].numel()):
             # One fused pass instead of interpolate's three: x_j + lam (x_i - x_j), equal up to rounding.
             mixed = torch.lerp(flat.index_select(0, second[part]), flat.index_select(0, first[part]), weight[part])
-            parts = []
             if "avg" in pooling:
-                parts.append(mixed.mean(dim=2))
+                pooled[part] = mixed.mean(dim=2)
             if "max" in pooling:
                 value, position = mixed.max(dim=2)
-                parts.append(value)
-                positions.append(position.to(position_dtype(flat.shape[2])))
-            pooled.append(sum(parts))
-        ctx.save_for_backward(first, second, lam, *([torch.cat(positions)] if positions else []))
+                pooled[part] += value
+                positions[part] = position
+        ctx.save_for_backward(first, second, lam, positions)
         ctx.flat_shape, ctx.pooling = flat.shape, pooling
-        return torch.cat(pooled)
+        return pooled
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        first, second, lam, *positions = ctx.saved_tensors
+        first, second, lam, positions = ctx.saved_tensors
         batch, channels, size = ctx.flat_shape
         weight = lam.to(grad.dtype)[:, None]
         sources = ((first, weight), (second, 1 - weight))
@@ -67,7 +67,7 @@ class MixedPool(torch.autograd.Function):
                 grad_avg.index_add_(0, source, grad * share)
             grad_flat += grad_avg[:, :, None] / size
         if "max" in ctx.pooling:
-            scatter_to_maxima(grad_flat, grad, sources, positions[0])
+            scatter_to_maxima(grad_flat, grad, sources, positions)
         return grad_flat, None, None, None, None
 
 
