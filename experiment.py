@@ -47,7 +47,8 @@ def config(dataset):
 @ex.named_config
 def metrix_recipe():
     """The Metrix paper's training recipe (ResNet-50, 512-d); add a loss and a mixing mode, e.g.
-    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1)."""
+    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1);
+    on SOP and In-Shop also dataset.sampler=balanced, as the released code."""
     epochs = 60
     optimizer = "adam"
     lr = 1e-4
@@ -57,9 +58,12 @@ def metrix_recipe():
     lr_gamma = 0.1
     warm_epochs = 1
     grad_clip = 10.0
-    model = dict(arch="resnet50", pooling="avg+max", num_features=512, remap=True, normalize=True, freeze_bn=True,
-                 dropout=0.0)
-    dataset = dict(batch_size=100, sampler="balanced", images_per_class=5)
+    model = dict(arch="resnet50", weights="IMAGENET1K_V1", pooling="avg+max", num_features=512, remap=True,
+                 normalize=True, freeze_bn=True, dropout=0.0)
+    # The released code draws random batches on CUB and Cars and balanced ones (5 images per class) on SOP and
+    # In-Shop. A named config cannot read the data set's name (sacred runs it before the dataset ingredient's), so
+    # the README's SOP and In-Shop commands add dataset.sampler=balanced.
+    dataset = dict(batch_size=100, sampler="random", images_per_class=5)
 
 
 @ex.main

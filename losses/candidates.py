@@ -22,6 +22,8 @@ class Candidates:
     labels: (M,) first label y_i; other_labels: (M,) second label y_j (equal to labels when clean).
     lam: (M,) weight of the first label.
     anchor_mask: (B, M) bool, whether batch anchor a is compared with candidate v at all.
+    weight: the weight of the loss over these candidates (a 0-d tensor for Metrix's, whose weight depends on the
+    strategy drawn on the device).
     """
 
     embeddings: Tensor
@@ -29,6 +31,7 @@ class Candidates:
     other_labels: Tensor
     lam: Tensor
     anchor_mask: Tensor
+    weight: Tensor | float = 1.0
 
     @classmethod
     def clean(cls, embeddings: Tensor, labels: Tensor) -> "Candidates":

@@ -12,20 +12,18 @@ Mixer = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], Candidates]
 
 
 class Criterion(nn.Module):
-    """loss = sum_i w_i L_i(clean) + mix_weight * sum_i w_i L_i(mixed).
+    """loss = sum_i w_i L_i(clean) + mixed.weight * sum_i w_i L_i(mixed).
 
     Every loss takes (anchors, anchor_labels, candidates): the clean batch is one set of
     candidates, Metrix's mixtures another, so clean and mixed losses share one code path.
     The model is a backbone (images -> feature map) and a head (feature map -> embedding).
     """
 
-    def __init__(self, losses: dict[str, tuple[float, nn.Module]], mixer: Mixer | None = None,
-                 mix_weight: float = 0.0) -> None:
+    def __init__(self, losses: dict[str, tuple[float, nn.Module]], mixer: Mixer | None = None) -> None:
         super().__init__()
         self.weights = {name: weight for name, (weight, _) in losses.items()}
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.mixer = mixer
-        self.mix_weight = mix_weight
 
     def parameter_groups(self, lr: float, no_bias_decay: bool) -> list[dict]:
         """The losses' own parameters (a classifier, proxies), at lr times the loss's lr_multiplier if it has one."""
@@ -52,7 +50,7 @@ class Criterion(nn.Module):
         if self.mixer is not None:
             mixed = self.mixer(model, images, feature_map, embeddings, labels)
             mixed_loss, mixed_logs = self.weighted_sum(embeddings, labels, mixed, prefix="mixed_")
-            loss = loss + self.mix_weight * mixed_loss
+            loss = loss + mixed.weight * mixed_loss
             logs.update(mixed_logs)
         logs["loss"] = loss
         return loss, {key: value.detach() for key, value in logs.items()}

@@ -61,10 +61,14 @@ def proxyanchor():
 
 @metrix_ingredient.config
 def metrix_config():
+    # The defaults are the Metrix paper's released code; the alternatives are our generalisations.
     mode = None  # None (off) | input | feature | embed: where examples are mixed
     alpha = 2.0  # mixing factor lam ~ Beta(alpha, alpha)
-    weight = 0.4  # weight of the loss on mixed examples
+    lam = "per_batch"  # per_batch (one lam per step, the paper) | per_pair
     strategy = "random"  # random | positive_negative | anchor_negative (random: one of the two per step)
+    anchor_negative = "no_positive"  # mix with negatives: no_positive (anchors without one, the paper) | every_anchor
+    weight = 0.4  # weight of the loss on mixed examples (positive-negative steps)
+    anchor_negative_weight = 0.3 if mode == "embed" else weight  # on anchor-negative steps (the paper's per mode)
     max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
 
 
@@ -73,18 +77,19 @@ for _mode in MODES:
 
 
 @metrix_ingredient.capture
-def get_mixer(mode: str | None, alpha: float, weight: float, strategy: str, max_pairs: int | None
-              ) -> tuple[Metrix | None, float]:
+def get_mixer(mode: str | None, alpha: float, lam: str, strategy: str, anchor_negative: str, weight: float,
+              anchor_negative_weight: float, max_pairs: int | None) -> Metrix | None:
     if mode is None:
-        return None, 0.0
+        return None
     try:
-        mixer = Metrix(mode, alpha, strategy, max_pairs)
+        mixer = Metrix(mode, alpha, strategy, max_pairs, anchor_negative, lam, weight, anchor_negative_weight)
     except ValueError as error:
         raise InputError(f"{error} (metrix.mode=None turns Metrix off)") from None
-    if weight <= 0:
-        raise InputError(f"metrix.mode={mode!r} is on but metrix.weight={weight}: no loss would use the mixed "
-                         f"examples; set a positive metrix.weight or turn Metrix off with metrix.mode=None")
-    return mixer, weight
+    if weight <= 0 and anchor_negative_weight <= 0:
+        raise InputError(f"metrix.mode={mode!r} is on but metrix.weight={weight} and metrix.anchor_negative_weight="
+                         f"{anchor_negative_weight}: no loss would use the mixed examples; set a positive weight or "
+                         f"turn Metrix off with metrix.mode=None")
+    return mixer
 
 
 @loss_ingredient.capture
@@ -107,8 +112,8 @@ def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float,
         losses["cross_entropy"] = (ce_weight, ce)
     if pairwise is not None and pair_weight > 0:
         losses[pairwise] = (pair_weight, pairwise_losses[pairwise]())
-    mixer, mix_weight = get_mixer()
+    mixer = get_mixer()
     if not losses:
         raise InputError(f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
                          f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`")
-    return Criterion(losses, mixer, mix_weight)
+    return Criterion(losses, mixer)

@@ -1,21 +1,21 @@
 """Metrix (Venkataramanan et al., ICLR 2022): mixed examples as extra candidates for the losses.
 
 For an ordered pair (i, j) of batch examples with different labels, the mixture
-v_ij = lam_ij * x_i + (1 - lam_ij) * x_j, lam_ij ~ Beta(alpha, alpha), is a candidate with the interpolated label
-(class y_i with weight lam_ij, class y_j with 1 - lam_ij); x is the image, the last backbone feature map or the
-embedding, by mode. Which clean anchors compare with v_ij depends on the strategy:
+v_ij = lam * x_i + (1 - lam) * x_j, lam ~ Beta(alpha, alpha) (one draw per step as in the paper, or per pair), is
+a candidate with the interpolated label (class y_i with weight lam, class y_j with 1 - lam); x is the image, the
+last backbone feature map or the embedding, by mode. Which clean anchors compare with v_ij depends on the strategy:
 
 - positive_negative: the anchors a != i of class y_i. For them x_i is a positive and x_j a negative, so v_ij is a
   positive of weight lam_ij and a negative of weight 1 - lam_ij (Candidates.pair_weights gives exactly that).
-- anchor_negative: the anchor i alone, mixed with its negative x_j. The paper keeps it for anchors without a
-  positive; we use it for every anchor, so that an anchor-negative step trains every anchor, and it covers the
-  anchors without a positive as a special case.
+- anchor_negative: the anchor i alone, mixed with its negative x_j; by default (as in the paper's code) only for an
+  anchor without a positive in the batch, with anchor_negative="every_anchor" for every anchor.
 - random: one of the two for the whole batch, drawn afresh at every call.
 
 Everything is dense tensor work on the device with static shapes, so there is no host-device synchronisation
 (no nonzero, no boolean indexing, no .item()): a pair a strategy cannot use stays a candidate with an all-False
 anchor_mask column, which every loss ignores. Without a cap there are B (B - 1) candidates; in feature mode that
-is B (B - 1) feature maps, in input mode B (B - 1) images through the backbone. max_pairs=K keeps the K usable
+is B (B - 1) pooled mixtures, computed without materialising the mixed maps (models.mixing), in input mode
+B (B - 1) images through the backbone. max_pairs=K keeps the K usable
 pairs whose clean embeddings are most similar (the hardest negatives), which bounds time and memory by K.
 Rules, decisions and measured cost: docs/metrix.md.
 """
@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from losses.candidates import Candidates
+from models.mixing import interpolate
 
 MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")
+ANCHOR_NEGATIVE = ("no_positive", "every_anchor")  # which anchors anchor-negative mixing trains
+LAMS = ("per_batch", "per_pair")  # one lam per step, or one per pair
 
 
 def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -42,40 +45,42 @@ def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor
     return first.reshape(-1), second.reshape(-1)
 
 
-def interpolate(x: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
-    """lam * x[first] + (1 - lam) * x[second], lam broadcast over all but the first dimension.
-
-    index_select rather than x[first]: its backward (index_add_) is faster on the CPU than that of indexing
-    (index_put_ with accumulation), which matters with B (B - 1) feature maps.
-    """
-    weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return weight * x.index_select(0, first) + (1 - weight) * x.index_select(0, second)
-
-
 class Metrix(nn.Module):
     """The mixer `Criterion` calls: (model, images, feature_map, embeddings, labels) -> mixed Candidates.
 
     mode: input | feature | embed, where the examples are mixed (see the module docstring).
-    alpha: lam ~ Beta(alpha, alpha) per pair.
+    alpha: lam ~ Beta(alpha, alpha).
     strategy: random | positive_negative | anchor_negative.
     max_pairs: keep at most this many pairs, hardest first; None keeps all B (B - 1).
+    anchor_negative: no_positive (the paper: only anchors without a positive in the batch) | every_anchor.
+    lam: per_batch (the paper: one draw per step) | per_pair (one draw per pair).
+    weight, anchor_negative_weight: the mixed loss's weight on positive-negative and anchor-negative steps
+    (None: weight); it travels with the candidates as Candidates.weight.
 
     The mixed examples go through the model in its current mode: in training, the head's (and in input mode the
     backbone's) BatchNorm layers normalise them with their own batch statistics and update the running ones.
     """
 
-    def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None):
+    def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None,
+                 anchor_negative: str = "no_positive", lam: str = "per_batch", weight: float = 0.4,
+                 anchor_negative_weight: float | None = None) -> None:
         super().__init__()
         # The messages name the options as the metrix ingredient spells them: they reach users as config errors.
-        if mode not in MODES:
-            raise ValueError(f"unknown metrix.mode {mode!r}: choose one of {', '.join(MODES)}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown metrix.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        for key, value, choices in (("mode", mode, MODES), ("strategy", strategy, STRATEGIES),
+                                    ("anchor_negative", anchor_negative, ANCHOR_NEGATIVE), ("lam", lam, LAMS)):
+            if value not in choices:
+                raise ValueError(f"unknown metrix.{key} {value!r}: choose one of {', '.join(choices)}")
         if alpha <= 0:
             raise ValueError(f"metrix.alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"metrix.max_pairs={max_pairs} must be a positive number of pairs, or None for all")
+        anchor_negative_weight = weight if anchor_negative_weight is None else anchor_negative_weight
+        for key, value in (("weight", weight), ("anchor_negative_weight", anchor_negative_weight)):
+            if value < 0:
+                raise ValueError(f"metrix.{key}={value} must not be negative")
         self.mode, self.alpha, self.strategy, self.max_pairs = mode, alpha, strategy, max_pairs
+        self.anchor_negative, self.lam = anchor_negative, lam
+        self.weight, self.anchor_negative_weight = weight, anchor_negative_weight
 
     def forward(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor,
                 labels: Tensor) -> Candidates:
@@ -86,7 +91,9 @@ class Metrix(nn.Module):
             first, second, mask = self.hardest(embeddings, first, second, mask)
         lam = self.sample_lam(first.shape[0], labels.device)
         mixed = self.mix(model, images, feature_map, embeddings, first, second, lam)
-        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask)
+        # A 0-d tensor picked by the drawn strategy: no host read.
+        weight = self.anchor_negative_weight + (self.weight - self.anchor_negative_weight) * positive_negative
+        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, weight.to(mixed.dtype))
 
     def draw_strategy(self, device: torch.device) -> Tensor:
         """0-d bool on the device, True for a positive-negative step.
@@ -99,13 +106,21 @@ class Metrix(nn.Module):
             return torch.rand((), device=device) < 0.5
         return torch.full((), self.strategy == "positive_negative", device=device)
 
-    @staticmethod
-    def anchor_mask(labels: Tensor, first: Tensor, positive_negative: Tensor) -> Tensor:
-        """(B, M) whether anchor a sees the mixture of pair m, before checking that the pair's labels differ."""
+    def anchor_mask(self, labels: Tensor, first: Tensor, positive_negative: Tensor) -> Tensor:
+        """(B, M) whether anchor a sees the mixture of pair m, before checking that the pair's labels differ.
+
+        Positive-negative: every anchor of class y_i but i itself (all of x_i's fellow positives, where the
+        released code pairs an anchor's first positive only). Anchor-negative: a == i, for every anchor or, as in
+        the paper, only for an anchor without a positive in the batch.
+        """
         anchors = torch.arange(labels.shape[0], device=labels.device)[:, None]
         is_first = anchors == first[None, :]
         same_class_as_first = labels[:, None] == labels[first][None, :]
-        return torch.where(positive_negative, same_class_as_first & ~is_first, is_first)
+        anchor_negative = is_first
+        if self.anchor_negative == "no_positive":
+            has_positive = (labels[:, None] == labels[None, :]).sum(dim=1) > 1
+            anchor_negative = is_first & ~has_positive[:, None]
+        return torch.where(positive_negative, same_class_as_first & ~is_first, anchor_negative)
 
     def hardest(self, embeddings: Tensor, first: Tensor, second: Tensor, mask: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,13 +135,13 @@ class Metrix(nn.Module):
         return first[keep], second[keep], mask[:, keep]
 
     def sample_lam(self, count: int, device: torch.device) -> Tensor:
-        """(count,) float32 lam ~ Beta(alpha, alpha) on the device.
+        """(count,) float32 lam ~ Beta(alpha, alpha) on the device: one draw for all or one per pair.
 
         validate_args=False: the argument checks would read tensor values on the host. torch.full fills on the
         device, where torch.tensor(alpha, device=...) would copy from the host.
         """
-        alpha = torch.full((count,), self.alpha, device=device)
-        return torch.distributions.Beta(alpha, alpha, validate_args=False).sample()
+        alpha = torch.full((count if self.lam == "per_pair" else 1,), self.alpha, device=device)
+        return torch.distributions.Beta(alpha, alpha, validate_args=False).sample().expand(count)
 
     def mix(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor, first: Tensor,
             second: Tensor, lam: Tensor) -> Tensor:
@@ -134,8 +149,10 @@ class Metrix(nn.Module):
         if self.mode == "input":
             return model.head(model.backbone(interpolate(images, first, second, lam)))
         if self.mode == "feature":
-            return model.head(interpolate(feature_map, first, second, lam))
+            return model.head.embed(model.head.pool_mixtures(feature_map, first, second, lam))
         return interpolate(embeddings, first, second, lam)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}"
+        return (f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}, "
+                f"anchor_negative={self.anchor_negative!r}, lam={self.lam!r}, weight={self.weight}, "
+                f"anchor_negative_weight={self.anchor_negative_weight}")

@@ -33,7 +33,8 @@ def config():
 
 # One named config per backbone of the registry; the CE paper's ResNet-50 also has a 2048-d embedding and
 # dropout before the classifier.
-RECIPES = {"resnet50": {"num_features": 2048, "dropout": 0.5}}
+# The CE paper's ResNet-50: 2048-d, dropout 0.5 before the classifier, torchvision's original weights.
+RECIPES = {"resnet50": {"num_features": 2048, "dropout": 0.5, "weights": "IMAGENET1K_V1"}}
 for _arch in BACKBONES:
     model_ingredient.add_named_config(_arch, {"arch": _arch, **RECIPES.get(_arch, {})})
 model_ingredient.add_named_config("resnext50", {"arch": "resnext50_32x4d"})

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.mixing import mixed_pool
 from utils.errors import InputError
 
 POOLINGS = ("avg", "max", "avg+max")
@@ -39,12 +40,26 @@ class EmbeddingHead(nn.Module):
             nn.init.zeros_(self.remap.bias)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.pool(feature_map))
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C): the pooling, avg + max summed for avg+max."""
         pooled = []
         if "avg" in self.pooling:
             pooled.append(feature_map.mean(dim=(2, 3)))
         if "max" in self.pooling:
             pooled.append(feature_map.amax(dim=(2, 3)))
-        features = self.remap(self.norm(sum(pooled)))
+        return sum(pooled)
+
+    def pool_mixtures(self, feature_map: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                      lam: torch.Tensor) -> torch.Tensor:
+        """(M, C): pool(lam * feature_map[first] + (1 - lam) * feature_map[second]) without the M mixed maps
+        (models.mixing.mixed_pool; its docstring says how the gradient treats ties of the max)."""
+        return mixed_pool(feature_map, first, second, lam, self.pooling)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, C) pooled features -> (N, num_features) embeddings."""
+        features = self.remap(self.norm(pooled))
         return F.normalize(features, dim=1) if self.normalize else features
 
 

@@ -55,6 +55,9 @@ def test_unknown_named_config(experiment):
     ("metrix.mode=pixels", ("metrix.mode='pixels' is invalid", "feature")),
     ("metrix.feature metrix.strategy=all", ("metrix.strategy='all' is invalid", "positive_negative")),
     ("metrix.feature metrix.weight=0", ("no loss would use the mixed examples", "metrix.weight")),
+    ("metrix.feature metrix.lam=per_anchor", ("metrix.lam 'per_anchor'", "per_batch", "per_pair")),
+    ("metrix.feature metrix.anchor_negative=all", ("metrix.anchor_negative 'all'", "no_positive", "every_anchor")),
+    ("metrix.embed metrix.anchor_negative_weight=-1", ("metrix.anchor_negative_weight=-1", "not be negative")),
     ("loss.ce_weight=0", ("no loss to train with",)),
     ("scheduler=step", ("scheduler='step', lr_step=None are inconsistent", "lr_step set")),
     ("eval_every=0", ("eval_every=0 is invalid", "an integer >= 1")),
@@ -72,7 +75,8 @@ def test_unknown_named_config(experiment):
      ("needs 8 classes", "has 4 such classes", "lower dataset.batch_size")),
     ("dataset.sampler=balanced dataset.images_per_class=3 dataset.batch_size=8", ("must be a multiple",)),
 ], ids=["arch", "pooling", "norm_layer", "scheduler", "sampler", "optimizer", "cudnn_flag", "pairwise", "mode",
-        "strategy", "metrix_weight", "no_loss", "lr_step", "eval_every", "metric", "unquoted", "no_recall", "backend",
+        "strategy", "metrix_weight", "metrix_lam", "anchor_negative", "anchor_negative_weight",
+        "no_loss", "lr_step", "eval_every", "metric", "unquoted", "no_recall", "backend",
         "faiss_gpu", "recall", "random_id", "random_id_size", "balanced", "multiple"])
 def test_bad_setting(update, fragments, cub_run):
     assert_input_error(cub_run(*update.split()), *fragments)

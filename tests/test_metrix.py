@@ -13,7 +13,7 @@ from losses.candidates import Candidates
 from losses.contrastive import ContrastiveLoss
 from losses.criterion import Criterion
 from losses.cross_entropy import CrossEntropyLoss
-from losses.metrix import MODES, STRATEGIES, Metrix, ordered_pairs
+from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, STRATEGIES, Metrix, ordered_pairs
 from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 from models.backbones import Backbone, Normalize
@@ -56,17 +56,20 @@ def loop_pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(n) if i != j]
 
 
-def loop_anchor_mask(labels: list[int], pairs: list[tuple[int, int]], strategy: str) -> Tensor:
-    """DESIGN.md's rules, one (anchor, pair) at a time."""
+def loop_anchor_mask(labels: list[int], pairs: list[tuple[int, int]], strategy: str,
+                     anchor_negative: str = "no_positive") -> Tensor:
+    """DESIGN.md's rules, one (anchor, pair) at a time; the paper's anchor-negative mixing only for an anchor
+    without a positive."""
     mask = torch.zeros(len(labels), len(pairs), dtype=torch.bool)
     for m, (i, j) in enumerate(pairs):
         if labels[i] == labels[j]:
             continue
+        lacks_positive = labels.count(labels[i]) == 1
         for a in range(len(labels)):
             if strategy == PN:
                 mask[a, m] = labels[a] == labels[i] and a != i
             else:
-                mask[a, m] = a == i
+                mask[a, m] = a == i and (anchor_negative == "every_anchor" or lacks_positive)
     return mask
 
 
@@ -87,7 +90,9 @@ def pair_of_each_candidate(candidates: Candidates, embeddings: Tensor, lam: floa
 
 
 @pytest.mark.parametrize("kwargs", [{"mode": "pixels"}, {"mode": "embed", "strategy": "hard"},
-                                    {"mode": "embed", "alpha": 0}, {"mode": "embed", "max_pairs": 0}])
+                                    {"mode": "embed", "alpha": 0}, {"mode": "embed", "max_pairs": 0},
+                                    {"mode": "embed", "lam": "per_anchor"}, {"mode": "embed", "anchor_negative": "all"},
+                                    {"mode": "embed", "weight": -1}, {"mode": "embed", "anchor_negative_weight": -1}])
 def test_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         Metrix(**kwargs)
@@ -128,14 +133,53 @@ def test_embed_mode_mixes_the_embeddings_exactly() -> None:
     assert torch.equal(candidates.embeddings, lam * embeddings[first] + (1 - lam) * embeddings[second])
 
 
-def test_feature_mode_runs_the_head_on_mixed_feature_maps() -> None:
+@pytest.mark.parametrize("max_pairs", [None, 10])
+@pytest.mark.parametrize("lam", LAMS)
+def test_feature_mode_equals_the_head_on_materialised_mixed_maps(lam: str, max_pairs: int | None) -> None:
+    """Values and gradients (into the backbone and the head) of the pooled mixtures equal those of the head run on
+    every mixed feature map, built pair by pair."""
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
-    candidates = Metrix("feature")(model, images, feature_map, embeddings, LABELS)
-    lam = candidates.lam.tolist()
-    mixed = torch.stack([lam[m] * feature_map[i] + (1 - lam[m]) * feature_map[j]
-                         for m, (i, j) in enumerate(loop_pairs(LABELS.shape[0]))])
-    torch.testing.assert_close(candidates.embeddings, model.head(mixed))
+    metrix = Metrix("feature", lam=lam, max_pairs=max_pairs)
+    picked = []
+    mix = metrix.mix
+
+    def recording_mix(*args: Tensor) -> Tensor:  # (model, images, feature_map, embeddings, first, second, lam)
+        picked.extend(zip(args[4].tolist(), args[5].tolist(), strict=True))
+        return mix(*args)
+
+    metrix.mix = recording_mix
+    candidates = metrix(model, images, feature_map, embeddings, LABELS)
+    weights = candidates.lam.tolist()
+    mixed = torch.stack([weights[m] * feature_map[i] + (1 - weights[m]) * feature_map[j]
+                         for m, (i, j) in enumerate(picked)])
+    expected = model.head(mixed)
+    torch.testing.assert_close(candidates.embeddings, expected)
+    probe = torch.randn_like(expected)
+    fast = torch.autograd.grad((candidates.embeddings * probe).sum(), list(model.parameters()), allow_unused=True,
+                               retain_graph=True)  # the backbone part of the graph is shared
+    slow = torch.autograd.grad((expected * probe).sum(), list(model.parameters()), allow_unused=True)
+    for got, want in zip(fast, slow, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_lam_is_one_draw_per_batch_by_default_and_per_pair_on_request() -> None:
+    per_batch = run(Metrix("embed"), make_model()).lam
+    per_pair = run(Metrix("embed", lam="per_pair"), make_model()).lam
+    assert (per_batch == per_batch[0]).all()
+    assert per_pair.unique().numel() == per_pair.numel()
+
+
+@pytest.mark.parametrize("mode, weights", [("embed", (0.4, 0.3)), ("feature", (0.5, 0.5))])
+def test_mixed_loss_weight_follows_the_drawn_strategy(mode: str, weights: tuple[float, float]) -> None:
+    metrix = Metrix(mode, weight=weights[0], anchor_negative_weight=None if mode == "feature" else weights[1])
+    model, pairs = make_model(), loop_pairs(LABELS.shape[0])
+    expected = {PN: weights[0], AN: weights[1]}
+    for seed in range(6):
+        torch.manual_seed(seed)
+        candidates = run(metrix, model)
+        strategy = PN if torch.equal(candidates.anchor_mask, loop_anchor_mask(LABELS.tolist(), pairs, PN)) else AN
+        assert candidates.weight.item() == pytest.approx(expected[strategy])
 
 
 def test_input_mode_runs_the_model_on_mixed_images() -> None:
@@ -165,11 +209,20 @@ def test_lam_0_or_1_gives_the_clean_examples(mode: str, lam: float, monkeypatch:
 # --- which anchors see which mixture -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("anchor_negative", ANCHOR_NEGATIVE)
 @pytest.mark.parametrize("strategy", [PN, AN])
-def test_anchor_mask_matches_the_loop(strategy: str) -> None:
-    candidates = run(Metrix("embed", strategy=strategy), make_model())
+def test_anchor_mask_matches_the_loop(strategy: str, anchor_negative: str) -> None:
+    candidates = run(Metrix("embed", strategy=strategy, anchor_negative=anchor_negative), make_model())
     pairs = loop_pairs(LABELS.shape[0])
-    assert torch.equal(candidates.anchor_mask, loop_anchor_mask(LABELS.tolist(), pairs, strategy))
+    assert torch.equal(candidates.anchor_mask, loop_anchor_mask(LABELS.tolist(), pairs, strategy, anchor_negative))
+
+
+def test_paper_anchor_negative_mixes_only_the_anchor_without_a_positive() -> None:
+    """Class 4 (index 7) is alone in LABELS: it is the only anchor, mixed with each of its 8 negatives."""
+    mask = run(Metrix("embed", strategy=AN), make_model()).anchor_mask
+    assert mask.sum(dim=1).tolist() == [0, 0, 0, 0, 0, 0, 0, 8, 0]
+    balanced = torch.arange(10).div(2, rounding_mode="floor")  # every anchor has a positive: nothing to mix
+    assert not run(Metrix("embed", strategy=AN), make_model(), balanced).anchor_mask.any()
 
 
 def test_all_labels_equal_leaves_no_usable_pair() -> None:
@@ -207,16 +260,18 @@ def test_positive_negative_weights_are_lam_and_one_minus_lam() -> None:
 
 @pytest.mark.parametrize("max_pairs", [1, 7, 20, 66])
 @pytest.mark.parametrize("strategy", [PN, AN])
-def test_cap_keeps_the_hardest_usable_pairs(strategy: str, max_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("anchor_negative", ANCHOR_NEGATIVE)
+def test_cap_keeps_the_hardest_usable_pairs(strategy: str, max_pairs: int, anchor_negative: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
-    metrix = Metrix("embed", strategy=strategy, max_pairs=max_pairs)
+    metrix = Metrix("embed", strategy=strategy, max_pairs=max_pairs, anchor_negative=anchor_negative)
     monkeypatch.setattr(metrix, "sample_lam", fixed_lam(0.75))
     candidates = metrix(model, images, feature_map, embeddings, LABELS)
 
     labels = LABELS.tolist()
     all_pairs = loop_pairs(len(labels))
-    mask = loop_anchor_mask(labels, all_pairs, strategy)
+    mask = loop_anchor_mask(labels, all_pairs, strategy, anchor_negative)
     usable = {pair for m, pair in enumerate(all_pairs) if mask[:, m].any()}
     cosine = F.cosine_similarity(embeddings[:, None], embeddings[None, :], dim=2).detach()
     top_scores = sorted((cosine[pair].item() for pair in usable), reverse=True)[:max_pairs]
@@ -254,7 +309,8 @@ def test_same_seed_same_candidates(max_pairs: int | None) -> None:
 def test_gradients_reach_the_backbone_through_the_mixtures(mode: str) -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
-    candidates = Metrix(mode, strategy=AN)(model, images, feature_map, embeddings, LABELS)
+    candidates = Metrix(mode, strategy=AN, anchor_negative="every_anchor")(model, images, feature_map, embeddings,
+                                                                           LABELS)
     ContrastiveLoss()(embeddings.detach(), LABELS, candidates).backward()
     grads = [p.grad for p in model.backbone.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -308,13 +364,14 @@ def all_losses() -> dict[str, tuple[float, nn.Module]]:
             "cross_entropy": (1.0, CrossEntropyLoss(16, NUM_CLASSES).to(DTYPE))}
 
 
+@pytest.mark.parametrize("lam", LAMS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("max_pairs", [None, 15])
 @pytest.mark.parametrize("mode", MODES)
-def test_step_reads_no_tensor_value_on_the_host(mode: str, max_pairs: int | None, strategy: str,
+def test_step_reads_no_tensor_value_on_the_host(mode: str, max_pairs: int | None, strategy: str, lam: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model()
-    criterion = Criterion(all_losses(), Metrix(mode, strategy=strategy, max_pairs=max_pairs), mix_weight=0.4)
+    criterion = Criterion(all_losses(), Metrix(mode, strategy=strategy, max_pairs=max_pairs, lam=lam))
     # The label check reads on the CPU only (documented there); on a GPU it is an asynchronous assert.
     monkeypatch.setattr(criterion.losses["proxy_anchor"], "check_labels", lambda labels: None)
     images = make_images(LABELS.shape[0])
@@ -329,7 +386,7 @@ def test_step_reads_no_tensor_value_on_the_host(mode: str, max_pairs: int | None
 @pytest.mark.parametrize("mode", MODES)
 def test_step_does_not_sync_on_cuda(mode: str, max_pairs: int | None) -> None:
     model = make_model().cuda()
-    criterion = Criterion(all_losses(), Metrix(mode, max_pairs=max_pairs), mix_weight=0.4).cuda()
+    criterion = Criterion(all_losses(), Metrix(mode, max_pairs=max_pairs)).cuda()
     images, labels = make_images(LABELS.shape[0]).cuda(), LABELS.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
