@@ -23,7 +23,7 @@ from models.backbones import resolve_weights
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "tests" / "recipes.json"
 # Keys that depend on the machine, not on the recipe.
-MACHINE_KEYS = ("temp_dir", "dataset.num_workers")
+MACHINE_KEYS = ("output_dir", "dataset.num_workers")
 
 
 def readme_commands() -> list[str]:

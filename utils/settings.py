@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from losses.ingredient import PAIRWISE_LOSSES
-from losses.metrix import MODES, STRATEGIES
+from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, STRATEGIES
 from models.backbones import BACKBONES
 from models.metric_model import NORM_LAYERS, POOLINGS
 from models.vae_ingredient import ARCHS as VAE_ARCHS
@@ -177,6 +177,9 @@ RULES: dict[str, Check] = {
     "loss.proxy_lr_multiplier": POSITIVE,
     "metrix.mode": choice((None, *MODES)),
     "metrix.strategy": choice(STRATEGIES),
+    "metrix.lam": choice(LAMS),
+    "metrix.anchor_negative": choice(ANCHOR_NEGATIVE),
+    "metrix.anchor_negative_weight": NON_NEGATIVE,
     "metrix.alpha": POSITIVE,
     "metrix.weight": NON_NEGATIVE,
     "metrix.max_pairs": optional(SIZE),
