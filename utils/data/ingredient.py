@@ -4,12 +4,14 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from sacred import Ingredient
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
-from utils.data.samplers import ClassBatchSampler
+from utils import distributed
+from utils.data.samplers import ClassBatchSampler, RankSlice
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
 
@@ -108,16 +110,25 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
 
 @data_ingredient.capture
 def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_per_class: int,
-                      num_iterations: int | None) -> BatchSampler | ClassBatchSampler:
+                      num_iterations: int | None) -> BatchSampler | ClassBatchSampler | RankSlice:
+    """batch_size is the global batch; under torchrun each rank gets its part of every global batch."""
     if sampler not in SAMPLERS:
         raise InputError(f"unknown dataset.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if batch_size > len(labels):
         raise InputError(f"dataset.batch_size={batch_size} exceeds the {len(labels)} training images: lower it")
     num_batches = num_iterations or len(labels) // batch_size
+    ranks = distributed.world_size()
+    distributed.check_batch(batch_size, images_per_class if sampler != "random" else None)
+    # Every rank must draw the same global batches: a generator seeded from the run's seed, the same on every
+    # rank. A single process keeps the global generator, so its batches are those of earlier versions.
+    generator = torch.Generator().manual_seed(torch.initial_seed()) if ranks > 1 else None
     if sampler == "random":
-        images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size)
-        return BatchSampler(images, batch_size, drop_last=True)
-    return ClassBatchSampler(labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced")
+        images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size, generator=generator)
+        batches = BatchSampler(images, batch_size, drop_last=True)
+    else:
+        batches = ClassBatchSampler(labels, batch_size, images_per_class, num_batches, sampler == "balanced",
+                                    generator)
+    return RankSlice(batches, distributed.rank(), ranks) if ranks > 1 else batches
 
 
 @data_ingredient.capture
