@@ -15,6 +15,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer, lr_scheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils import distributed
 from utils.errors import InputError, check_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -28,8 +29,8 @@ PlotFunction = Callable[[str, str, float, float], None]
 def progress(iterable: Iterable, desc: str) -> tqdm:
     """A progress bar that disappears when done, on the terminal only: sacred captures sys.stderr for its
     observers, and its file observer only appends to cout.txt, so a bar redrawing its line would leave
-    fragments there."""
-    return tqdm(iterable, desc=desc, ncols=100, leave=False, file=sys.__stderr__)
+    fragments there. Under torchrun only rank 0 draws one."""
+    return tqdm(iterable, desc=desc, ncols=100, leave=False, file=sys.__stderr__, disable=not distributed.is_main())
 
 
 def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
