@@ -23,6 +23,7 @@ from torch.backends import cudnn
 from torch.utils.data import DataLoader
 
 from utils.errors import InputError, check_choice
+from utils.speed import Precision, batch_mover, prepare_model
 from utils.training import (
     PlotFunction,
     build_optimizer,
@@ -58,6 +59,11 @@ def training_config():
     temp_dir = tempfile.gettempdir()  # where the best checkpoint is written
     seed = 0
 
+    # Speed options (utils/speed.py), off by default: they change the numbers or help on GPUs only.
+    amp = None  # None | bf16 | fp16 (with a gradient scaler): autocast the model; the losses stay in float32
+    channels_last = False  # NHWC images and convolution weights (faster convolutions on tensor cores)
+    compile = False  # torch.compile the model's parts (slow first steps, fused kernels afterwards)
+
 
 @dataclass
 class Task:
@@ -87,14 +93,19 @@ def select_device(cpu: bool, cudnn_flag: str) -> torch.device:
 
 
 def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[str]], device: torch.device,
-        config: dict, run: Run) -> tuple[int, dict[str, float], str]:
+        config: dict, run: Run, device_augment: Callable | None = None) -> tuple[int, dict[str, float], str]:
     """Train task.model; returns the best epoch, the final metrics of its weights (now loaded in the model) and
     where they were saved.
 
     evaluation: the metrics of every evaluated epoch, and the final metrics of the best epoch's weights.
+    device_augment: the photometric augmentation of the training batches on the device (dataset.gpu_augment).
     """
     epochs, eval_every, lr = config["epochs"], config["eval_every"], config["lr"]
     model, objective = task.model.to(device), task.objective.to(device)
+    # Speed options (utils/speed.py).
+    precision = Precision(config["amp"], device)
+    prepare_model(model, config["channels_last"], config["compile"])
+    move_images = batch_mover(device, config["channels_last"], device_augment)
     evaluate_after = evaluated_epochs(epochs, eval_every)
     plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] else None
     groups = parameter_groups(model, config["no_bias_decay"]) + objective.parameter_groups(lr, config["no_bias_decay"])
@@ -117,7 +128,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
             parameter.requires_grad_(epoch > task.warm_epochs)
         with cudnn_benchmark(config["cudnn_flag"]):
             history = train_one_epoch(model, objective, train_loader, optimizer, schedule, device, epoch,
-                                      config["grad_clip"], config["visdom_freq"], plot)
+                                      config["grad_clip"], config["visdom_freq"], plot, precision, move_images)
         log_training(run, epoch, history)
         if epoch in evaluate_after:
             best.update(epoch, evaluate_and_log(epoch), model)

@@ -8,6 +8,7 @@ values stay on the device and are read once every `log_every` steps and once per
 import math
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.errors import InputError, check_choice
+from utils.speed import Precision, batch_mover
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("warmcos", "cos", "step", "warmstep", "constant")
@@ -74,20 +76,29 @@ def build_scheduler(optimizer: Optimizer, iterations_per_epoch: int, epochs: int
 def train_one_epoch(model: nn.Module, criterion: Callable, loader: DataLoader, optimizer: Optimizer,
                     scheduler: lr_scheduler.LRScheduler, device: torch.device, epoch: int,
                     grad_clip: float | None = None, log_every: int = 20,
-                    plot: PlotFunction | None = None) -> dict[str, list[float]]:
-    """One pass over loader; returns every logged value of every iteration."""
+                    plot: PlotFunction | None = None, precision: Precision | None = None,
+                    move_images: Callable[[Any], torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """One pass over loader; returns every logged value of every iteration.
+
+    precision: autocast and gradient scaling (utils.speed; default float32). move_images: the loader's images
+    -> the model's input on the device (utils.speed.batch_mover; default a plain copy).
+    """
     model.train()
+    precision = precision or Precision(None, device)
+    move_images = move_images or batch_mover(device, channels_last=False)
     history: dict[str, list[torch.Tensor]] = {}
     bar = progress(loader, f"Training   [{epoch:03d}]")
     for i, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True)
+        images = move_images(images)
         labels = labels.to(device, non_blocking=True)
-        loss, logs = criterion(model, images, labels)
+        with precision.autocast():
+            loss, logs = criterion(model, images, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        precision.backward(loss)
         if grad_clip:
+            precision.unscale_(optimizer)
             nn.utils.clip_grad_value_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
-        optimizer.step()
+        precision.step(optimizer)
         scheduler.step()
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
