@@ -102,7 +102,7 @@ def main(select_by: str, _config: dict, _run) -> float:
     stem = f"{_config['vae']['arch']}_{_config['dataset']['name']}"
     task = Task(model, objective, evaluate_autoencoder, *SELECTION[select_by], name=stem, plot_titles=PLOT_TITLES)
     best_epoch, final, checkpoint = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device,
-                                        _config, _run)
+                                        _config, _run, device_augment=loaders.device_augment)
     grid = artifact_path(_config["temp_dir"], stem, ".png")
     save_image(reconstruction_grid(model, loaders.query, GRID_IMAGES, device), grid, nrow=16)
     _run.add_artifact(grid, name="reconstructions.png")

@@ -75,6 +75,6 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
     task = Task(model, criterion, lambda metrics: evaluate(model, metrics), best_key="cosine/R@1", name=name,
                 warmup_frozen=backbone, warm_epochs=warm_epochs)
     best_epoch, final, checkpoint = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device,
-                                        _config, _run)
+                                        _config, _run, device_augment=loaders.device_augment)
     print(f"Best epoch {best_epoch}: cosine R@1 {final['cosine/R@1']:.4f}; weights saved to {checkpoint}")
     return final["cosine/R@1"]

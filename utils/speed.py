@@ -57,14 +57,14 @@ def prepare_model(model: nn.Module, channels_last: bool, compile: bool) -> nn.Mo
     return model
 
 
-def batch_mover(device: torch.device, channels_last: bool, device_augment: Callable[[Any], Tensor] | None = None
-                ) -> Callable[[Any], Tensor]:
+def batch_mover(device: torch.device, channels_last: bool,
+                device_augment: Callable[[Any, torch.device], Tensor] | None = None) -> Callable[[Any], Tensor]:
     """images of a loader batch -> the model's input on the device: copied (asynchronously from pinned memory),
     augmented there when the workers left photometric augmentation to the device, in the model's memory format."""
 
     def move(images: Any) -> Tensor:
         if device_augment is not None:
-            images = device_augment(images)  # moves the uint8 batch itself, before turning it into floats
+            images = device_augment(images, device)  # moves the uint8 batch itself, before turning it into floats
         else:
             images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if channels_last else images

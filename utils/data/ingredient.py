@@ -8,6 +8,7 @@ import torch
 from sacred import Ingredient
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from utils.data.device_augment import DeviceColorJitter, build_split_pipeline
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
 from utils import distributed
@@ -37,7 +38,11 @@ def config():
 
     preload = True  # decode every image into RAM once
     num_workers = 0  # DataLoader worker processes
-    pin_memory = False
+    pin_memory = False  # page-locked batches: asynchronous copies to the GPU
+    persistent_workers = False  # keep the workers between epochs (with num_workers > 0)
+    # Training batches: decode, crop and flip in the workers on uint8, colour jitter batched on the device
+    # (utils/data/device_augment.py; same distribution, other random draws than the default pipeline).
+    gpu_augment = False
 
     crop_size = 32
     resize = None  # resize before cropping (test images too)
@@ -87,12 +92,13 @@ class MetricLoaders(NamedTuple):
     gallery: DataLoader | None
     reference: DataLoader  # the training images with the test transform, for utilization
     num_classes: int
+    device_augment: DeviceColorJitter | None = None  # dataset.gpu_augment: the training batches' colour jitter
 
 
 @data_ingredient.capture
 def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gallery_file: str | None, preload: bool,
-                 crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool
-                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+                 crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool, gpu_augment: bool
+                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, DeviceColorJitter | None]:
     if name not in DATASETS:
         raise InputError(f"unknown dataset.name {name!r}: choose one of {', '.join(DATASETS)}")
     root = Path(data_path)
@@ -102,10 +108,14 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
         raise InputError(f"data folder {root} not found: run `python prepare_data.py` "
                          f"or point dataset.data_path at the prepared data")
     train_transform, test_transform = build_transforms(crop_size, resize, scale, ratio, color_jitter, rotate, hflip)
+    device_augment = None
+    if gpu_augment:
+        train_transform, device_augment = build_split_pipeline(crop_size, resize, scale, ratio, color_jitter, rotate,
+                                                               hflip)
     train = ImageDataset(root, train_file, train_transform, preload)
     query = ImageDataset(root, test_file, test_transform, preload)
     gallery = ImageDataset(root, gallery_file, test_transform, preload) if gallery_file else None
-    return train, query, gallery
+    return train, query, gallery, device_augment
 
 
 @data_ingredient.capture
@@ -132,13 +142,14 @@ def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_p
 
 
 @data_ingredient.capture
-def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool) -> MetricLoaders:
-    train, query, gallery = get_datasets()
-    train_loader = DataLoader(train, batch_sampler=get_train_sampler(train.targets), num_workers=num_workers,
-                              pin_memory=pin_memory)
+def get_loaders(test_batch_size: int, num_workers: int, pin_memory: bool, persistent_workers: bool) -> MetricLoaders:
+    train, query, gallery, device_augment = get_datasets()
+    workers = dict(num_workers=num_workers, pin_memory=pin_memory,
+                   persistent_workers=persistent_workers and num_workers > 0)
+    train_loader = DataLoader(train, batch_sampler=get_train_sampler(train.targets), **workers)
 
     def test_loader(dataset: ImageDataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        return DataLoader(dataset, batch_size=test_batch_size, **workers)
 
     return MetricLoaders(train_loader, test_loader(query), test_loader(gallery) if gallery else None,
-                         test_loader(train.with_transform(query.transform)), num_classes=max(train.targets) + 1)
+                         test_loader(train.with_transform(query.transform)), max(train.targets) + 1, device_augment)
