@@ -12,6 +12,7 @@ from torch import nn
 from utils.errors import InputError
 
 POOLINGS = ("avg", "max", "avg+max")
+BATCH_NORMS = nn.modules.batchnorm._BatchNorm  # BatchNorm2d, and utils.sync_batchnorm's (sync_bn)
 NORM_LAYERS = (None, "batch", "layer")
 
 
@@ -60,7 +61,7 @@ class MetricModel(nn.Module):
         self.set_bn_eval = set_bn_eval or freeze_bn
         if freeze_bn:
             for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, BATCH_NORMS):
                     module.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,6 @@ class MetricModel(nn.Module):
         super().train(mode)
         if mode and self.set_bn_eval:
             for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, BATCH_NORMS):
                     module.eval()
         return self

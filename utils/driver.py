@@ -22,6 +22,7 @@ from torch import nn
 from torch.backends import cudnn
 from torch.utils.data import DataLoader
 
+from utils import sync_batchnorm
 from utils.errors import InputError, check_choice
 from utils.speed import Precision, batch_mover, prepare_model
 from utils.training import (
@@ -63,6 +64,7 @@ def training_config():
     amp = None  # None | bf16 | fp16 (with a gradient scaler): autocast the model; the losses stay in float32
     channels_last = False  # NHWC images and convolution weights (faster convolutions on tensor cores)
     compile = False  # torch.compile the model's parts (slow first steps, fused kernels afterwards)
+    sync_bn = False  # under torchrun: BatchNorm in training mode uses the global batch's statistics
 
 
 @dataclass
@@ -102,7 +104,9 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
     """
     epochs, eval_every, lr = config["epochs"], config["eval_every"], config["lr"]
     model, objective = task.model.to(device), task.objective.to(device)
-    # Speed options (utils/speed.py).
+    # Speed options (utils/speed.py) and BatchNorm over the global batch (utils/sync_batchnorm.py).
+    if config["sync_bn"]:
+        sync_batchnorm.convert(model)
     precision = Precision(config["amp"], device)
     prepare_model(model, config["channels_last"], config["compile"])
     move_images = batch_mover(device, config["channels_last"], device_augment)
