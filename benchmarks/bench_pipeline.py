@@ -6,7 +6,8 @@
 1. Pipeline, images/s of one worker (one process, one thread): the default PIL pipeline of the CE recipe on CUB
    (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against dataset.gpu_augment's
    worker part (decode, crop and resize in one step, flip, uint8), on synthetic 500x375 JPEGs written here;
-   and the device part of gpu_augment (batched colour jitter), per image, on the benchmark's device.
+   decoding alone, the bound of any CPU pipeline; and the device part of gpu_augment (batched colour jitter),
+   per image, on the benchmark's device.
 2. Step on device-resident synthetic batches (forward, cross-entropy, backward, SGD step) in float32, with amp,
    channels_last and torch.compile; step times and images/s relative to float32.
 3. Full loop: DataLoader workers feeding the step, default pipeline against gpu_augment, in images/s.
@@ -59,13 +60,20 @@ def write_jpegs(root: Path, count: int) -> Path:
     return root
 
 
-def rate(work: Callable[[], int], seconds: float) -> float:
-    """Items per second of work() (which returns how many it did), after one warm-up call."""
-    work()
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        done += work()
-    return done / (time.perf_counter() - start)
+def rates(works: dict[str, Callable[[], int]], seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Items per second of each work() (which returns how many items it did): the works take turns, seconds /
+    rounds each per round, after one warm-up call each, and each figure is the median over the rounds, so that
+    the load of other processes on a shared machine spreads over all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in works}
+    for work in works.values():
+        work()
+    for _ in range(rounds):
+        for name, work in works.items():
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                done += work()
+            samples[name].append(done / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, float]:
@@ -78,10 +86,11 @@ def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, flo
         return lambda: (dataset[next(order) % len(dataset)], 1)[1]
 
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
-    results = {"default": rate(one(old), seconds), "gpu_augment": rate(one(new), seconds)}
+    decode_only = ImageDataset(root, "train.txt", None)  # what no CPU pipeline can beat: decoding alone
+    results = rates({"default": one(old), "gpu_augment": one(new), "decode only": one(decode_only)}, seconds)
     torch.set_num_threads(os.cpu_count() or 1)
     batch = [torch.randint(0, 256, (128, 3, 224, 224), dtype=torch.uint8), torch.rand(128)]
-    results["device jitter"] = rate(lambda: (synchronize(jitter(batch, device)), 128)[1], seconds)
+    results |= rates({"device jitter": lambda: (synchronize(jitter(batch, device)), 128)[1]}, seconds)
     return results
 
 
@@ -121,13 +130,13 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         variants[f"{amp} + channels_last + compile"] = (amp, True, True)
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
     labels = torch.randint(0, 100, (args.batch,), device=device)
-    results = {}
+    works = {}
     for name, options in variants.items():
         step = make_step(args.arch, device, *options)
         for _ in range(3):  # warm-up (and compilation)
             step(images, labels)
-        results[name] = rate(lambda step=step: (step(images, labels), synchronize(), args.batch)[2], args.seconds)
-    return results
+        works[name] = lambda step=step: (step(images, labels), synchronize(), args.batch)[2]
+    return rates(works, args.seconds)
 
 
 def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> dict[str, float]:
@@ -136,7 +145,7 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
     worker, jitter = build_split_pipeline(**recipe)
     step = make_step(args.arch, device, None, False, False)
     labels = torch.zeros(args.batch, dtype=torch.long, device=device)
-    results = {}
+    works = {}
     for name, transform, augment in (("default", default, None), ("gpu_augment", worker, jitter)):
         dataset = ImageDataset(root, "train.txt", transform)
         loader = DataLoader(dataset, batch_size=args.batch, sampler=RandomSampler(dataset, num_samples=10 ** 7),
@@ -153,9 +162,8 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
             synchronize()
             return args.batch
 
-        results[f"{name}: data only"] = rate(data, args.seconds)
-        results[f"{name}: data + step"] = rate(data_and_step, args.seconds)
-    return results
+        works[f"{name}: data only"], works[f"{name}: data + step"] = data, data_and_step
+    return rates(works, args.seconds)
 
 
 def gather_worker(rank: int, port: int, shapes: dict[str, tuple[int, ...]], repeats: int, out: str) -> None:
