@@ -2,7 +2,7 @@
 
 Under torchrun the losses see the global batch: every rank gathers the embeddings and labels of all ranks
 (utils.distributed.gather_with_grad), so that a DDP step has the single-process gradient of the global batch.
-The losses run in float32 whatever the autocast around the model.
+The losses run in float32 (or float64) whatever the autocast around the model.
 """
 
 from collections.abc import Callable
@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from losses.candidates import Candidates
+from losses.candidates import Candidates, loss_precision
 from utils import distributed
 from utils.training import parameter_groups
 
@@ -53,7 +53,7 @@ class Criterion(nn.Module):
 
     def forward(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         feature_map = model.backbone(images)
-        embeddings = distributed.gather_with_grad(model.head(feature_map).float())
+        embeddings = distributed.gather_with_grad(loss_precision(model.head(feature_map)))
         labels = distributed.gather(labels)
         loss, logs = self.weighted_sum(embeddings, labels, Candidates.clean(embeddings, labels))
         for loss_module in self.losses.values():

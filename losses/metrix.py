@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.candidates import Candidates
+from losses.candidates import Candidates, loss_precision
 from utils import distributed
 
 MODES = ("input", "feature", "embed")
@@ -136,9 +136,10 @@ class Metrix(nn.Module):
 
     def mix(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor, first: Tensor,
             second: Tensor, lam: Tensor) -> Tensor:
-        """(M, D) float32 embeddings of the mixtures; gradients flow into the clean examples they are made of.
+        """(M, D) embeddings of the mixtures; gradients flow into the clean examples they are made of.
 
-        images and feature_map are this rank's, embeddings the global batch's (see the module docstring).
+        images and feature_map are this rank's, embeddings the global batch's (see the module docstring); the mixed
+        embeddings come out in at least float32, as the losses need.
         """
         if self.mode == "embed":
             return interpolate(embeddings, first, second, lam)
@@ -149,7 +150,7 @@ class Metrix(nn.Module):
             mixed = model.head(model.backbone(interpolate(distributed.gather(images), first, second, lam)))
         else:
             mixed = model.head(interpolate(distributed.gather_with_grad(feature_map), first, second, lam))
-        return distributed.gather_with_grad(mixed.float(), sizes)
+        return distributed.gather_with_grad(loss_precision(mixed), sizes)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}"
