@@ -101,6 +101,7 @@ def test_rotation_is_refused():
         build_split_pipeline(**(SETTINGS | {"rotate": 10}), color_jitter=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["experiment", "autoencoder_experiment"])
 def test_experiments_train_with_gpu_augment(script, datasets, request):
     run = request.getfixturevalue(script)

@@ -1,5 +1,5 @@
 """Each of 2 ranks embeds its shard of the test sets; the metrics equal a single-process evaluation of the same
-weights."""
+weights. (The same processes check that a failure on one rank ends every rank with its message.)"""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.multiprocess import run_ranks
+from utils import distributed
 from utils.data.ingredient import MetricLoaders
 from utils.evaluation import Evaluator
 
@@ -36,10 +37,23 @@ def evaluate_both() -> list[dict[str, float]]:
     return [evaluate(False), evaluate(True)]
 
 
+def evaluate_then_fail_on_rank_1() -> tuple[list[dict[str, float]], str]:
+    """The evaluations, and the message each rank ends with when rank 1 alone finds bad input."""
+    results = evaluate_both()
+    try:
+        distributed.raise_if_any(ValueError("dataset.batch_size=3 is odd") if distributed.rank() == 1 else None)
+    except ValueError as error:
+        return results, f"{type(error).__name__}: {error}"
+    return results, "no error"
+
+
 @pytest.mark.slow
 def test_sharded_evaluation_equals_single_process(tmp_path):
     expected = evaluate_both()
-    for rank_results in run_ranks(evaluate_both, (), tmp_path):
+    ranks = run_ranks(evaluate_then_fail_on_rank_1, (), tmp_path)
+    assert [message for _, message in ranks] == ["InputError: rank 1 failed: ValueError: dataset.batch_size=3 is odd",
+                                                 "ValueError: dataset.batch_size=3 is odd"]
+    for rank_results, _ in ranks:
         for results, single in zip(rank_results, expected, strict=True):
             assert results.keys() == single.keys()
             assert results == pytest.approx(single, rel=1e-6, abs=1e-9)

@@ -81,6 +81,7 @@ def test_bad_amp_names_the_key():
         Precision("fp16", CPU)
 
 
+@pytest.mark.slow
 def test_experiment_trains_with_bf16_and_channels_last(digits_path, experiment):
     outcome = experiment("with epochs=1 amp=bf16 channels_last=True cpu=True", *digits_updates(digits_path))
     assert outcome.code == 0, outcome.err

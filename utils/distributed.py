@@ -187,7 +187,8 @@ def check_batch(batch_size: int, images_per_class: int | None = None) -> int:
         raise InputError(f"dataset.batch_size={batch_size} is the global batch and must split evenly over the "
                          f"{ranks} processes: make it a multiple of {ranks}")
     local = batch_size // ranks
-    if images_per_class and local % images_per_class:
+    # In one process the class sampler's own check speaks (the batch must be a multiple of images_per_class).
+    if ranks > 1 and images_per_class and local % images_per_class:
         raise InputError(f"dataset.batch_size={batch_size} over {ranks} processes gives {local} images per process, "
                          f"not whole classes of dataset.images_per_class={images_per_class}: make the batch a "
                          f"multiple of {ranks * images_per_class}")
