@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from losses.autoencoder import AutoencoderLoss
 from models.vae import Autoencoder
 from models.vae_ingredient import get_vae, vae_ingredient
+from utils import distributed
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
-from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
+from utils.driver import Task, fit, keep_output_on_failure, quiet_other_ranks, select_device, training_config
 from utils.errors import InputError, check_choice
 from utils.evaluation import Evaluator, check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
@@ -35,6 +36,7 @@ from utils.training import progress
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("autoencoder", ingredients=[data_ingredient, evaluation_ingredient, vae_ingredient])
 ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
+ex.option_hook(quiet_other_ranks)  # under torchrun only rank 0 observes the run and prints
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 
@@ -128,7 +130,10 @@ def main(select_by: str, _config: dict, _run) -> float:
 
     task = Task(model, objective, evaluation(model, objective, loaders, evaluate, device), *SELECTION[select_by],
                 name=stem, rebuild=rebuild, plot_titles=PLOT_TITLES, after_epoch=after_epoch)
-    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
+    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run,
+                  device_augment=loaders.device_augment)
+    if not distributed.is_main():  # only rank 0 writes
+        return outcome.metrics[task.best_key]
     draw_reconstructions(shown, reconstruct(model, shown, device), outcome.directory / "reconstructions.png",
                          f"{stem}: test images above their reconstructions by the best epoch ({outcome.best_epoch}) "
                          f"and the first", first_epoch.get("reconstructions"))

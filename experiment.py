@@ -17,8 +17,9 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
+from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.driver import Task, fit, keep_output_on_failure, select_device, training_config
+from utils.driver import Task, fit, keep_output_on_failure, quiet_other_ranks, select_device, training_config
 from utils.evaluation import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.settings import settings_hook
@@ -27,6 +28,7 @@ SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("metric_learning", ingredients=[data_ingredient, evaluation_ingredient, model_ingredient,
                                                     loss_ingredient, metrix_ingredient])
 ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
+ex.option_hook(quiet_other_ranks)  # under torchrun only rank 0 observes the run and prints
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 
@@ -85,7 +87,10 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
     task = Task(model, criterion, lambda metrics: evaluate(model, metrics), best_key="cosine/R@1",
                 name=f"{rebuild['arch']}_{_config['dataset']['name']}", rebuild=rebuild, warmup_frozen=backbone,
                 warm_epochs=warm_epochs)
-    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run)
+    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run,
+                  device_augment=loaders.device_augment)
+    if not distributed.is_main():  # only rank 0 writes
+        return outcome.metrics[task.best_key]
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     print(f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
           f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)")

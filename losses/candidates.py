@@ -14,6 +14,11 @@ import torch
 from torch import Tensor, nn
 
 
+def loss_precision(x: Tensor) -> Tensor:
+    """x in at least float32: 16-bit embeddings from an autocast model are cast up, float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 @dataclass
 class Candidates:
     """Embeddings compared with the batch's anchors, with their (possibly interpolated) labels.

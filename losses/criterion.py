@@ -1,10 +1,17 @@
-"""The objective the training loop calls: weighted losses on clean and mixed candidates."""
+"""The objective the training loop calls: weighted losses on clean and mixed candidates.
+
+Under torchrun the losses see the global batch: every rank gathers the embeddings and labels of all ranks
+(utils.distributed.gather_with_grad), so that a DDP step has the single-process gradient of the global batch.
+The losses run in float32 (or float64) whatever the autocast around the model.
+"""
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
-from losses.candidates import Candidates
+from losses.candidates import Candidates, loss_precision
+from utils import distributed
 from utils.training import parameter_groups
 
 # (model, images, feature_map, embeddings, labels) -> mixed candidates; see losses.metrix.
@@ -36,13 +43,16 @@ class Criterion(nn.Module):
 
     def weighted_sum(self, anchors: Tensor, labels: Tensor, candidates: Candidates,
                      prefix: str = "") -> tuple[Tensor, dict[str, Tensor]]:
-        values = {prefix + name: loss(anchors, labels, candidates) for name, loss in self.losses.items()}
+        # Exponentials of scaled similarities (alpha = 32, beta = 50) lose too much in 16-bit floats.
+        with torch.autocast(anchors.device.type, enabled=False):
+            values = {prefix + name: loss(anchors, labels, candidates) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * values[prefix + name] for name in self.losses)
         return total, values
 
     def forward(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         feature_map = model.backbone(images)
-        embeddings = model.head(feature_map)
+        embeddings = distributed.gather_with_grad(loss_precision(model.head(feature_map)))
+        labels = distributed.gather(labels)
         loss, logs = self.weighted_sum(embeddings, labels, Candidates.clean(embeddings, labels))
         for loss_module in self.losses.values():
             if hasattr(loss_module, "accuracy"):  # a loss with a classifier

@@ -18,14 +18,20 @@ is B (B - 1) pooled mixtures, computed without materialising the mixed maps (mod
 B (B - 1) images through the backbone. max_pairs=K keeps the K usable
 pairs whose clean embeddings are most similar (the hardest negatives), which bounds time and memory by K.
 Rules, decisions and measured cost: docs/metrix.md.
+
+Under torchrun the embeddings and labels are the global batch's (gathered by Criterion), every rank builds the
+same pairs (rank 0's random draws are broadcast), and in input and feature mode each rank runs the network on
+its contiguous share of the pairs, made from the gathered images or feature maps; the mixed embeddings are
+gathered back, so the losses see every mixture. docs/distributed.md states what that costs.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses.candidates import Candidates
+from losses.candidates import Candidates, loss_precision
 from models.mixing import interpolate
+from utils import distributed
 
 MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")
@@ -103,7 +109,7 @@ class Metrix(nn.Module):
         The draw uses the device's generator, seeded by torch.manual_seed like the Beta samples.
         """
         if self.strategy == "random":
-            return torch.rand((), device=device) < 0.5
+            return distributed.broadcast_(torch.rand((), device=device) < 0.5)
         return torch.full((), self.strategy == "positive_negative", device=device)
 
     def anchor_mask(self, labels: Tensor, first: Tensor, positive_negative: Tensor) -> Tensor:
@@ -141,16 +147,27 @@ class Metrix(nn.Module):
         device, where torch.tensor(alpha, device=...) would copy from the host.
         """
         alpha = torch.full((count if self.lam == "per_pair" else 1,), self.alpha, device=device)
-        return torch.distributions.Beta(alpha, alpha, validate_args=False).sample().expand(count)
+        lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample()
+        return distributed.broadcast_(lam).expand(count)
 
     def mix(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor, first: Tensor,
             second: Tensor, lam: Tensor) -> Tensor:
-        """(M, D) embeddings of the mixtures; gradients flow into the clean examples they are made of."""
+        """(M, D) embeddings of the mixtures; gradients flow into the clean examples they are made of.
+
+        images and feature_map are this rank's, embeddings the global batch's (see the module docstring); the mixed
+        embeddings come out in at least float32, as the losses need.
+        """
+        if self.mode == "embed":
+            return interpolate(embeddings, first, second, lam)
+        sizes = distributed.split_sizes(first.shape[0])
+        share = distributed.shard(first.shape[0])
+        first, second, lam = first[share], second[share], lam[share]
         if self.mode == "input":
-            return model.head(model.backbone(interpolate(images, first, second, lam)))
-        if self.mode == "feature":
-            return model.head.embed(model.head.pool_mixtures(feature_map, first, second, lam))
-        return interpolate(embeddings, first, second, lam)
+            mixed = model.head(model.backbone(interpolate(distributed.gather(images), first, second, lam)))
+        else:
+            mixed = model.head.embed(model.head.pool_mixtures(distributed.gather_with_grad(feature_map), first, second,
+                                                              lam))
+        return distributed.gather_with_grad(loss_precision(mixed), sizes)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}, "

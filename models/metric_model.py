@@ -13,6 +13,7 @@ from models.mixing import mixed_pool
 from utils.errors import InputError
 
 POOLINGS = ("avg", "max", "avg+max")
+BATCH_NORMS = nn.modules.batchnorm._BatchNorm  # BatchNorm2d, and utils.sync_batchnorm's (sync_bn)
 NORM_LAYERS = (None, "batch", "layer")
 
 
@@ -75,7 +76,7 @@ class MetricModel(nn.Module):
         self.set_bn_eval = set_bn_eval or freeze_bn
         if freeze_bn:
             for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, BATCH_NORMS):
                     module.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,6 @@ class MetricModel(nn.Module):
         super().train(mode)
         if mode and self.set_bn_eval:
             for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, BATCH_NORMS):
                     module.eval()
         return self

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from torch import nn
 from torch.backends import cudnn
 from torch.utils.data import DataLoader
 
+from utils import distributed, sync_batchnorm
 from utils.checkpoint import (
     CHECKPOINT,
     FORMAT,
@@ -41,6 +43,7 @@ from utils.checkpoint import (
 )
 from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
 from utils.plots import draw_curves
+from utils.speed import Precision, batch_mover, prepare_model
 from utils.training import (
     NonFiniteStep,
     PlotFunction,
@@ -81,6 +84,12 @@ def training_config():
     checkpoint_every = None  # also write the checkpoint every this many iterations (long epochs); None: per epoch
     resume = None  # a -F run directory or a checkpoint file to continue (same settings; epochs may be raised)
     seed = 0
+
+    # Speed options (utils/speed.py), off by default: they change the numbers or help on GPUs only.
+    amp = None  # None | bf16 | fp16 (with a gradient scaler): autocast the model; the losses stay in float32
+    channels_last = False  # NHWC images and convolution weights (faster convolutions on tensor cores)
+    compile = False  # torch.compile the model's parts (slow first steps, fused kernels afterwards)
+    sync_bn = False  # under torchrun: BatchNorm in training mode uses the global batch's statistics
 
     # The evaluate and embed commands (after training).
     checkpoint = None  # evaluate, embed: a -F run directory or a checkpoint file whose best weights to use
@@ -123,9 +132,20 @@ class Outcome:
 
 
 def select_device(cpu: bool, cudnn_flag: str) -> torch.device:
+    """This process's device; under torchrun it joins the process group (NCCL on GPUs, gloo on the CPU)."""
     check_choice("cudnn_flag", cudnn_flag, CUDNN_FLAGS)
     cudnn.deterministic = cudnn_flag == "deterministic"
-    return torch.device("cuda:0" if torch.cuda.is_available() and not cpu else "cpu")
+    return distributed.setup(cpu)
+
+
+def quiet_other_ranks(options: dict) -> None:
+    """A sacred option hook: under torchrun only rank 0 observes the run (-F, other observers) and prints; the
+    other ranks keep their errors (stderr)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        for option in [key for key in options if key.startswith("--") and options[key] and "storage" in key]:
+            options[option] = None
+        options["--loglevel"] = "ERROR"
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
 
 
 def output_directory(run: Run, output_dir: str, name: str) -> Path:
@@ -137,9 +157,13 @@ def output_directory(run: Run, output_dir: str, name: str) -> Path:
 
 
 def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[str]], device: torch.device,
-        config: dict, run: Run) -> Outcome:
+        config: dict, run: Run, device_augment: Callable | None = None) -> Outcome:
     """Train task.model. evaluation: the metrics of every evaluated epoch, and the final metrics of the best
-    epoch's weights. The settings' types and ranges were checked before (utils/settings.py)."""
+    epoch's weights. device_augment: the photometric augmentation of the training batches on the device
+    (dataset.gpu_augment). The settings' types and ranges were checked before (utils/settings.py).
+
+    Under torchrun every rank runs this with its part of every global batch; only rank 0 writes (checkpoint,
+    pictures, visdom), and the ranks agree on when to stop."""
     epochs, lr, no_bias_decay = config["epochs"], config["lr"], config["no_bias_decay"]
     evaluate_after = evaluated_epochs(epochs, config["eval_every"])
     checkpoint_every = config["checkpoint_every"]
@@ -147,16 +171,24 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
     if resumed is not None:
         check_resumable(resumed["config"], plain(config), resumed["epoch"] - 1)
     model, objective = task.model.to(device), task.objective.to(device)
+    # Speed options (utils/speed.py) and BatchNorm over the global batch (utils/sync_batchnorm.py).
+    if config["sync_bn"]:
+        sync_batchnorm.convert(model)
+    precision = Precision(config["amp"], device)
+    prepare_model(model, config["channels_last"], config["compile"])
+    move_images = batch_mover(device, config["channels_last"], device_augment)
     groups = parameter_groups(model, no_bias_decay) + objective.parameter_groups(lr, no_bias_decay)
     optimizer = build_optimizer(groups, config["optimizer"], lr, config["momentum"], config["nesterov"],
                                 config["weight_decay"])
     schedule = build_scheduler(optimizer, len(train_loader), epochs, config["scheduler"], config["lr_step"],
                                config["lr_gamma"])
-    directory = output_directory(run, config["output_dir"], task.name)
-    prepare_directory(directory, checkpoint_bytes(model, objective))
+    main = distributed.is_main()
+    directory = distributed.broadcast_object(output_directory(run, config["output_dir"], task.name) if main else None)
+    distributed.raise_if_any(capture(lambda: prepare_directory(directory, checkpoint_bytes(model, objective)))
+                             if main else None)
     path = directory / CHECKPOINT
     run.info["checkpoint"] = str(path)
-    plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] else None
+    plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] and main else None
     best = BestEpoch(task.best_key, task.lower_is_better)
     curves: dict[str, dict[str, list]] = {}  # every logged series, in metrics.json's shape, for curves.png
 
@@ -167,15 +199,15 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
         return metrics
 
     def write(epoch: int, iteration: int) -> None:
-        """The checkpoint after `iteration` iterations of epoch (0: the epoch is complete)."""
-        save_checkpoint({
+        """The checkpoint after `iteration` iterations of epoch (0: the epoch is complete), by rank 0."""
+        distributed.raise_if_any(capture(lambda: save_checkpoint({
             "format": FORMAT, "epoch": epoch, "iteration": iteration, "iterations": schedule.last_epoch,
             "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "scaler": None,
+            "scheduler": schedule.state_dict(), "scaler": precision.scaler.state_dict(),
             "best": {"epoch": best.epoch, "metrics": best.metrics, "model": best.state},
             "rng": rng_state(), "config": plain(config), "code": plain(run.experiment_info),
             "rebuild": plain(task.rebuild), "curves": curves,
-        }, path)
+        }, path)) if main else None)
 
     if resumed is None:
         best.update(0, evaluate_and_log(0), model)
@@ -183,6 +215,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
         start_epoch, start_iteration = 1, 0
     else:
         start_epoch, start_iteration = restore(resumed, model, objective, optimizer, schedule, best)
+        precision.scaler.load_state_dict(resumed["scaler"])
         curves.update(resumed["curves"])
         print(f"Resumed from {config['resume']}: epoch {start_epoch}, iteration {start_iteration}")
 
@@ -190,24 +223,28 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
         def after_step(iteration: int) -> bool:
             if checkpoint_every and schedule.last_epoch % checkpoint_every == 0:
                 write(epoch, iteration)
-            return stop_signal() is not None
+            return distributed.any_rank(stop_signal() is not None)
 
         for epoch in range(start_epoch, epochs + 1):
             for parameter in task.warmup_frozen:
                 parameter.requires_grad_(epoch > task.warm_epochs)
+            if epoch == start_epoch or epoch == task.warm_epochs + 1:
+                # DDP fixes the set of trained parameters when it is built: again once the warm-up ends.
+                step_objective = distributed.data_parallel(model, objective, device)
             start, start_iteration = start_iteration, 0
             train_loader.batch_sampler.set_epoch(epoch, start)
             with cudnn_benchmark(config["cudnn_flag"]):
                 try:
                     history, counters = train_one_epoch(
-                        model, objective, train_loader, optimizer, schedule, device, epoch, config["grad_clip"],
-                        config["visdom_freq"], plot, start, after_step, config["nonfinite"] == "skip")
+                        model, step_objective, train_loader, optimizer, schedule, device, epoch, config["grad_clip"],
+                        config["visdom_freq"], plot, start, after_step, config["nonfinite"] == "skip", precision,
+                        move_images)
                 except NonFiniteStep as step:
                     raise RunFailed(nonfinite_message(epoch, step, path)) from None
             log_training(run, curves, epoch, history, counters)
             if counters["iterations"] < start + len(train_loader):
                 write(epoch, counters["iterations"])
-                raise RunInterrupted(f"stopped by {stop_signal()} at epoch {epoch}, iteration "
+                raise RunInterrupted(f"stopped by {stop_signal() or 'another rank'} at epoch {epoch}, iteration "
                                      f"{counters['iterations']}; the checkpoint is {path}: continue with "
                                      f"`resume={directory}`")
             if task.after_epoch is not None:
@@ -215,16 +252,27 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
             if epoch in evaluate_after:
                 best.update(epoch, evaluate_and_log(epoch), model)
             write(epoch + 1, 0)
-            if stop_signal() is not None:
-                raise RunInterrupted(f"stopped by {stop_signal()} after epoch {epoch}; the checkpoint is {path}: "
+            if distributed.any_rank(stop_signal() is not None):
+                raise RunInterrupted(f"stopped by {stop_signal() or 'another rank'} after epoch {epoch}; the "
+                                     f"checkpoint is {path}: "
                                      f"continue with `resume={directory}`")
 
     model.load_state_dict(best.state)
     model.eval()
     final = task.evaluate(evaluation[1])
     report_final(run, best.epoch, final)
-    draw_curves(curves, directory / "curves.png", title=f"{task.name}: best epoch {best.epoch}")
+    if main:
+        draw_curves(curves, directory / "curves.png", title=f"{task.name}: best epoch {best.epoch}")
     return Outcome(best.epoch, final, directory, path)
+
+
+def capture(action: Callable[[], Any]) -> Exception | None:
+    """The error action raised, or None: for distributed.raise_if_any, so that every rank fails with it."""
+    try:
+        action()
+    except (InputError, RunFailed) as error:
+        return error
+    return None
 
 
 def plain(value: Any) -> Any:

@@ -2,6 +2,10 @@
 
 Its settings' types and ranges are in the table of utils/settings.py; check_evaluation adds what depends on the
 machine, before any data is read.
+
+Under torchrun each rank embeds a contiguous shard of every test set (no padding, no duplicates), the shards are
+gathered in order, and rank 0 computes the metrics once and shares them: the numbers are those of a
+single-process evaluation of the same weights.
 """
 
 from collections.abc import Callable, Sequence
@@ -9,8 +13,9 @@ from pathlib import Path
 
 import torch
 from sacred import Ingredient
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from utils import distributed
 from utils.data.ingredient import DATASETS, MetricLoaders, data_ingredient
 from utils.errors import InputError
 from utils.knn import resolve_backend
@@ -32,15 +37,26 @@ def config(dataset):
     backend = "auto"  # auto | faiss | faiss-gpu | torch (exact k-NN, all give the same numbers)
 
 
+def shard_loader(loader: DataLoader) -> DataLoader:
+    """The loader over this rank's contiguous shard of its (unshuffled) data set."""
+    if distributed.world_size() == 1:
+        return loader
+    shard = distributed.shard(len(loader.dataset))
+    return DataLoader(Subset(loader.dataset, range(shard.start, shard.stop)), batch_size=loader.batch_size,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
 @torch.no_grad()
 def extract_embeddings(embed: Embed, loader: DataLoader, device: torch.device, desc: str = "Extracting features"
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and labels of a whole loader, in loader order, on the device."""
+    """Embeddings and labels of a whole loader, in loader order, on the device (every rank embeds its shard)."""
     embeddings, labels = [], []
-    for images, batch_labels in progress(loader, desc):
+    for images, batch_labels in progress(shard_loader(loader), desc):
         embeddings.append(embed(images.to(device, non_blocking=True)))
         labels.append(batch_labels)
-    return torch.cat(embeddings), torch.cat(labels).to(device)
+    sizes = distributed.split_sizes(len(loader.dataset))
+    return (distributed.gather(torch.cat(embeddings), sizes),
+            distributed.gather(torch.cat(labels).to(device), sizes))
 
 
 class Evaluator:
@@ -62,8 +78,11 @@ class Evaluator:
         self.last = query, gallery
         if "utilization" in metrics:
             reference, _ = extract_embeddings(embed, loaders.reference, device, "Extracting training features")
-        results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=self.recalls, metrics=metrics,
-                                      backend=self.backend, reference=reference)
+        results = None
+        if distributed.is_main():
+            results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=self.recalls,
+                                          metrics=metrics, backend=self.backend, reference=reference)
+        results = distributed.broadcast_object(results)
         # Every query of the prepared data sets has a positive; the count is only news when it is not zero.
         if results.get("queries_without_positive") == 0:
             del results["queries_without_positive"]

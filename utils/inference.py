@@ -63,7 +63,7 @@ def restore(path: str | None, current: dict, run: Run) -> tuple[dict, dict, torc
 def evaluation_data(config: dict, device: torch.device) -> tuple[MetricLoaders, Evaluator]:
     """The test images of config's data set and its evaluator (no training batches)."""
     call_with(check_evaluation, config["evaluation"], device=device)
-    train, query, gallery = call_with(get_datasets, config["dataset"])
+    train, query, gallery, _ = call_with(get_datasets, config["dataset"])
     loaders = call_with(test_loaders, config["dataset"], train=train, query=query, gallery=gallery)
     return loaders, call_with(get_evaluator, config["evaluation"], loaders=loaders, device=device)
 

@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,9 @@ from torch.optim import SGD, Adam, AdamW, Optimizer, lr_scheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils import distributed
 from utils.errors import InputError, check_choice
+from utils.speed import Precision, batch_mover
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("warmcos", "cos", "step", "warmstep", "constant")
@@ -29,8 +32,9 @@ PlotFunction = Callable[[str, str, float, float], None]
 def progress(iterable: Iterable, desc: str, **options) -> tqdm:
     """A progress bar as wide as the terminal that disappears when done, on the terminal only: sacred captures
     sys.stderr for its observers, and its file observer only appends to cout.txt, so a bar redrawing its line
-    would leave fragments there."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=sys.__stderr__, **options)
+    would leave fragments there. Under torchrun only rank 0 draws one."""
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=sys.__stderr__,
+                disable=not distributed.is_main(), **options)
 
 
 def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
@@ -91,15 +95,21 @@ def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, o
                     scheduler: lr_scheduler.LRScheduler, device: torch.device, epoch: int,
                     grad_clip: float | None = None, log_every: int = 20, plot: PlotFunction | None = None,
                     start: int = 0, after_step: Callable[[int], bool] | None = None,
-                    skip_nonfinite: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
+                    skip_nonfinite: bool = False, precision: Precision | None = None,
+                    move_images: Callable[[Any], torch.Tensor] | None = None
+                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """One pass over loader, whose first `start` batches of the epoch were done before (a resumed epoch).
 
     Returns every logged value of every iteration, and the epoch's counters: its first iteration here, its
     length, the iterations done in all, the steps skipped for a non-finite loss or gradient, and the seconds
     spent waiting for data and in steps. after_step(i) is called with the number of iterations done so far;
     True stops the epoch there. A non-finite step raises NonFiniteStep before the update, or with
-    skip_nonfinite is skipped and counted.
+    skip_nonfinite is skipped and counted. precision: autocast and gradient scaling (utils.speed; default
+    float32), under which an fp16 gradient overflow is the scaler's to handle (only the loss is checked).
+    move_images: the loader's images -> the model's input on the device (utils.speed.batch_mover).
     """
+    precision = precision or Precision(None, device)
+    move_images = move_images or batch_mover(device, channels_last=False)
     model.train()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     history: dict[str, list[torch.Tensor]] = {}
@@ -110,15 +120,17 @@ def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, o
     ready = time.perf_counter()
     for i, (images, labels) in enumerate(bar, start=start):
         loaded = time.perf_counter()
-        images = images.to(device, non_blocking=True)
+        images = move_images(images)
         labels = labels.to(device, non_blocking=True)
-        loss, logs = objective(model, images, labels)
+        with precision.autocast():
+            loss, logs = objective(model, images, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if all_finite(loss, parameters):
+        precision.backward(loss)
+        if all_finite(loss, [] if precision.scaler.is_enabled() else parameters):
             if grad_clip:
+                precision.unscale_(optimizer)
                 nn.utils.clip_grad_value_(parameters, grad_clip)
-            optimizer.step()
+            precision.step(optimizer)
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
         elif skip_nonfinite:

@@ -7,6 +7,8 @@ from typing import NamedTuple
 from sacred import Ingredient
 from torch.utils.data import DataLoader
 
+from utils import distributed
+from utils.data.device_augment import DeviceColorJitter, build_split_pipeline
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
 from utils.data.manifest import check_prepared
@@ -36,7 +38,11 @@ def config():
 
     preload = True  # decode every image into RAM once
     num_workers = 0  # DataLoader worker processes
-    pin_memory = False  # page-locked host memory for faster copies to a GPU
+    pin_memory = False  # page-locked batches: asynchronous copies to the GPU
+    persistent_workers = False  # keep the workers between epochs (with num_workers > 0)
+    # Training batches: decode, crop and flip in the workers on uint8, colour jitter batched on the device
+    # (utils/data/device_augment.py; same distribution, other random draws than the default pipeline).
+    gpu_augment = False
 
     crop_size = 32  # side of the (random in training, central in test) square crop
     resize = None  # resize before cropping (test images too)
@@ -86,12 +92,14 @@ class MetricLoaders(NamedTuple):
     gallery: DataLoader | None
     reference: DataLoader  # the training images with the test transform, for utilization
     num_classes: int
+    device_augment: DeviceColorJitter | None = None  # dataset.gpu_augment: the training batches' colour jitter
 
 
 @data_ingredient.capture
 def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gallery_file: str | None, preload: bool,
-                 crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool
-                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None]:
+                 crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool, gpu_augment: bool
+                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, DeviceColorJitter | None]:
+    """The training, query and gallery images, and with gpu_augment the colour jitter left to the device."""
     if name not in DATASETS:
         raise InputError(f"unknown dataset.name {name!r}: choose one of {', '.join(DATASETS)}")
     root = Path(data_path)
@@ -102,31 +110,38 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
                          f"or point dataset.data_path at the prepared data")
     check_prepared(root)
     train_transform, test_transform = build_transforms(crop_size, resize, scale, ratio, color_jitter, rotate, hflip)
+    device_augment = None
+    if gpu_augment:
+        train_transform, device_augment = build_split_pipeline(crop_size, resize, scale, ratio, color_jitter, rotate,
+                                                               hflip)
     train = ImageDataset(root, train_file, train_transform, preload)
     query = ImageDataset(root, test_file, test_transform, preload, min_classes=2)
     gallery = ImageDataset(root, gallery_file, test_transform, preload) if gallery_file else None
-    return train, query, gallery
+    return train, query, gallery, device_augment
 
 
 @data_ingredient.capture
 def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_per_class: int,
                       num_iterations: int | None, _seed: int) -> EpochBatches:
-    """The training batches; _seed is sacred's seed for this function, derived from the run's seed."""
+    """The training batches; batch_size is the global batch, and under torchrun each rank gets its part of every
+    global batch. _seed is sacred's seed for this function, derived from the run's seed (the same on every rank)."""
     if sampler not in SAMPLERS:
         raise InputError(f"unknown dataset.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if batch_size > len(labels):
         raise InputError(f"dataset.batch_size={batch_size} exceeds the {len(labels)} training images: lower it")
     num_batches = num_iterations or len(labels) // batch_size
-    return epoch_batches(labels, batch_size, sampler, images_per_class, num_batches, _seed)
+    distributed.check_batch(batch_size, images_per_class if sampler != "random" else None)
+    return epoch_batches(labels, batch_size, sampler, images_per_class, num_batches, _seed, distributed.rank(),
+                         distributed.world_size())
 
 
 @data_ingredient.capture
-def get_loaders(num_workers: int, pin_memory: bool) -> MetricLoaders:
-    train, query, gallery = get_datasets()
+def get_loaders(num_workers: int, pin_memory: bool, persistent_workers: bool) -> MetricLoaders:
+    train, query, gallery, device_augment = get_datasets()
     batches = get_train_sampler(train.targets)
     train_loader = DataLoader(train, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-                              generator=batches.worker_seeds)
-    return test_loaders(train, query, gallery)._replace(train=train_loader)
+                              persistent_workers=persistent_workers and num_workers > 0, generator=batches.worker_seeds)
+    return test_loaders(train, query, gallery)._replace(train=train_loader, device_augment=device_augment)
 
 
 @data_ingredient.capture

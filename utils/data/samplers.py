@@ -64,11 +64,16 @@ class EpochBatches(Sampler[list[int]]):
     """The batches of an epoch drawn from generators seeded by (seed, epoch), whatever ran before: an epoch can be
     replayed, and a stopped one resumed after its first `start` batches (set_epoch) with the same batches.
 
-    batches draws from `generator`; the DataLoader draws its workers' seeds from `worker_seeds`.
+    batches draws from `generator`; the DataLoader draws its workers' seeds from `worker_seeds`. Under torchrun
+    every rank draws the same global batches and keeps its contiguous part of each (`rank` of `world_size`): the
+    parts never overlap, and a class-balanced batch, whose classes come in contiguous runs of images_per_class,
+    keeps each class on one rank when the part is a whole number of classes (utils.distributed.check_batch).
     """
 
-    def __init__(self, batches: BatchSampler | ClassBatchSampler, generator: torch.Generator, seed: int) -> None:
+    def __init__(self, batches: BatchSampler | ClassBatchSampler, generator: torch.Generator, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.batches, self.generator, self.seed = batches, generator, seed
+        self.rank, self.world_size = rank, world_size
         self.worker_seeds = torch.Generator()
         self.set_epoch(1)
 
@@ -81,16 +86,20 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         stream = (self.seed * 1_000_003 + self.epoch) * 2  # one for the batches, one for the workers' seeds
         self.generator.manual_seed(stream)
-        self.worker_seeds.manual_seed(stream + 1)
-        return itertools.islice(iter(self.batches), self.start, None)
+        self.worker_seeds.manual_seed(stream + 1 + (self.rank << 48))  # each rank's workers their own draws
+        for batch in itertools.islice(iter(self.batches), self.start, None):
+            part = len(batch) // self.world_size
+            yield batch[self.rank * part:(self.rank + 1) * part]
 
 
 def epoch_batches(labels: Sequence[int], batch_size: int, sampler: str, images_per_class: int, num_batches: int,
-                  seed: int) -> EpochBatches:
+                  seed: int, rank: int = 0, world_size: int = 1) -> EpochBatches:
     """random: batches of distinct images drawn at random; random_id and balanced: ClassBatchSampler's."""
     generator = torch.Generator()
     if sampler == "random":
         images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size, generator=generator)
-        return EpochBatches(BatchSampler(images, batch_size, drop_last=True), generator, seed)
-    return EpochBatches(ClassBatchSampler(labels, batch_size, images_per_class, num_batches,
-                                          replace=sampler == "balanced", generator=generator), generator, seed)
+        batches = BatchSampler(images, batch_size, drop_last=True)
+    else:
+        batches = ClassBatchSampler(labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced",
+                                    generator=generator)
+    return EpochBatches(batches, generator, seed, rank, world_size)

@@ -1,0 +1,239 @@
+"""Where the time of a training step goes, in one run, as ratios: data pipeline, model step, full loop, gather.
+
+    python benchmarks/bench_pipeline.py                          # CPU defaults: resnet18, batch 32, 112 px
+    python benchmarks/bench_pipeline.py --arch resnet50 --batch 128 --size 224 --workers 8 --compile   # a GPU
+
+1. Pipeline, images/s of one worker (one process, one thread): the default PIL pipeline of the CE recipe on CUB
+   (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against dataset.gpu_augment's
+   worker part (decode, crop and resize in one step, flip, uint8), on synthetic 500x375 JPEGs written here;
+   decoding alone, the bound of any CPU pipeline; and the device part of gpu_augment (batched colour jitter),
+   per image, on the benchmark's device.
+2. Step on device-resident synthetic batches (forward, cross-entropy, backward, SGD step) in float32, with amp,
+   channels_last and torch.compile; step times and images/s relative to float32.
+3. Full loop: DataLoader workers feeding the step, default pipeline against gpu_augment, in images/s.
+4. Cross-rank gather: gather_with_grad forward and backward over 2 gloo processes (the CPU) of the batch's
+   embeddings and of its feature maps (what feature-mode Metrix gathers), relative to the float32 step.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import DataLoader, RandomSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+from losses.criterion import Criterion  # noqa: E402
+from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
+from models.backbones import get_backbone  # noqa: E402
+from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
+from utils import distributed  # noqa: E402
+from utils.data.device_augment import build_split_pipeline  # noqa: E402
+from utils.data.image_dataset import ImageDataset  # noqa: E402
+from utils.data.transforms import build_transforms  # noqa: E402
+from utils.speed import Precision, batch_mover, prepare_model  # noqa: E402
+
+CUB_RECIPE = dict(crop_size=224, resize=256, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3),
+                  color_jitter=(0.25, 0.25, 0.25, 0), rotate=None, hflip=True)
+
+
+def write_jpegs(root: Path, count: int) -> Path:
+    """count 500x375 JPEGs (CUB's typical size) of smooth colour and noise, and their split file."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        low = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(low).resize((500, 375), Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{i}.jpg", quality=90)
+        lines.append(f"{i}.jpg,{i % 10}\n")
+    (root / "train.txt").write_text("".join(lines))
+    return root
+
+
+def rates(works: dict[str, Callable[[], int]], seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Items per second of each work() (which returns how many items it did): the works take turns, seconds /
+    rounds each per round, after one warm-up call each, and each figure is the median over the rounds, so that
+    the load of other processes on a shared machine spreads over all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in works}
+    for work in works.values():
+        work()
+    for _ in range(rounds):
+        for name, work in works.items():
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                done += work()
+            samples[name].append(done / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, float]:
+    default, _ = build_transforms(**CUB_RECIPE)
+    worker, jitter = build_split_pipeline(**CUB_RECIPE)
+    old, new = ImageDataset(root, "train.txt", default), ImageDataset(root, "train.txt", worker)
+    order = iter(range(10 ** 9))
+
+    def one(dataset: ImageDataset) -> Callable[[], int]:
+        return lambda: (dataset[next(order) % len(dataset)], 1)[1]
+
+    torch.set_num_threads(1)  # a DataLoader worker runs one thread
+    decode_only = ImageDataset(root, "train.txt", None)  # what no CPU pipeline can beat: decoding alone
+    results = rates({"default": one(old), "gpu_augment": one(new), "decode only": one(decode_only)}, seconds)
+    torch.set_num_threads(os.cpu_count() or 1)
+    batch = [torch.randint(0, 256, (128, 3, 224, 224), dtype=torch.uint8), torch.rand(128)]
+    results |= rates({"device jitter": lambda: (synchronize(jitter(batch, device)), 128)[1]}, seconds)
+    return results
+
+
+def synchronize(result: object = None) -> object:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result
+
+
+def make_step(arch: str, device: torch.device, amp: str | None, channels_last: bool, compile: bool
+              ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    torch.manual_seed(0)
+    backbone = get_backbone(arch, None)
+    model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, backbone.out_channels)).to(device).train()
+    prepare_model(model, channels_last, compile)
+    criterion = Criterion({"ce": (1.0, CrossEntropyLoss(backbone.out_channels, 100))}).to(device)
+    optimizer = torch.optim.SGD([*model.parameters(), *criterion.parameters()], lr=1e-3, momentum=0.9)
+    precision, move = Precision(amp, device), batch_mover(device, channels_last)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with precision.autocast():
+            loss, _ = criterion(model, move(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.step(optimizer)
+
+    return step
+
+
+def steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    amp = "bf16" if device.type == "cpu" else "fp16"
+    variants = {"float32": (None, False, False), amp: (amp, False, False), "channels_last": (None, True, False),
+                f"{amp} + channels_last": (amp, True, False)}
+    if device.type == "cuda":
+        variants["bf16 + channels_last"] = ("bf16", True, False)
+    if args.compile:
+        variants[f"{amp} + channels_last + compile"] = (amp, True, True)
+    images = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, 100, (args.batch,), device=device)
+    works = {}
+    for name, options in variants.items():
+        step = make_step(args.arch, device, *options)
+        for _ in range(3):  # warm-up (and compilation)
+            step(images, labels)
+        works[name] = lambda step=step: (step(images, labels), synchronize(), args.batch)[2]
+    return rates(works, args.seconds)
+
+
+def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> dict[str, float]:
+    recipe = dict(CUB_RECIPE, crop_size=args.size, resize=args.size * 8 // 7)
+    default, _ = build_transforms(**recipe)
+    worker, jitter = build_split_pipeline(**recipe)
+    step = make_step(args.arch, device, None, False, False)
+    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
+    works = {}
+    for name, transform, augment in (("default", default, None), ("gpu_augment", worker, jitter)):
+        dataset = ImageDataset(root, "train.txt", transform)
+        loader = DataLoader(dataset, batch_size=args.batch, sampler=RandomSampler(dataset, num_samples=10 ** 7),
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            persistent_workers=args.workers > 0)
+        batches, move = iter(loader), batch_mover(device, False, augment)
+
+        def data(batches=batches, move=move) -> int:
+            synchronize(move(next(batches)[0]))
+            return args.batch
+
+        def data_and_step(batches=batches, move=move) -> int:
+            step(move(next(batches)[0]), labels)
+            synchronize()
+            return args.batch
+
+        works[f"{name}: data only"], works[f"{name}: data + step"] = data, data_and_step
+    return rates(works, args.seconds)
+
+
+def gather_worker(rank: int, port: int, shapes: dict[str, tuple[int, ...]], repeats: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.setup(cpu=True)
+    times = {}
+    for name, shape in shapes.items():
+        local = torch.randn(shape, requires_grad=True)
+        samples = []
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            distributed.gather_with_grad(local).sum().backward()
+            samples.append(time.perf_counter() - start)
+        times[name] = statistics.median(samples[2:])
+    if rank == 0:
+        torch.save(times, out)
+    distributed.teardown()
+
+
+def gathers(args: argparse.Namespace, feature_shape: tuple[int, ...], repeats: int = 20) -> dict[str, float]:
+    from tests.multiprocess import free_port
+
+    local = args.batch // 2
+    shapes = {f"embeddings {local}x{feature_shape[0]} per rank": (local, feature_shape[0]),
+              f"feature maps {local}x{'x'.join(map(str, feature_shape))} per rank": (local, *feature_shape)}
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "times.pt")
+        mp.spawn(gather_worker, args=(free_port(), shapes, repeats, out), nprocs=2)
+        return torch.load(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=112, help="training crop of the step and the full loop")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the full loop")
+    parser.add_argument("--images", type=int, default=64, help="synthetic JPEGs written")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time of each figure")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU)")
+    parser.add_argument("--cpu", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# {name}, {os.cpu_count()} CPUs, torch {torch.__version__}; {' '.join(sys.argv[1:]) or 'defaults'}")
+    with tempfile.TemporaryDirectory() as folder:
+        root = write_jpegs(Path(folder), args.images)
+        table("1. pipeline, images/s per worker (CUB CE recipe, 500x375 JPEGs)", pipelines(root, device, args.seconds),
+              "default")
+        step_rates = steps(args, device)
+        table(f"2. step on device-resident batches, images/s ({args.arch}, batch {args.batch}, {args.size} px, "
+              f"{device.type})", step_rates, "float32")
+        table(f"3. full loop, images/s ({args.workers} workers)", full_loops(args, root, device),
+              "default: data + step")
+    backbone = get_backbone(args.arch, None)
+    side = -(-args.size // 32)  # a ResNet's last feature map
+    times = gathers(args, (backbone.out_channels, side, side))
+    step_seconds = args.batch / step_rates["float32"]
+    print("\n4. gather_with_grad forward + backward, 2 gloo processes (CPU)")
+    for key, seconds in times.items():
+        print(f"  {key:<45} {seconds * 1e3:8.2f} ms  {seconds / step_seconds:6.3f} of a float32 step")
+
+
+def table(title: str, results: dict[str, float], baseline: str) -> None:
+    print(f"\n{title}")
+    for key, value in results.items():
+        print(f"  {key:<45} {value:10.1f}  x{value / results[baseline]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The split pipeline (geometry in the workers on uint8, colour jitter batched on the device) draws the same
+distribution of crops and colours as the default PIL pipeline: two-sample Kolmogorov-Smirnov tests on the same
+images, with fixed seeds."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import ks_2samp
+from torch.utils.data import default_collate
+
+from tests.conftest import SHRINK, assert_input_error, digits_updates
+from utils.data.device_augment import build_split_pipeline
+from utils.data.transforms import build_transforms
+from utils.errors import InputError
+
+SAMPLES = 400
+SETTINGS = dict(crop_size=48, resize=64, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3), rotate=None, hflip=True)
+CPU = torch.device("cpu")
+
+
+def ramps() -> Image.Image:
+    """Red grows with x and green with y: a crop's pixels tell where it was taken and whether it was flipped."""
+    x, y = np.meshgrid(np.linspace(0, 255, 120), np.linspace(0, 255, 90))
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8))
+
+
+def photo() -> Image.Image:
+    """Smooth colour blobs with texture: pixels away from the extremes, so that jitter moves them freely."""
+    rng = np.random.default_rng(0)
+    low = rng.uniform(30, 225, size=(6, 8, 3)).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((120, 90), Image.BICUBIC), dtype=np.float64)
+    return Image.fromarray(np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8))
+
+
+def default_pipeline(image: Image.Image, color_jitter, seed: int = 0) -> torch.Tensor:
+    transform, _ = build_transforms(color_jitter=color_jitter, **SETTINGS)
+    torch.manual_seed(seed)
+    return torch.stack([transform(image) for _ in range(SAMPLES)])
+
+
+def split_pipeline(image: Image.Image, color_jitter, seed: int = 1) -> torch.Tensor:
+    worker, device_jitter = build_split_pipeline(color_jitter=color_jitter, **SETTINGS)
+    torch.manual_seed(seed)
+    return device_jitter(default_collate([worker(image) for _ in range(SAMPLES)]), CPU)
+
+
+def geometry(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Crop positions and sizes are whole pixels, so these take few values; rounded to a grid coarser than
+    the two resamplings' differences (see the paired test), the atoms of both pipelines coincide, where a KS
+    test would otherwise read an offset of 1e-4 between two atoms as a difference of distributions."""
+    red, green = images[:, 0], images[:, 1]
+    statistics = {"centre x": red.mean(dim=(1, 2)), "centre y": green.mean(dim=(1, 2)),
+                  "signed width": (red[:, :, -1] - red[:, :, 0]).mean(dim=1),  # negative when flipped
+                  "height": (green[:, -1] - green[:, 0]).mean(dim=1)}
+    return {key: (value * 100).round() / 100 for key, value in statistics.items()}
+
+
+def colours(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {**{f"mean {c}": images[:, i].mean(dim=(1, 2)) for i, c in enumerate("RGB")},
+            **{f"std {c}": images[:, i].std(dim=(1, 2)) for i, c in enumerate("RGB")}}
+
+
+def p_values(statistics, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    first, second = statistics(a), statistics(b)
+    return {key: ks_2samp(first[key].numpy(), second[key].numpy()).pvalue for key in first}
+
+
+def test_same_draws_give_the_same_crops():
+    """The worker draws the box and the flip as the default pipeline does, in the same order: with one seed
+    the two pipelines crop the same boxes and differ only by resampling once instead of twice."""
+    default, split = default_pipeline(ramps(), None, seed=0), split_pipeline(ramps(), None, seed=0)
+    assert (default - split).abs().mean(dim=(1, 2, 3)).max() < 0.01
+
+
+def test_same_distribution_of_crops():
+    p = p_values(geometry, default_pipeline(ramps(), None), split_pipeline(ramps(), None))
+    assert min(p.values()) > 0.001, p
+
+
+@pytest.mark.parametrize("color_jitter", [(0.25, 0.25, 0.25, 0), (0.3, 0.3, 0.3, 0.1)])  # CUB's, Cars'
+def test_same_distribution_of_colours(color_jitter):
+    p = p_values(colours, default_pipeline(photo(), color_jitter), split_pipeline(photo(), color_jitter))
+    assert min(p.values()) > 0.001, p
+
+
+def test_the_colour_test_sees_a_missing_jitter():
+    p = p_values(colours, default_pipeline(photo(), (0.3, 0.3, 0.3, 0.1)), split_pipeline(photo(), None))
+    assert min(p.values()) < 1e-6, p
+
+
+def test_worker_output_is_uint8_at_crop_size():
+    worker, _ = build_split_pipeline(color_jitter=None, **SETTINGS)
+    pixels, grey = worker(photo())
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 48)
+    assert grey == pytest.approx(np.asarray(photo().convert("L")).mean() / 255, abs=0.01)
+
+
+def test_rotation_is_refused():
+    with pytest.raises(InputError, match=r"dataset\.rotate=10 .* dataset\.gpu_augment"):
+        build_split_pipeline(**(SETTINGS | {"rotate": 10}), color_jitter=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["experiment", "autoencoder_experiment"])
+def test_experiments_train_with_gpu_augment(script, datasets, request):
+    run = request.getfixturevalue(script)
+    words = "with dataset.cub model.small_cnn" if script == "experiment" else "with dataset.cub_vae vae.ae"
+    outcome = run(f"{words} dataset.gpu_augment=True dataset.pin_memory=True", *SHRINK,
+                  f"dataset.data_path={datasets['cub']}")
+    assert outcome.code == 0, outcome.err
+
+
+def test_experiment_refuses_rotation_with_gpu_augment(digits_path, experiment):
+    outcome = experiment("with epochs=1 dataset.gpu_augment=True dataset.rotate=15", *digits_updates(digits_path))
+    assert_input_error(outcome, "dataset.rotate=15", "dataset.gpu_augment")

@@ -1,0 +1,126 @@
+"""The split training pipeline (dataset.gpu_augment=True): geometry in the workers on uint8, colour on the device.
+
+The default pipeline (utils.data.transforms) does everything in a worker on PIL images: resize, colour jitter,
+random resized crop, flip, conversion to float. One CPU core then prepares about 290 CUB-sized images per
+second, far from what a GPU consumes. Here a worker only decodes, crops and flips, and hands over a uint8 crop;
+the device jitters the colours of the whole batch at once and turns it into floats (the backbone normalises).
+
+The augmentation distribution is the default pipeline's:
+
+- The crop box is drawn by torchvision's own RandomResizedCrop.get_params in the coordinates of the resized
+  image, as the default pipeline draws it, and mapped back to the decoded image, which is resampled once (crop
+  and resize in one bilinear step, where the default resamples twice).
+- Colour jitter draws its factors and their order per image as torchvision's ColorJitter does, and applies the
+  same formulas to float pixels. Jitter is per pixel except contrast, which blends towards the mean grey level
+  of the whole image, not of the crop: the worker measures that mean on the full image, and the device carries
+  it through a brightness change applied before the contrast (exactly, unless pixels clip at 1) and keeps it
+  through saturation (exact) and hue (an approximation: hue rotation moves the grey level a little).
+
+tests/test_device_augment.py checks both distributions against the default pipeline's; docs/speed.md has the
+figures.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms as T
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+from utils.errors import InputError
+
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
+
+
+def resized_size(width: int, height: int, resize: int | Sequence[int] | None) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(resize): an int sets the shorter side, a pair (h, w) both."""
+    if resize is None:
+        return width, height
+    if not isinstance(resize, int):
+        return int(resize[1]), int(resize[0])
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+class WorkerCrop:
+    """PIL image -> (uint8 (3, crop, crop) tensor, grey-level mean of the whole image in [0, 1])."""
+
+    def __init__(self, crop_size: int, resize: int | Sequence[int] | None, scale: Sequence[float],
+                 ratio: Sequence[float], hflip: bool) -> None:
+        self.crop_size, self.resize, self.hflip = crop_size, resize, hflip
+        self.scale, self.ratio = list(scale), list(ratio)
+
+    def __call__(self, image: Image.Image) -> tuple[Tensor, float]:
+        width, height = resized_size(*image.size, self.resize)
+        # get_params reads only the size of its image: an uninitialised tensor of the resized shape.
+        top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(0, height, width), self.scale, self.ratio)
+        sx, sy = image.width / width, image.height / height
+        crop = image.resize((self.crop_size, self.crop_size), Image.BILINEAR,
+                            box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+        if self.hflip and torch.rand(1) < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        # The mean of a 4x box-reduced copy is the image's mean (up to rounding) at a sixteenth of the cost.
+        grey = np.asarray(image.reduce(4).convert("L"), dtype=np.float32).mean() / 255
+        return torch.from_numpy(np.array(crop)).permute(2, 0, 1), float(grey)
+
+
+class DeviceColorJitter(nn.Module):
+    """A collated batch [uint8 (B, 3, H, W), grey means (B,)] -> float (B, 3, H, W) in [0, 1] on the device, with
+    torchvision ColorJitter(brightness, contrast, saturation, hue) drawn per image (None or 0: off)."""
+
+    def __init__(self, color_jitter: Sequence[float] | None) -> None:
+        super().__init__()
+        # torchvision's own checks and ranges: (1 - x, 1 + x) for the factors, (-x, x) for hue, None when off.
+        jitter = T.ColorJitter(*(color_jitter or ()))
+        self.ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+
+    def forward(self, batch: Sequence[Tensor], device: torch.device) -> Tensor:
+        pixels, grey = batch
+        images = pixels.to(device, non_blocking=True).float().div_(255)
+        if all(r is None for r in self.ranges):
+            return images
+        grey = grey.to(device, non_blocking=True).float().view(-1, 1, 1, 1)
+        order, factors = self.draw(images.shape[0], device)
+        for position in range(4):
+            for op, factor in enumerate(factors):
+                if factor is None:
+                    continue
+                chosen = (order[:, position] == op).view(-1, 1, 1, 1)
+                adjusted, new_grey = self.adjust(op, images, grey, factor.view(-1, 1, 1, 1))
+                images, grey = torch.where(chosen, adjusted, images), torch.where(chosen, new_grey, grey)
+        return images
+
+    def draw(self, count: int, device: torch.device) -> tuple[Tensor, list[Tensor | None]]:
+        """Per image: the order of the four adjustments (a permutation, as ColorJitter's randperm(4)) and the
+        factors, uniform in their ranges, drawn on the device."""
+        order = torch.rand(count, 4, device=device).argsort(dim=1)
+        factors = [None if r is None else torch.empty(count, device=device).uniform_(r[0], r[1])
+                   for r in self.ranges]
+        return order, factors
+
+    @staticmethod
+    def adjust(op: int, images: Tensor, grey: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+        """One adjustment of torchvision.transforms.functional, per image; also the image's new mean grey level."""
+        if op == 0:  # brightness: blend with black
+            return (images * factor).clamp(0, 1), (grey * factor).clamp(0, 1)
+        if op == 1:  # contrast: blend with the whole image's mean grey level
+            return (factor * images + (1 - factor) * grey).clamp(0, 1), grey
+        if op == 2:  # saturation: blend with the pixel's grey level
+            luma = (images * images.new_tensor(GREY).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+            return (factor * images + (1 - factor) * luma).clamp(0, 1), grey
+        hsv = _rgb_to_hsv(images)
+        hue = (hsv[:, :1] + factor) % 1.0
+        return _hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1)), grey
+
+
+def build_split_pipeline(crop_size: int, resize: int | Sequence[int] | None,
+                         scale: Sequence[float], ratio: Sequence[float], color_jitter: Sequence[float] | None,
+                         rotate: float | None, hflip: bool) -> tuple[WorkerCrop, DeviceColorJitter]:
+    """The worker transform and the device module of dataset.gpu_augment=True."""
+    if rotate is not None:
+        raise InputError(f"dataset.rotate={rotate} is not available with dataset.gpu_augment=True: set "
+                         f"dataset.rotate=None or dataset.gpu_augment=False")
+    return WorkerCrop(crop_size, resize, scale, ratio, hflip), DeviceColorJitter(color_jitter)
