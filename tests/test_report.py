@@ -27,7 +27,7 @@ def result_dir(digits_path, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("results")
     for updates in (["seed=1"], ["seed=2"], ["seed=1", "lr=0.01"]):
         ex.run_commandline(["experiment.py", "-F", str(folder), "with", *digits_updates(digits_path), "epochs=1",
-                            "dataset.recalls=[1,2]", f"temp_dir={folder}", *updates])
+                            "evaluation.recalls=[1,2]", *updates])
     return folder
 
 

@@ -23,8 +23,9 @@ from utils.errors import InputError
 
 # Where the data lives, how fast it is read, where temporary files and live curves go, and the seed
 # (the grouping key): settings that do not change what a run measures.
-IGNORED = {"seed", "dataset.data_path", "dataset.num_workers", "dataset.pin_memory", "dataset.preload",
-           "dataset.eval_backend", "cpu", "cudnn_flag", "temp_dir", "visdom_port", "visdom_freq"}
+IGNORED = {"seed", "dataset.data_path", "dataset.num_workers", "dataset.pin_memory", "dataset.persistent_workers",
+           "dataset.preload", "dataset.test_batch_size", "evaluation.backend", "cpu", "cudnn_flag", "output_dir",
+           "checkpoint_every", "resume", "checkpoint", "images", "out", "bad_images", "visdom_port", "visdom_freq"}
 METRIC_COLUMNS = ("cosine/R@1", "l2/R@1", "cosine/MAP@R", "NMI", "test/reconstruction")
 
 LOSSES = ("contrastive", "multisimilarity", "proxyanchor")
