@@ -8,15 +8,21 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
 from utils import distributed
-from utils.data.samplers import ClassBatchSampler, RankSlice
+from utils.data.samplers import ClassBatchSampler, EpochBatches
 from utils.errors import InputError
 
 LABELS = [i % 20 for i in range(200)]  # 20 classes of 10 images
 
 
+def epoch(make_sampler, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """A rank's batches of epoch 1, from its own sampler whose generator EpochBatches seeds alike on every rank."""
+    generator = torch.Generator()
+    return list(EpochBatches(make_sampler(generator), generator, seed=7, rank=rank, world_size=world))
+
+
 def parts(make_sampler, world: int) -> list[list[list[int]]]:
-    """Every rank's batches, each rank with its own sampler built from an identically seeded generator."""
-    return [list(RankSlice(make_sampler(torch.Generator().manual_seed(7)), rank, world)) for rank in range(world)]
+    """Every rank's batches."""
+    return [epoch(make_sampler, rank, world) for rank in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -24,7 +30,7 @@ def test_random_batches_split_without_overlap(world):
     def make(generator):
         return BatchSampler(RandomSampler(range(200), num_samples=160, generator=generator), 40, drop_last=True)
 
-    global_batches = list(make(torch.Generator().manual_seed(7)))
+    global_batches = epoch(make)
     ranks = parts(make, world)
     for step, batch in enumerate(global_batches):
         local = [ranks[rank][step] for rank in range(world)]
@@ -38,7 +44,7 @@ def test_class_batches_keep_classes_whole_on_a_rank(replace):
     def make(generator):
         return ClassBatchSampler(LABELS, 40, 5, num_batches=6, replace=replace, generator=generator)
 
-    global_batches = list(make(torch.Generator().manual_seed(7)))
+    global_batches = epoch(make)
     ranks = parts(make, 2)
     for step, batch in enumerate(global_batches):
         assert ranks[0][step] + ranks[1][step] == batch
