@@ -43,7 +43,7 @@ def build(loss: str, mode: str | None, max_pairs: int | None, sync_bn: bool) -> 
     if sync_bn and distributed.world_size() > 1:
         model = sync_batchnorm.convert(model)
     mixer = Metrix(mode, max_pairs=max_pairs) if mode else None
-    criterion = Criterion({loss: (1.0, LOSSES[loss]())}, mixer, 0.4)
+    criterion = Criterion({loss: (1.0, LOSSES[loss]())}, mixer)
     for parameter in criterion.parameters():  # a zero classifier would pass no gradient to the embedding
         nn.init.normal_(parameter, std=0.5)
     return model, criterion

@@ -28,7 +28,7 @@ class RecordingLoss(MultiSimilarityLoss):
 def setup(device: torch.device = CPU) -> tuple[MetricModel, Criterion, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = MetricModel(small_cnn(None), EmbeddingHead(256, 16, remap=True), set_bn_eval=True).train().to(device)
-    criterion = Criterion({"ms": (1.0, RecordingLoss())}, Metrix("feature"), 0.4)
+    criterion = Criterion({"ms": (1.0, RecordingLoss())}, Metrix("feature"))
     images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
     return model, criterion, images, (torch.arange(8) % 4).to(device)
 
