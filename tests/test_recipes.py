@@ -19,6 +19,7 @@ from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 
 from models.backbones import resolve_weights
+from utils.checkpoint import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "tests" / "recipes.json"
@@ -34,16 +35,6 @@ def readme_commands() -> list[str]:
     commands += re.findall(r"^\| `[^`]*` \| `(python experiment\.py with [^`]*)` \|", readme, flags=re.MULTILINE)
     # -F only adds an observer: the configuration is that of the same command without it.
     return [re.sub(r"^python (\S+) (-F \S+ )?", r"\1 ", command) for command in commands]
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def resolve(command: str) -> dict:
