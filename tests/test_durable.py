@@ -283,4 +283,5 @@ def test_the_end_of_a_run_says_where_its_results_are(digits_path, experiment, tm
     assert outcome.code == 0, outcome.err
     directory = next(tmp_path.iterdir())
     assert directory.name.startswith("small_cnn_digits_")
-    assert f"results in {directory} (checkpoint: checkpoint.pt)" in outcome.out
+    assert f"results in {directory} (checkpoint.pt, curves.png, retrieval.png)" in outcome.out
+    assert {path.name for path in directory.iterdir()} == {"checkpoint.pt", "curves.png", "retrieval.png"}

@@ -23,6 +23,7 @@ from utils.errors import InputError
 from utils.inference import BAD_IMAGES
 from utils.knn import BACKENDS
 from utils.metrics import METRICS
+from utils.speed import AMP_DTYPES
 from utils.training import OPTIMIZERS, SCHEDULERS
 
 MISSING = object()
@@ -125,6 +126,10 @@ RULES: dict[str, Check] = {
     "images": optional(text()),
     "out": optional(text()),
     "bad_images": choice(BAD_IMAGES),
+    "amp": choice(tuple(AMP_DTYPES)),
+    "channels_last": boolean(),
+    "compile": boolean(),
+    "sync_bn": boolean(),
     "seed": integer(0, SEED_LIMIT),
     "dataset.name": choice(DATASETS),
     "dataset.data_path": text(),
@@ -139,6 +144,8 @@ RULES: dict[str, Check] = {
     "dataset.preload": boolean(),
     "dataset.num_workers": integer(0),
     "dataset.pin_memory": boolean(),
+    "dataset.persistent_workers": boolean(),
+    "dataset.gpu_augment": boolean(),
     "dataset.crop_size": SIZE,
     "dataset.resize": RESIZE,
     "dataset.scale": ordered_pair(0, 1),
