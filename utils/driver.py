@@ -127,8 +127,7 @@ class Outcome:
 
     best_epoch: int
     metrics: dict[str, float]  # the final evaluation of the best epoch's weights, now loaded in the model
-    directory: Path  # where the checkpoint is
-    checkpoint: Path
+    directory: Path  # where the checkpoint and the pictures are
 
 
 def select_device(cpu: bool, cudnn_flag: str) -> torch.device:
@@ -263,7 +262,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
     report_final(run, best.epoch, final)
     if main:
         draw_curves(curves, directory / "curves.png", title=f"{task.name}: best epoch {best.epoch}")
-    return Outcome(best.epoch, final, directory, path)
+    return Outcome(best.epoch, final, directory)
 
 
 def capture(action: Callable[[], Any]) -> Exception | None:
@@ -363,9 +362,8 @@ def log_evaluation(run: Run, curves: dict, epoch: int, metrics: dict[str, float]
 
 
 def evaluated_epochs(epochs: int, eval_every: int) -> set[int]:
-    """The epochs after which to evaluate: before training (0), every eval_every-th, and the last."""
-    if eval_every < 1:
-        raise InputError(f"eval_every={eval_every} must be a positive number of epochs between evaluations")
+    """The epochs after which to evaluate: before training (0), every eval_every-th, and the last (eval_every >= 1:
+    the settings table)."""
     return {0, *range(eval_every, epochs + 1, eval_every), epochs}
 
 
