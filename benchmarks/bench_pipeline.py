@@ -3,11 +3,11 @@
     python benchmarks/bench_pipeline.py                          # CPU defaults: resnet18, batch 32, 112 px
     python benchmarks/bench_pipeline.py --arch resnet50 --batch 128 --size 224 --workers 8 --compile   # a GPU
 
-1. Pipeline, images/s of one worker (one process, one thread): the default PIL pipeline of the CE recipe on CUB
-   (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against dataset.gpu_augment's
-   worker part (decode, crop and resize in one step, flip, uint8), on synthetic 500x375 JPEGs written here;
-   decoding alone, the bound of any CPU pipeline; and the device part of gpu_augment (batched colour jitter),
-   per image, on the benchmark's device.
+1. Pipeline, images/s of one worker (one process, one thread, batches of 32 collated): the default PIL pipeline
+   of the CE recipe on CUB (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against
+   dataset.gpu_augment's worker part (torchvision decode, crop and resize in one step, flip, uint8), on synthetic
+   500x375 JPEGs written here; decoding alone (PIL, torchvision), the bound of any CPU pipeline; and the device
+   part of gpu_augment (batched colour jitter), per image, on the benchmark's device.
 2. Step on device-resident synthetic batches (forward, cross-entropy, backward, SGD step) in float32, with amp,
    channels_last and torch.compile; step times and images/s relative to float32.
 3. Full loop: DataLoader workers feeding the step, default pipeline against gpu_augment, in images/s.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 from losses.criterion import Criterion  # noqa: E402
@@ -37,8 +37,9 @@ from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 from utils import distributed  # noqa: E402
-from utils.data.device_augment import build_split_pipeline  # noqa: E402
+from utils.data.device_augment import build_split_pipeline, load_pixels  # noqa: E402
 from utils.data.image_dataset import ImageDataset  # noqa: E402
+from utils.data.images import load_image  # noqa: E402
 from utils.data.transforms import build_transforms  # noqa: E402
 from utils.speed import Precision, batch_mover, prepare_model  # noqa: E402
 
@@ -79,15 +80,23 @@ def rates(works: dict[str, Callable[[], int]], seconds: float, rounds: int = 5) 
 def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, float]:
     default, _ = build_transforms(**CUB_RECIPE)
     worker, jitter = build_split_pipeline(**CUB_RECIPE)
-    old, new = ImageDataset(root, "train.txt", default), ImageDataset(root, "train.txt", worker)
+    old = ImageDataset(root, "train.txt", default)
+    new = ImageDataset(root, "train.txt", worker, decode=load_pixels)
     order = iter(range(10 ** 9))
 
-    def one(dataset: ImageDataset) -> Callable[[], int]:
-        return lambda: (dataset[next(order) % len(dataset)], 1)[1]
+    def one(dataset: ImageDataset, collate: Callable = default_collate) -> Callable[[], int]:
+        """What a DataLoader worker does for a batch of 32: fetch the images, then collate them."""
+        def work() -> int:
+            collate([dataset[next(order) % len(dataset)] for _ in range(32)])
+            return 32
+        return work
 
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
-    decode_only = ImageDataset(root, "train.txt", None)  # what no CPU pipeline can beat: decoding alone
-    results = rates({"default": one(old), "gpu_augment": one(new), "decode only": one(decode_only)}, seconds)
+    # What no CPU pipeline can beat: decoding alone, by PIL (the default pipeline) and torchvision (gpu_augment).
+    decode_pil, decode_torchvision = (ImageDataset(root, "train.txt", None, decode=decode) for decode in
+                                      (load_image, load_pixels))
+    results = rates({"default": one(old), "gpu_augment": one(new), "decode only, PIL": one(decode_pil, list),
+                     "decode only, torchvision": one(decode_torchvision, list)}, seconds)
     torch.set_num_threads(os.cpu_count() or 1)
     batch = [torch.randint(0, 256, (128, 3, 224, 224), dtype=torch.uint8), torch.rand(128)]
     results |= rates({"device jitter": lambda: (synchronize(jitter(batch, device)), 128)[1]}, seconds)
@@ -147,7 +156,7 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
     labels = torch.zeros(args.batch, dtype=torch.long, device=device)
     works = {}
     for name, transform, augment in (("default", default, None), ("gpu_augment", worker, jitter)):
-        dataset = ImageDataset(root, "train.txt", transform)
+        dataset = ImageDataset(root, "train.txt", transform, decode=load_image if augment is None else load_pixels)
         loader = DataLoader(dataset, batch_size=args.batch, sampler=RandomSampler(dataset, num_samples=10 ** 7),
                             num_workers=args.workers, pin_memory=device.type == "cuda",
                             persistent_workers=args.workers > 0)

@@ -10,7 +10,8 @@ from scipy.stats import ks_2samp
 from torch.utils.data import default_collate
 
 from tests.conftest import SHRINK, assert_input_error, digits_updates
-from utils.data.device_augment import build_split_pipeline
+from utils.data.device_augment import build_split_pipeline, load_pixels
+from utils.data.images import load_image
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
 
@@ -92,8 +93,42 @@ def test_the_colour_test_sees_a_missing_jitter():
 def test_worker_output_is_uint8_at_crop_size():
     worker, _ = build_split_pipeline(color_jitter=None, **SETTINGS)
     pixels, grey = worker(photo())
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 48)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 48) and pixels.is_contiguous()
     assert grey == pytest.approx(np.asarray(photo().convert("L")).mean() / 255, abs=0.01)
+
+
+@pytest.mark.parametrize(("mode", "name"), [("RGB", "a.jpg"), ("L", "grey.jpeg"), ("CMYK", "cmyk.JPG"),
+                                            ("RGB", "png-named.jpg"), ("I;16", "deep.png")])
+def test_load_pixels_gives_load_images_pixels(tmp_path, mode, name):
+    """torchvision's JPEG decoder and PIL's are both libjpeg-turbo: the same pixels. What torchvision does not
+    decode (here a PNG named .jpg, and a 16-bit PNG) goes through load_image."""
+    image = photo()
+    image = image.convert("I;16") if mode == "I;16" else image.convert(mode)
+    image.save(tmp_path / name, format="PNG" if "png" in name else "JPEG")
+    pixels = load_pixels(tmp_path / name)
+    assert pixels.dtype == torch.uint8
+    assert torch.equal(pixels.permute(1, 2, 0), torch.from_numpy(np.array(load_image(tmp_path / name))))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_load_pixels_names_an_unreadable_jpeg(tmp_path, damage):
+    photo().save(tmp_path / "x.jpg")
+    data = (tmp_path / "x.jpg").read_bytes()
+    (tmp_path / "x.jpg").write_bytes(data[:len(data) // 2] if damage == "truncate" else data[:2] + b"garbage" * 40)
+    with pytest.raises(InputError, match=r"image .*x\.jpg cannot be read .* replace the file or remove its line"):
+        load_pixels(tmp_path / "x.jpg")
+
+
+def test_worker_takes_pil_images_and_tensors_alike(tmp_path):
+    """Preloaded images are PIL images, the others come from load_pixels: the same draws, the same output."""
+    photo().save(tmp_path / "x.png")
+    worker, _ = build_split_pipeline(color_jitter=None, **SETTINGS)
+    outputs = []
+    for image in (load_image(tmp_path / "x.png"), load_pixels(tmp_path / "x.png")):
+        torch.manual_seed(0)
+        outputs.append([worker(image) for _ in range(20)])
+    for (a, grey_a), (b, grey_b) in zip(*outputs, strict=True):
+        assert torch.equal(a, b) and grey_a == grey_b
 
 
 def test_rotation_is_refused():

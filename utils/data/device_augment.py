@@ -2,33 +2,38 @@
 
 The default pipeline (utils.data.transforms) does everything in a worker on PIL images: resize, colour jitter,
 random resized crop, flip, conversion to float. One CPU core then prepares about 290 CUB-sized images per
-second, far from what a GPU consumes. Here a worker only decodes, crops and flips, and hands over a uint8 crop;
-the device jitters the colours of the whole batch at once and turns it into floats (the backbone normalises).
+second, far from what a GPU consumes. Here a worker only decodes (load_pixels), crops and flips on uint8 tensors,
+and hands over a uint8 crop; the device jitters the colours of the whole batch at once and turns it into floats (the backbone normalises).
 
 The augmentation distribution is the default pipeline's:
 
 - The crop box is drawn by torchvision's own RandomResizedCrop.get_params in the coordinates of the resized
-  image, as the default pipeline draws it, and mapped back to the decoded image, which is resampled once (crop
-  and resize in one bilinear step, where the default resamples twice).
+  image, as the default pipeline draws it, and mapped back to the decoded image (to whole pixels there), which
+  is resampled once (crop and resize in one antialiased bilinear step, where the default resamples twice).
 - Colour jitter draws its factors and their order per image as torchvision's ColorJitter does, and applies the
   same formulas to float pixels. Jitter is per pixel except contrast, which blends towards the mean grey level
-  of the whole image, not of the crop: the worker measures that mean on the full image, and the device carries
-  it through a brightness change applied before the contrast (exactly, unless pixels clip at 1) and keeps it
-  through saturation (exact) and hue (an approximation: hue rotation moves the grey level a little).
+  of the whole image, not of the crop: the worker measures that mean on the full image (on every 4th row), and
+  the device carries it through a brightness change applied before the contrast (exactly, unless pixels clip
+  at 1) and keeps it through saturation (exact) and hue (an approximation: hue rotation moves the grey level a
+  little).
 
 tests/test_device_augment.py checks both distributions against the default pipeline's; docs/speed.md has the
 figures.
 """
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
+from utils.data.images import load_image
 from utils.errors import InputError
 
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
@@ -45,26 +50,50 @@ def resized_size(width: int, height: int, resize: int | Sequence[int] | None) ->
     return int(resize * width / height), resize
 
 
+def load_pixels(path: Path) -> Tensor:
+    """The image at path as uint8 (3, H, W), the pixels load_image gives. A JPEG is decoded by torchvision's
+    libjpeg-turbo straight into a tensor (PIL's decoder plus its RGB copy take ~10% longer); anything torchvision
+    does not decode (other formats, corrupt files) goes through load_image, which reads it or names the file."""
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        try:
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders for TorchCodec's; requirements.txt pins 0.29.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass
+    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+
+
 class WorkerCrop:
-    """PIL image -> (uint8 (3, crop, crop) tensor, grey-level mean of the whole image in [0, 1])."""
+    """Image (PIL, or uint8 (3, H, W) from load_pixels) -> (uint8 (3, crop, crop), grey-level mean in [0, 1])."""
 
     def __init__(self, crop_size: int, resize: int | Sequence[int] | None, scale: Sequence[float],
                  ratio: Sequence[float], hflip: bool) -> None:
         self.crop_size, self.resize, self.hflip = crop_size, resize, hflip
         self.scale, self.ratio = list(scale), list(ratio)
 
-    def __call__(self, image: Image.Image) -> tuple[Tensor, float]:
-        width, height = resized_size(*image.size, self.resize)
+    def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, float]:
+        # From PIL (preloaded images): (3, H, W) over the (H, W, 3) pixels, as load_pixels gives.
+        pixels = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        full_height, full_width = pixels.shape[1:]
+        width, height = resized_size(full_width, full_height, self.resize)
         # get_params reads only the size of its image: an uninitialised tensor of the resized shape.
         top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(0, height, width), self.scale, self.ratio)
-        sx, sy = image.width / width, image.height / height
-        crop = image.resize((self.crop_size, self.crop_size), Image.BILINEAR,
-                            box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+        sy, sx = full_height / height, full_width / width
+        y0, x0 = round(top * sy), round(left * sx)
+        y1, x1 = max(round((top + h) * sy), y0 + 1), max(round((left + w) * sx), x0 + 1)
+        # (H, W, 3) memory is channels-last, where torch's uint8 antialiased bilinear resize is fastest; its
+        # output is a contiguous (3, crop, crop) tensor.
+        crop = nn.functional.interpolate(pixels[None, :, y0:y1, x0:x1], size=(self.crop_size, self.crop_size),
+                                         mode="bilinear", antialias=True)[0]
         if self.hflip and torch.rand(1) < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        # The mean of a 4x box-reduced copy is the image's mean (up to rounding) at a sixteenth of the cost.
-        grey = np.asarray(image.reduce(4).convert("L"), dtype=np.float32).mean() / 255
-        return torch.from_numpy(np.array(crop)).permute(2, 0, 1), float(grey)
+            crop = crop.flip(-1)
+        # The mean of every 4th row: a tenth of the worker's time for the whole image, and within a fraction of a
+        # grey level of it on photos (PIL's contrast, which the default pipeline runs, rounds it to a whole level).
+        sampled = pixels[:, ::4]
+        sums = sampled.sum(dim=(1, 2), dtype=torch.float32).tolist()
+        return crop, sum(w * s for w, s in zip(GREY, sums, strict=True)) / (sampled[0].numel() * 255)
 
 
 class DeviceColorJitter(nn.Module):

@@ -3,6 +3,7 @@
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -15,10 +16,11 @@ class ImageDataset(Dataset):
     """(image, label) pairs from a split file, optionally decoded into RAM once (preload).
 
     min_classes: refuse a split with fewer classes (a test split needs two for retrieval to mean anything).
+    decode: path -> image, what transform takes (preloaded images are always load_image's PIL images).
     """
 
     def __init__(self, root: str | Path, split_file: str, transform: Callable | None = None,
-                 preload: bool = False, min_classes: int = 1) -> None:
+                 preload: bool = False, min_classes: int = 1, decode: Callable[[Path], Any] = load_image) -> None:
         self.root = Path(root)
         self.split_file = self.root / split_file
         if not self.split_file.is_file():
@@ -27,7 +29,7 @@ class ImageDataset(Dataset):
         samples = read_split(self.split_file)
         self.paths = [self.root / path for path, _ in samples]
         self.targets = [label for _, label in samples]
-        self.transform = transform
+        self.transform, self.decode = transform, decode
         classes = len(set(self.targets))
         if classes < min_classes:
             raise InputError(f"{self.split_file} holds {classes} class(es) but at least {min_classes} are needed "
@@ -39,16 +41,16 @@ class ImageDataset(Dataset):
         self.images = [load_image(path) for path in self.paths] if preload else None
 
     def with_transform(self, transform: Callable | None) -> "ImageDataset":
-        """The same images (preloaded ones shared, not decoded again) under another transform."""
+        """The same images (preloaded ones shared, not decoded again) under another transform of PIL images."""
         twin = copy.copy(self)
-        twin.transform = transform
+        twin.transform, twin.decode = transform, load_image
         return twin
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index] if self.images is not None else load_image(self.paths[index])
+        image = self.images[index] if self.images is not None else self.decode(self.paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]

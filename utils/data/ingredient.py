@@ -8,9 +8,10 @@ from sacred import Ingredient
 from torch.utils.data import DataLoader
 
 from utils import distributed
-from utils.data.device_augment import DeviceColorJitter, build_split_pipeline
+from utils.data.device_augment import DeviceColorJitter, build_split_pipeline, load_pixels
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
+from utils.data.images import load_image
 from utils.data.manifest import check_prepared
 from utils.data.samplers import EpochBatches, epoch_batches
 from utils.data.transforms import build_transforms
@@ -110,11 +111,12 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
                          f"or point dataset.data_path at the prepared data")
     check_prepared(root)
     train_transform, test_transform = build_transforms(crop_size, resize, scale, ratio, color_jitter, rotate, hflip)
-    device_augment = None
+    device_augment, decode = None, load_image
     if gpu_augment:
         train_transform, device_augment = build_split_pipeline(crop_size, resize, scale, ratio, color_jitter, rotate,
                                                                hflip)
-    train = ImageDataset(root, train_file, train_transform, preload)
+        decode = load_pixels
+    train = ImageDataset(root, train_file, train_transform, preload, decode=decode)
     query = ImageDataset(root, test_file, test_transform, preload, min_classes=2)
     gallery = ImageDataset(root, gallery_file, test_transform, preload) if gallery_file else None
     return train, query, gallery, device_augment
