@@ -1,9 +1,10 @@
-"""Mixing examples pairwise (Metrix), and max pooling of mixed feature maps without materialising them.
+"""Mixing examples pairwise (Metrix), and pooling of mixed feature maps without materialising them.
 
-In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Per pair and channel the
-pooling needs one mixed row of H x W values: `mixed_pool` mixes and pools a chunk of pairs at a time, keeps only
-the pooled values and the winning position of each (pair, channel), and its backward rebuilds the gradient from
-them (average pooling is linear: its gradient spreads evenly). Memory holds one chunk of mixed maps instead of M.
+In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Average pooling is
+linear, so the average of a mixture is the mixture of the averages. Max pooling needs each mixed map, but only
+for a moment: `MixedMax` mixes and pools a chunk of pairs at a time and keeps the pooled values only; its
+backward mixes the chunk again (the same values, bit for bit) to find the winning positions. Memory holds one
+chunk of mixed maps instead of M.
 """
 
 import torch
@@ -31,80 +32,56 @@ def chunks(count: int, row_elements: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, max(count, 1), size)]
 
 
-class MixedPool(torch.autograd.Function):
-    """(B, C, P) feature maps flattened over positions -> (M, C) pooled mixtures of the pairs (see mixed_pool)."""
+def mix(maps: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
+    """lam * maps[first] + (1 - lam) * maps[second] in one fused pass, maps[second] + lam (maps[first] -
+    maps[second]): equal to interpolate's up to rounding, and deterministic, so that the backward can redo it."""
+    return torch.lerp(maps.index_select(0, second), maps.index_select(0, first), lam.to(maps.dtype)[:, None, None])
+
+
+class MixedMax(torch.autograd.Function):
+    """(B, P, C) maps, positions before channels -> (M, C): the max over positions of each pair's mixture."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, flat: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
-        # Written chunk by chunk into preallocated outputs: concatenating the chunks costs a copy of each.
-        pooled = flat.new_zeros(first.shape[0], flat.shape[1])
-        positions = torch.empty(pooled.shape, dtype=position_dtype(flat.shape[2]), device=flat.device)
-        weight = lam.to(flat.dtype)[:, None, None]
-        for part in chunks(first.shape[0], flat[0].numel()):
-            # One fused pass instead of interpolate's three: x_j + lam (x_i - x_j), equal up to rounding.
-            mixed = torch.lerp(flat.index_select(0, second[part]), flat.index_select(0, first[part]), weight[part])
-            if "avg" in pooling:
-                pooled[part] = mixed.mean(dim=2)
-            if "max" in pooling:
-                value, position = mixed.max(dim=2)
-                pooled[part] += value
-                positions[part] = position
-        ctx.save_for_backward(first, second, lam, positions)
-        ctx.flat_shape, ctx.pooling = flat.shape, pooling
+    def forward(ctx: FunctionCtx, maps: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
+        # Written chunk by chunk into a preallocated output: concatenating the chunks costs a copy of each.
+        pooled = maps.new_empty(first.shape[0], maps.shape[2])
+        for part in chunks(first.shape[0], maps[0].numel()):
+            pooled[part] = mix(maps, first[part], second[part], lam[part]).amax(dim=1)
+        ctx.save_for_backward(maps, first, second, lam, pooled)
         return pooled
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        first, second, lam, positions = ctx.saved_tensors
-        batch, channels, size = ctx.flat_shape
-        weight = lam.to(grad.dtype)[:, None]
-        sources = ((first, weight), (second, 1 - weight))
-        grad_flat = grad.new_zeros(batch, channels, size)
-        if "avg" in ctx.pooling:  # every position of a source's channel gets share * grad / P
-            grad_avg = grad.new_zeros(batch, channels)
-            for source, share in sources:
-                grad_avg.index_add_(0, source, grad * share)
-            grad_flat += grad_avg[:, :, None] / size
-        if "max" in ctx.pooling:
-            scatter_to_maxima(grad_flat, grad, sources, positions)
-        return grad_flat, None, None, None, None
-
-
-def position_dtype(size: int) -> torch.dtype:
-    """The smallest integer type that holds a position among size: the positions are kept until the backward."""
-    return torch.uint8 if size <= 256 else torch.int32
-
-
-def scatter_to_maxima(grad_flat: Tensor, grad: Tensor, sources: tuple[tuple[Tensor, Tensor], ...],
-                      positions: Tensor) -> None:
-    """Add share * grad of every (pair, channel) to its winning position in each source's map, in chunks.
-
-    grad_flat: (B, C, P), the gradient being built; grad: (M, C); sources: (example index, share) of both ends
-    of each pair; positions: (M, C) the winning position of each (pair, channel).
-    """
-    channels, size = grad_flat.shape[1:]
-    flat = grad_flat.view(-1)
-    channel_offset = torch.arange(channels, device=grad.device) * size
-    for part in chunks(grad.shape[0], channels):
-        within = channel_offset + positions[part].long()  # (m, C) offsets inside one example's map
-        for source, share in sources:
-            index = source[part, None] * (channels * size) + within
-            flat.index_add_(0, index.view(-1), (grad[part] * share[part]).view(-1))
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        maps, first, second, lam, pooled = ctx.saved_tensors
+        grad_maps = torch.zeros_like(maps)
+        for part in chunks(first.shape[0], maps[0].numel()):
+            # 1 where a position holds its channel's max, 0 elsewhere (mixed - max <= 0), in float arithmetic:
+            # on a CPU comparisons that produce booleans run several times slower than this.
+            winners = mix(maps, first[part], second[part], lam[part]).sub_(pooled[part, None, :]).sign_().add_(1)
+            # torch.amax's rule: the positions that tie for the max share its gradient evenly.
+            spread = winners.mul_((grad[part] / winners.sum(dim=1))[:, None, :])
+            weight = lam[part].to(grad.dtype)[:, None, None]
+            grad_maps.index_add_(0, first[part], spread * weight)
+            grad_maps.index_add_(0, second[part], spread * (1 - weight))
+        return grad_maps, None, None, None
 
 
 def mixed_pool(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
     """(M, C): the pooling (avg | max | avg+max, summed) of lam * feature_map[first] + (1 - lam) *
-    feature_map[second], pair by pair, a chunk of pairs at a time.
+    feature_map[second], pair by pair, without materialising the M mixed maps.
 
-    The values equal those of the materialised mixtures. Only the winning position of each (pair, channel) is
-    kept for the backward, which sends the max's gradient there, split between the two sources as lam and
-    1 - lam, and the average's evenly over the positions: exactly the gradient through the materialised mixtures
-    wherever the maximum is unique. On an exact tie this picks one of the tied positions where torch.amax splits
-    the gradient evenly among them (both are subgradients of the max); after a ReLU the common tie is between
-    zeros, whose gradient the ReLU's backward drops either way. lam is a sample, not a parameter: it gets no
-    gradient.
+    Values and gradients equal those of the materialised mixtures up to rounding, ties of the max included (they
+    share the gradient evenly, as with torch.amax). lam is a sample, not a parameter: it gets no gradient.
     """
     if lam.requires_grad:
         raise ValueError("mixed_pool does not differentiate with respect to lam")
-    return MixedPool.apply(feature_map.flatten(2), first, second, lam, pooling)
+    pooled = []
+    if "avg" in pooling:
+        pooled.append(interpolate(feature_map.mean(dim=(2, 3)), first, second, lam))
+    if "max" in pooling:
+        # Positions before channels: the max then runs over whole rows of channels at once, which on a CPU is
+        # ~10x faster than a max over each channel's few positions.
+        maps = feature_map.flatten(2).transpose(1, 2).contiguous()
+        pooled.append(MixedMax.apply(maps, first, second, lam))
+    return sum(pooled)

@@ -1,5 +1,5 @@
 """Pooling of mixed feature maps without materialising them (models.mixing, EmbeddingHead.pool_mixtures) against
-the maps built pair by pair: values, gradients, chunk boundaries and the ties policy."""
+the maps built pair by pair: values, gradients, chunk boundaries and ties."""
 
 import pytest
 import torch
@@ -53,8 +53,8 @@ def test_mixed_pool_equals_the_pooling_of_the_materialised_maps(chunk_elements: 
     torch.testing.assert_close(got, want)
 
 
-def test_positions_of_large_maps_are_kept_exactly() -> None:
-    """20 x 20 = 400 positions: more than uint8 holds."""
+def test_large_maps() -> None:
+    """20 x 20 = 400 positions, one chunk per pair."""
     generator = torch.Generator().manual_seed(2)
     feature_map = torch.randn(3, 2, 20, 20, generator=generator, dtype=DTYPE)
     first, second, lam = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 2]), torch.tensor([0.3, 0.6, 0.9], dtype=DTYPE)
@@ -80,16 +80,19 @@ def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str) -> 
     torch.testing.assert_close(results[0], results[1])
 
 
-def test_ties_send_the_whole_gradient_to_one_maximal_position() -> None:
-    """Two identical constant maps: every position ties. torch.amax would split the gradient evenly over the 12
-    positions; mixed_pool gives it to one of them, with the same total, lam to the first source, 1 - lam to the
-    second."""
-    feature_map = torch.ones(2, 1, 3, 4, dtype=DTYPE, requires_grad=True)
-    lam = torch.tensor([0.25], dtype=DTYPE)
-    mixed_pool(feature_map, torch.tensor([0]), torch.tensor([1]), lam, "max").sum().backward()
-    gradient = feature_map.grad.flatten(1)
-    assert (gradient > 0).sum(dim=1).tolist() == [1, 1]
-    assert gradient.sum(dim=1).tolist() == [0.25, 0.75]
+@pytest.mark.parametrize("chunk_elements", [1, 2**22])
+def test_ties_share_the_gradient_as_with_torch_amax(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constant maps tie at every position; after a ReLU many positions tie at zero."""
+    monkeypatch.setattr(models.mixing, "CHUNK_ELEMENTS", chunk_elements)
+    feature_map, first, second, lam = random_case(seed=3)
+    feature_map[0] = 1.0
+    feature_map[1] = 1.0
+    first[:2], second[:2] = torch.tensor([0, 1]), torch.tensor([1, 0])
+    probe = torch.randn(first.shape[0], feature_map.shape[1], dtype=DTYPE)
+    for maps in (feature_map, feature_map.relu()):
+        got = value_and_gradient(lambda x: mixed_pool(x, first, second, lam, "max"), maps, probe)
+        want = value_and_gradient(lambda x: POOLS["max"](materialised(x, first, second, lam)), maps, probe)
+        torch.testing.assert_close(got, want)
 
 
 def test_no_pairs_gives_an_empty_result() -> None:
