@@ -70,6 +70,9 @@ def metrix_config():
     weight = 0.4  # weight of the loss on mixed examples (positive-negative steps)
     anchor_negative_weight = 0.3 if mode == "embed" else weight  # on anchor-negative steps (the paper's per mode)
     max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
+    # which pairs: all (every ordered pair, or the max_pairs hardest) | hardest_negative (per anchor and positive, the
+    # anchor's hardest negative: the paper's input mode)
+    selection = "hardest_negative" if mode == "input" else "all"
 
 
 for _mode in MODES:
@@ -78,11 +81,12 @@ for _mode in MODES:
 
 @metrix_ingredient.capture
 def get_mixer(mode: str | None, alpha: float, lam: str, strategy: str, anchor_negative: str, weight: float,
-              anchor_negative_weight: float, max_pairs: int | None) -> Metrix | None:
+              anchor_negative_weight: float, max_pairs: int | None, selection: str) -> Metrix | None:
     if mode is None:
         return None
     try:
-        mixer = Metrix(mode, alpha, strategy, max_pairs, anchor_negative, lam, weight, anchor_negative_weight)
+        mixer = Metrix(mode, alpha, strategy, max_pairs, anchor_negative, lam, weight, anchor_negative_weight,
+                       selection)
     except ValueError as error:
         raise InputError(f"{error} (metrix.mode=None turns Metrix off)") from None
     if weight <= 0 and anchor_negative_weight <= 0:

@@ -37,6 +37,7 @@ MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")
 ANCHOR_NEGATIVE = ("no_positive", "every_anchor")  # which anchors anchor-negative mixing trains
 LAMS = ("per_batch", "per_pair")  # one lam per step, or one per pair
+SELECTIONS = ("all", "hardest_negative")  # which pairs are mixed (see Metrix.hardest_negative_pairs)
 
 
 def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -60,6 +61,8 @@ class Metrix(nn.Module):
     max_pairs: keep at most this many pairs, hardest first; None keeps all B (B - 1).
     anchor_negative: no_positive (the paper: only anchors without a positive in the batch) | every_anchor.
     lam: per_batch (the paper: one draw per step) | per_pair (one draw per pair).
+    selection: all (every ordered pair, or the max_pairs hardest) | hardest_negative (the released input mode:
+    one mixture per anchor and positive, with the anchor's hardest negative, seen by that anchor alone).
     weight, anchor_negative_weight: the mixed loss's weight on positive-negative and anchor-negative steps
     (None: weight); it travels with the candidates as Candidates.weight.
 
@@ -69,32 +72,39 @@ class Metrix(nn.Module):
 
     def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None,
                  anchor_negative: str = "no_positive", lam: str = "per_batch", weight: float = 0.4,
-                 anchor_negative_weight: float | None = None) -> None:
+                 anchor_negative_weight: float | None = None, selection: str = "all") -> None:
         super().__init__()
         # The messages name the options as the metrix ingredient spells them: they reach users as config errors.
         for key, value, choices in (("mode", mode, MODES), ("strategy", strategy, STRATEGIES),
-                                    ("anchor_negative", anchor_negative, ANCHOR_NEGATIVE), ("lam", lam, LAMS)):
+                                    ("anchor_negative", anchor_negative, ANCHOR_NEGATIVE), ("lam", lam, LAMS),
+                                    ("selection", selection, SELECTIONS)):
             if value not in choices:
                 raise ValueError(f"unknown metrix.{key} {value!r}: choose one of {', '.join(choices)}")
         if alpha <= 0:
             raise ValueError(f"metrix.alpha={alpha} must be positive (lam ~ Beta(alpha, alpha))")
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"metrix.max_pairs={max_pairs} must be a positive number of pairs, or None for all")
+        if max_pairs is not None and selection == "hardest_negative":
+            raise ValueError(f"metrix.max_pairs={max_pairs} caps metrix.selection='all'; selection='hardest_negative' "
+                             f"mixes one pair per anchor and positive: set max_pairs=None or selection='all'")
         anchor_negative_weight = weight if anchor_negative_weight is None else anchor_negative_weight
         for key, value in (("weight", weight), ("anchor_negative_weight", anchor_negative_weight)):
             if value < 0:
                 raise ValueError(f"metrix.{key}={value} must not be negative")
         self.mode, self.alpha, self.strategy, self.max_pairs = mode, alpha, strategy, max_pairs
-        self.anchor_negative, self.lam = anchor_negative, lam
+        self.anchor_negative, self.lam, self.selection = anchor_negative, lam, selection
         self.weight, self.anchor_negative_weight = weight, anchor_negative_weight
 
     def forward(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor,
                 labels: Tensor) -> Candidates:
         positive_negative = self.draw_strategy(labels.device)
-        first, second = ordered_pairs(labels.shape[0], labels.device)
-        mask = self.anchor_mask(labels, first, positive_negative) & (labels[first] != labels[second])
-        if self.max_pairs is not None:
-            first, second, mask = self.hardest(embeddings, first, second, mask)
+        if self.selection == "hardest_negative":
+            first, second, mask = self.hardest_negative_pairs(embeddings, labels, positive_negative)
+        else:
+            first, second = ordered_pairs(labels.shape[0], labels.device)
+            mask = self.anchor_mask(labels, first, positive_negative) & (labels[first] != labels[second])
+            if self.max_pairs is not None:
+                first, second, mask = self.hardest(embeddings, first, second, mask)
         lam = self.sample_lam(first.shape[0], labels.device)
         mixed = self.mix(model, images, feature_map, embeddings, first, second, lam)
         # A 0-d tensor picked by the drawn strategy: no host read.
@@ -140,6 +150,29 @@ class Metrix(nn.Module):
         keep = score.topk(min(self.max_pairs, first.shape[0])).indices
         return first[keep], second[keep], mask[:, keep]
 
+    def hardest_negative_pairs(self, embeddings: Tensor, labels: Tensor, positive_negative: Tensor
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+        """The released code's input mode: for each anchor a, its hardest negative n (the most similar clean
+        embedding of another class); on a positive-negative step one pair (p, n) for each positive p of a, on an
+        anchor-negative step the pair (a, n) for each anchor the anchor_negative rule trains; a pair's mixture is
+        seen by its anchor alone. Anchors without a negative get no pair.
+
+        How many pairs there are depends on the labels, so this is the one selection that reads a count on the
+        host (nonzero): one synchronisation per step, as in the released code.
+        """
+        count = labels.shape[0]
+        same = labels[:, None] == labels[None, :]
+        itself = torch.eye(count, dtype=torch.bool, device=labels.device)
+        unit = F.normalize(embeddings.detach(), dim=1)
+        negative = (unit @ unit.T).masked_fill(same, float("-inf")).argmax(dim=1)
+        has_negative, has_positive = (~same).any(dim=1), (same & ~itself).any(dim=1)
+        trained = has_negative & ~has_positive if self.anchor_negative == "no_positive" else has_negative
+        # slots[a, k]: anchor a mixes x_k with its hardest negative (k a positive of a, or a itself).
+        slots = torch.where(positive_negative, same & ~itself & has_negative[:, None], itself & trained[:, None])
+        anchor, first = slots.nonzero(as_tuple=True)
+        mask = torch.arange(count, device=labels.device)[:, None] == anchor[None, :]
+        return first, negative[anchor], mask
+
     def sample_lam(self, count: int, device: torch.device) -> Tensor:
         """(count,) float32 lam ~ Beta(alpha, alpha) on the device: one draw for all or one per pair.
 
@@ -172,4 +205,4 @@ class Metrix(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}, "
                 f"anchor_negative={self.anchor_negative!r}, lam={self.lam!r}, weight={self.weight}, "
-                f"anchor_negative_weight={self.anchor_negative_weight}")
+                f"anchor_negative_weight={self.anchor_negative_weight}, selection={self.selection!r}")

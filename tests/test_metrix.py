@@ -92,7 +92,9 @@ def pair_of_each_candidate(candidates: Candidates, embeddings: Tensor, lam: floa
 @pytest.mark.parametrize("kwargs", [{"mode": "pixels"}, {"mode": "embed", "strategy": "hard"},
                                     {"mode": "embed", "alpha": 0}, {"mode": "embed", "max_pairs": 0},
                                     {"mode": "embed", "lam": "per_anchor"}, {"mode": "embed", "anchor_negative": "all"},
-                                    {"mode": "embed", "weight": -1}, {"mode": "embed", "anchor_negative_weight": -1}])
+                                    {"mode": "embed", "weight": -1}, {"mode": "embed", "anchor_negative_weight": -1},
+                                    {"mode": "input", "selection": "hardest"},
+                                    {"mode": "input", "selection": "hardest_negative", "max_pairs": 10}])
 def test_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         Metrix(**kwargs)
@@ -230,6 +232,53 @@ def test_all_labels_equal_leaves_no_usable_pair() -> None:
     for strategy in (PN, AN):
         candidates = run(Metrix("embed", strategy=strategy, max_pairs=4), make_model(), labels)
         assert candidates.lam.shape == (4,) and not candidates.anchor_mask.any()
+
+
+def released_input_pairs(labels: list[int], embeddings: Tensor, strategy: str) -> set[tuple[int, int, int]]:
+    """(anchor, mixed positive or anchor, negative) as the released code's input mode builds them: all positive
+    pairs (a, p) and, for each, the negative at the smallest L2 distance from a (top_k=1); on an anchor-negative
+    step each anchor without a positive with its nearest negative."""
+    distance = torch.cdist(F.normalize(embeddings, dim=1), F.normalize(embeddings, dim=1))
+    count = len(labels)
+
+    def nearest_negative(a: int) -> int:
+        negatives = [n for n in range(count) if labels[n] != labels[a]]
+        return min(negatives, key=lambda n: distance[a, n].item())
+
+    if strategy == PN:
+        return {(a, p, nearest_negative(a)) for a in range(count) for p in range(count)
+                if p != a and labels[p] == labels[a]}
+    return {(a, a, nearest_negative(a)) for a in range(count) if labels.count(labels[a]) == 1}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("strategy", [PN, AN])
+def test_hardest_negative_selection_is_the_released_input_mode(strategy: str, seed: int) -> None:
+    labels = torch.tensor([0, 1, 0, 2, 1, 3, 3, 4, 2, 0, 5])
+    model = make_model()
+    images, feature_map, embeddings = make_batch(model, labels, seed)
+    candidates = Metrix("input", strategy=strategy, selection="hardest_negative")(model, images, feature_map,
+                                                                                  embeddings, labels)
+    # Each mixture is seen by one anchor; recover (anchor, first, second) from the anchor mask and the labels.
+    assert candidates.anchor_mask.sum(dim=0).tolist() == [1] * candidates.anchor_mask.shape[1]
+    metrix = Metrix("input", strategy=strategy, selection="hardest_negative")
+    torch.manual_seed(0)
+    first, second, mask = metrix.hardest_negative_pairs(embeddings, labels, torch.tensor(strategy == PN))
+    got = {(a, i, j) for a, i, j in zip(mask.int().argmax(dim=0).tolist(), first.tolist(), second.tolist(),
+                                        strict=True)}
+    assert got == released_input_pairs(labels.tolist(), embeddings.detach(), strategy)
+    assert len(got) == first.shape[0] == candidates.lam.shape[0]
+    torch.testing.assert_close(candidates.labels, labels[first])
+    torch.testing.assert_close(candidates.other_labels, labels[second])
+
+
+def test_hardest_negative_selection_under_every_anchor_trains_each_anchor_once() -> None:
+    model = make_model()
+    images, feature_map, embeddings = make_batch(model)
+    first, second, mask = Metrix("input", selection="hardest_negative", anchor_negative="every_anchor"
+                                 ).hardest_negative_pairs(embeddings, LABELS, torch.tensor(False))
+    assert torch.equal(first, torch.arange(LABELS.shape[0])) and torch.equal(mask, torch.eye(LABELS.shape[0]) > 0)
+    assert (LABELS[second] != LABELS).all()
 
 
 def test_random_strategy_draws_one_of_the_two_per_call() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHRINK, Outcome
+from tests.conftest import REPO, SHRINK, Outcome, assert_input_error, digits_updates
 
 LOSSES = ("cross_entropy", "contrastive", "multisimilarity", "proxyanchor")
 MODES = (None, "input", "feature", "embed")
@@ -23,7 +23,8 @@ def observed_metrics(experiment: Callable[..., Outcome], words: str, observed: P
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_loss_and_mode_train_on_digits(loss, mode, digits_path, experiment, tmp_path):
-    metrix = f"metrix.{mode} metrix.max_pairs=100" if mode else ""
+    # Input mode mixes one pair per anchor and positive (the released selection); the others all pairs, capped.
+    metrix = {None: "", "input": "metrix.input"}.get(mode, f"metrix.{mode} metrix.max_pairs=100")
     words = (f"with loss.{loss} {metrix} epochs=1 dataset.num_iterations=30 scheduler=constant "
              f"dataset.sampler=balanced dataset.images_per_class=4 dataset.batch_size=20 cpu=True "
              f"dataset.data_path={digits_path} evaluation.final_metrics=['recall']")
@@ -34,6 +35,15 @@ def test_loss_and_mode_train_on_digits(loss, mode, digits_path, experiment, tmp_
     if mode:
         assert f"train.mixed_{loss}" in metrics
         assert all(value >= 0 for value in metrics[f"train.mixed_{loss}"]["values"])
+
+
+def test_input_mode_follows_the_released_selection_unless_told(experiment, digits_path):
+    outcome = experiment("print_config with metrix.input")
+    assert re.search(r"selection = 'hardest_negative'", outcome.out), outcome.out
+    outcome = experiment("print_config with metrix.input metrix.selection=all metrix.max_pairs=100")
+    assert outcome.code == 0 and re.search(r"selection = 'all'", outcome.out), outcome.err
+    outcome = experiment("with metrix.input metrix.max_pairs=100 epochs=1", *digits_updates(digits_path))
+    assert_input_error(outcome, "metrix.max_pairs=100", "metrix.selection='all'")
 
 
 def readme_equivalents() -> list[tuple[str, str]]:

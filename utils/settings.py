@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from losses.ingredient import PAIRWISE_LOSSES
-from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, STRATEGIES
+from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, SELECTIONS, STRATEGIES
 from models.backbones import BACKBONES
 from models.metric_model import NORM_LAYERS, POOLINGS
 from models.vae_ingredient import ARCHS as VAE_ARCHS
@@ -190,6 +190,7 @@ RULES: dict[str, Check] = {
     "metrix.alpha": POSITIVE,
     "metrix.weight": NON_NEGATIVE,
     "metrix.max_pairs": optional(SIZE),
+    "metrix.selection": choice(SELECTIONS),
     "vae.arch": choice(VAE_ARCHS),
     "vae.latent_dim": SIZE,
     "vae.hidden_dims": optional(items(SIZE)),
