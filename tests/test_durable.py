@@ -1,6 +1,7 @@
 """Durable runs, with real processes, real signals and a real small filesystem: a stopped run resumed with
 resume=<its run directory> ends with exactly the metrics of the same run left uninterrupted (the oracle)."""
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, assert_input_error
+from utils.checkpoint import save_json_atomically
 from utils.training import NonFiniteStep, train_one_epoch
 
 # Digits' small splits, 40 balanced batches of 20 per epoch, Metrix on: long enough epochs to stop mid-way.
@@ -222,8 +224,23 @@ def test_a_full_disk_during_the_run_fails_it_and_keeps_no_broken_checkpoint(digi
     last = log.read_text(errors="replace").strip().splitlines()[-1]
     assert last.startswith(f"utils.errors.RunFailed: could not write the checkpoint {disk.resolve() / '1'}")
     (disk / "filler").unlink()
-    assert json.loads((disk / "1" / "run.json").read_text())["status"] == "FAILED"
-    assert not list((disk / "1").glob("checkpoint.pt*"))  # no truncated file
+    # run.json is never truncated: FAILED where the disk had room for it, else the last complete heartbeat's.
+    assert json.loads((disk / "1" / "run.json").read_text())["status"] in ("FAILED", "RUNNING")
+    assert not list((disk / "1").glob("checkpoint.pt*")) and not list((disk / "1").glob("*.tmp"))
+
+
+def test_run_json_is_replaced_whole_or_not_at_all(small_filesystem):
+    """sacred rewrote run.json in place; on a full disk that left a truncated file (seen in the test above)."""
+    disk = small_filesystem("1m")
+    save_json_atomically(str(disk), {"status": "RUNNING"}, "run.json")
+    with open(disk / "filler", "wb", buffering=0) as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 2**16)
+    with pytest.raises(OSError):
+        save_json_atomically(str(disk), {"status": "FAILED", "fail_trace": ["x" * 2**16]}, "run.json")
+    assert json.loads((disk / "run.json").read_text()) == {"status": "RUNNING"}
+    assert sorted(path.name for path in disk.iterdir()) == ["filler", "run.json"]
 
 
 def test_an_unwritable_output_folder_is_refused_before_training(digits_path, experiment, tmp_path):

@@ -6,6 +6,7 @@ epoch with its metrics and weights, every random state, the sacred config, the c
 rebuilds the model without the data. It loads with torch.load(..., weights_only=True).
 """
 
+import json
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sacred import serializer
 
 from utils.errors import InputError, RunFailed
 
@@ -68,6 +70,20 @@ def prepare_directory(directory: Path, needed: int) -> None:
         raise InputError(f"the output folder {directory} has {free / 2**20:,.0f} MiB free, but a checkpoint takes "
                          f"about {needed / 2**20:,.0f} MiB and the run needs room for 3: free some space or choose "
                          f"another folder with output_dir=... (or -F)")
+
+
+def save_json_atomically(directory: str, obj: object, filename: str) -> None:
+    """sacred's FileStorageObserver.save_json, written to a temporary file renamed over the old one."""
+    path = Path(directory) / filename
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "w") as file:
+            json.dump(serializer.flatten(obj), file, sort_keys=True, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:

@@ -39,6 +39,7 @@ from utils.checkpoint import (
     prepare_directory,
     rng_state,
     save_checkpoint,
+    save_json_atomically,
     set_rng_state,
 )
 from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
@@ -151,6 +152,9 @@ def output_directory(run: Run, output_dir: str, name: str) -> Path:
     """The -F run directory, or a new folder in output_dir named after the task, the time and the process."""
     for observer in run.observers:
         if isinstance(observer, FileStorageObserver):
+            # sacred rewrites run.json and metrics.json in place: on a full disk that truncates them. Replace them
+            # whole instead, so that a write that fails leaves the previous version.
+            observer.save_json = functools.partial(save_json_atomically, observer.dir)
             return Path(observer.dir).resolve()
     return (Path(output_dir) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}").resolve()
 
