@@ -26,15 +26,16 @@ LOSSES = {
     "multisimilarity": lambda: MultiSimilarityLoss(),
     "proxyanchor": lambda: ProxyAnchorLoss(CLASSES, EMBEDDING),
 }
-# (loss, Metrix mode, max_pairs, sync_bn): every loss with every mode, the hardest-pair cap once, and BatchNorm
-# in training mode (backbone and head) over the global batch with each mode.
-CASES = [(loss, mode, None, False) for loss, mode in itertools.product(LOSSES, (None, "input", "feature", "embed"))]
-CASES += [("multisimilarity", "feature", 10, False), ("cross_entropy", None, None, True),
-          ("contrastive", "input", None, True), ("multisimilarity", "feature", None, True),
-          ("proxyanchor", "embed", None, True)]
+# (loss, Metrix mode, Metrix options, sync_bn): every loss with every mode, the hardest-pair cap and the released
+# input-mode selection once, and BatchNorm in training mode (backbone and head) over the global batch with each mode.
+CASES = [(loss, mode, {}, False) for loss, mode in itertools.product(LOSSES, (None, "input", "feature", "embed"))]
+CASES += [("multisimilarity", "feature", {"max_pairs": 10}, False),
+          ("contrastive", "input", {"selection": "hardest_negative"}, False), ("cross_entropy", None, {}, True),
+          ("contrastive", "input", {}, True), ("multisimilarity", "feature", {}, True),
+          ("proxyanchor", "embed", {}, True)]
 
 
-def build(loss: str, mode: str | None, max_pairs: int | None, sync_bn: bool) -> tuple[nn.Module, Criterion]:
+def build(loss: str, mode: str | None, options: dict, sync_bn: bool) -> tuple[nn.Module, Criterion]:
     """The model and objective; with sync_bn its BatchNorm layers train on batch statistics (plain BatchNorm
     in the single process, GlobalBatchNorm under DDP)."""
     torch.manual_seed(0)
@@ -42,7 +43,7 @@ def build(loss: str, mode: str | None, max_pairs: int | None, sync_bn: bool) -> 
     model = MetricModel(small_cnn(None), head, set_bn_eval=not sync_bn).train()
     if sync_bn and distributed.world_size() > 1:
         model = sync_batchnorm.convert(model)
-    mixer = Metrix(mode, max_pairs=max_pairs) if mode else None
+    mixer = Metrix(mode, **options) if mode else None
     criterion = Criterion({loss: (1.0, LOSSES[loss]())}, mixer)
     for parameter in criterion.parameters():  # a zero classifier would pass no gradient to the embedding
         nn.init.normal_(parameter, std=0.5)
