@@ -7,7 +7,6 @@ rebuilds the model without the data. It loads with torch.load(..., weights_only=
 """
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from sacred import serializer
 
 from utils.errors import InputError, RunFailed
+from utils.files import atomic_write
 
 FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
@@ -73,35 +73,23 @@ def prepare_directory(directory: Path, needed: int) -> None:
 
 
 def save_json_atomically(directory: str, obj: object, filename: str) -> None:
-    """sacred's FileStorageObserver.save_json, written to a temporary file renamed over the old one."""
-    path = Path(directory) / filename
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "w") as file:
-            json.dump(serializer.flatten(obj), file, sort_keys=True, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """sacred's FileStorageObserver.save_json, but the file is replaced whole (utils.files.atomic_write)."""
+    with atomic_write(Path(directory) / filename) as file:
+        json.dump(serializer.flatten(obj), file, sort_keys=True, indent=2)
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write atomically: a temporary file beside path, flushed to disk and read back, then renamed over path, so
+    """Write atomically (utils.files.atomic_write) and read the file back before it replaces the previous one, so
     that the checkpoint on disk is always complete. A failed write keeps the previous checkpoint and fails the
     run with one line."""
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as file:
+        with atomic_write(path, "wb") as file:
             torch.save(checkpoint, file)
             file.flush()
-            os.fsync(file.fileno())
-        written = torch.load(temporary, map_location="cpu", weights_only=True)
-        if written.get("format") != FORMAT or written.get("iterations") != checkpoint["iterations"]:
-            raise OSError("the file read back differs from what was written")
-        os.replace(temporary, path)
+            written = torch.load(file.name, map_location="cpu", weights_only=True)
+            if written.get("format") != FORMAT or written.get("iterations") != checkpoint["iterations"]:
+                raise OSError("the file read back differs from what was written")
     except (OSError, RuntimeError) as error:
-        temporary.unlink(missing_ok=True)
         kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
         raise RunFailed(f"could not write the checkpoint {path} ({error}): {kept}; free some space or fix the "
                         f"folder, then resume with resume={path.parent}") from None

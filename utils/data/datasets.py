@@ -14,6 +14,7 @@ from scipy.io.matlab import MatReadError
 
 from utils.data.download import download, extract, is_extracted
 from utils.errors import InputError
+from utils.files import atomic_write
 
 Samples = list[tuple[str, int]]
 Urls = str | Sequence[str]  # one URL, or mirrors of one file in the order to try them
@@ -176,6 +177,5 @@ def missing_images(data_path: Path, splits: dict[str, Samples]) -> list[str]:
 def write_splits(data_path: Path, splits: dict[str, Samples]) -> None:
     """Write each split as `path,label` lines; via a temporary file, so a split file is never half-written."""
     for name, samples in splits.items():
-        temporary = data_path / f".{name}.tmp"
-        temporary.write_text("".join(f"{path},{label}\n" for path, label in samples), encoding="utf-8")
-        temporary.replace(data_path / name)
+        with atomic_write(data_path / name) as file:
+            file.write("".join(f"{path},{label}\n" for path, label in samples))

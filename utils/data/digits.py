@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from utils.files import atomic_write
+
 CANVAS = 32
 TRAIN_CLASSES = range(0, 5)
 SPLITS = ("train", "test")
@@ -57,6 +59,5 @@ def _render(root: Path, seed: int) -> None:
         render_digit(digit, np.random.default_rng([seed, index])).save(root / path)
         splits["train" if label in TRAIN_CLASSES else "test"].append(f"{path},{label}\n")
     for split in ("test", "train"):  # train.txt last: runs that find it take the rendering as complete
-        temporary = root / f".{split}.txt.tmp"
-        temporary.write_text("".join(splits[split]))
-        temporary.replace(root / f"{split}.txt")
+        with atomic_write(root / f"{split}.txt") as file:
+            file.write("".join(splits[split]))

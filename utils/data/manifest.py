@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from utils.data.images import load_image
 from utils.errors import InputError
+from utils.files import atomic_write
 
 MANIFEST = "manifest.json"
 Samples = list[tuple[str, int]]
@@ -36,9 +37,8 @@ def read(data_path: Path) -> dict | None:
 def write(data_path: Path, content: dict) -> None:
     """Replace the manifest atomically, so that it is never half-written."""
     data_path.mkdir(parents=True, exist_ok=True)
-    temporary = data_path / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
-    temporary.replace(data_path / MANIFEST)
+    with atomic_write(data_path / MANIFEST) as file:
+        file.write(json.dumps(content, indent=1) + "\n")
 
 
 def mark_incomplete(data_path: Path, dataset: str, reason: str) -> None:

@@ -1,0 +1,23 @@
+"""Files that are never half-written."""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
+    """An open file for path that is in fact a hidden temporary beside it (.NAME.tmp). When the block ends, the
+    data is flushed to disk and the temporary renamed over path: readers find the old file or the new one, never a
+    part of it. On an error (a full disk, a check of the block's) the temporary goes and path stays as it was."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, mode, encoding=None if "b" in mode else "utf-8") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
