@@ -25,7 +25,7 @@ from models.vae import Autoencoder
 from models.vae_ingredient import get_vae, vae_ingredient
 from utils import distributed
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
-from utils.driver import Task, fit, keep_output_on_failure, quiet_other_ranks, select_device, training_config
+from utils.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
 from utils.errors import InputError, check_choice
 from utils.evaluation import Evaluator, check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
@@ -106,7 +106,7 @@ def autoencoder_from_checkpoint(checkpoint: dict) -> Autoencoder:
 
 
 @ex.main
-@keep_output_on_failure
+@keep_run_records
 def main(select_by: str, _config: dict, _run) -> float:
     """Train an autoencoder and evaluate its codes (the default command)."""
     check_choice("select_by", select_by, SELECTION)
@@ -144,7 +144,7 @@ def main(select_by: str, _config: dict, _run) -> float:
 
 
 @ex.command
-@keep_output_on_failure
+@keep_run_records
 def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     """Evaluate the best weights of checkpoint=PATH with every final metric (on the run's data by default)."""
     saved, config, device = restore(checkpoint, _config, _run)
@@ -157,7 +157,7 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
 
 
 @ex.command
-@keep_output_on_failure
+@keep_run_records
 def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
           _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE (latent means) with the best weights of checkpoint=PATH into out=FILE.npz."""

@@ -19,7 +19,7 @@ from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
 from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.driver import Task, fit, keep_output_on_failure, quiet_other_ranks, select_device, training_config
+from utils.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
 from utils.evaluation import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.settings import settings_hook
@@ -69,7 +69,7 @@ def metrix_recipe():
 
 
 @ex.main
-@keep_output_on_failure
+@keep_run_records
 def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float:
     """Train an embedding and evaluate it (the default command)."""
     device = select_device(_config["cpu"], _config["cudnn_flag"])
@@ -98,7 +98,7 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
 
 
 @ex.command
-@keep_output_on_failure
+@keep_run_records
 def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     """Evaluate the best weights of checkpoint=PATH with every final metric (on the run's data by default)."""
     saved, config, device = restore(checkpoint, _config, _run)
@@ -109,7 +109,7 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
 
 
 @ex.command
-@keep_output_on_failure
+@keep_run_records
 def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
           _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""

@@ -152,9 +152,6 @@ def output_directory(run: Run, output_dir: str, name: str) -> Path:
     """The -F run directory, or a new folder in output_dir named after the task, the time and the process."""
     for observer in run.observers:
         if isinstance(observer, FileStorageObserver):
-            # sacred rewrites run.json and metrics.json in place: on a full disk that truncates them. Replace them
-            # whole instead, so that a write that fails leaves the previous version.
-            observer.save_json = functools.partial(save_json_atomically, observer.dir)
             return Path(observer.dir).resolve()
     return (Path(output_dir) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}").resolve()
 
@@ -396,16 +393,21 @@ class BestEpoch:
             self.state = copy.deepcopy(model.state_dict())
 
 
-def keep_output_on_failure(main: Callable) -> Callable:
-    """Decorate a sacred main function that takes `_run`.
+def keep_run_records(main: Callable) -> Callable:
+    """Decorate a sacred command that takes `_run`, so that its -F records survive a failure.
 
-    Sacred 0.8 closes its capture of stdout/stderr before the last heartbeat of a failed run, so
-    the observers lose everything printed since the previous beat (up to 10 s: often all the lines
-    that led to the failure). Reading the output into the run while the capture is still open keeps it.
+    - sacred's file observer rewrites run.json and metrics.json in place: on a full disk that truncates them.
+      They are replaced whole instead (save_json_atomically), so a write that fails leaves the previous version.
+    - Sacred 0.8 closes its capture of stdout/stderr before the last heartbeat of a failed run, so the observers
+      lose everything printed since the previous beat (up to 10 s: often all the lines that led to the failure).
+      Reading the output into the run while the capture is still open keeps it.
     """
 
     @functools.wraps(main)  # sacred reads the configuration parameters from main's signature
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for observer in kwargs["_run"].observers:
+            if isinstance(observer, FileStorageObserver):
+                observer.save_json = functools.partial(save_json_atomically, observer.dir)
         try:
             return main(*args, **kwargs)
         except BaseException:
