@@ -62,7 +62,12 @@ def load_pixels(path: Path) -> Tensor:
                 return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
         except RuntimeError:
             pass
-    return torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+    return pil_pixels(load_image(path))
+
+
+def pil_pixels(image: Image.Image) -> Tensor:
+    """An RGB PIL image as uint8 (3, H, W) over its (H, W, 3) pixels, the layout torchvision decodes into."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 class WorkerCrop:
@@ -74,8 +79,7 @@ class WorkerCrop:
         self.scale, self.ratio = list(scale), list(ratio)
 
     def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, float]:
-        # From PIL (preloaded images): (3, H, W) over the (H, W, 3) pixels, as load_pixels gives.
-        pixels = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        pixels = image if isinstance(image, Tensor) else pil_pixels(image)  # PIL: preloaded images
         full_height, full_width = pixels.shape[1:]
         width, height = resized_size(full_width, full_height, self.resize)
         # get_params reads only the size of its image: an uninitialised tensor of the resized shape.
