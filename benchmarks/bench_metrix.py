@@ -7,8 +7,9 @@ A step is forward, loss, backward and an Adam step of small_cnn (the repo's CPU 
 for two label layouts. Every setup trains its own copy of the same initial model; the setups take turns, one
 step each, so that load from other processes spreads evenly over them, and each time is the median over the
 repeats after the warm-up steps (the first steps of a process run much slower). Peak memory is measured in a
-fresh subprocess per configuration: on the CPU the peak resident set size (VmHWM, reset before the first step)
-above what the process held then, on CUDA torch.cuda.max_memory_allocated.
+fresh subprocess per configuration, the median of --memory-repeats of them: on the CPU the peak resident set
+size (VmHWM, reset before the first step) above what the process held then, on CUDA
+torch.cuda.max_memory_allocated.
 """
 
 import argparse
@@ -149,15 +150,17 @@ def probe_memory(args: argparse.Namespace, device: torch.device) -> dict[str, fl
 
 
 def measure_memory(args: argparse.Namespace, batch: int) -> dict[str, float]:
-    """Peak memory of every memory setup at this batch size, each in a fresh Python process."""
-    peaks = {}
-    for setup in memory_setups(args.cap):
-        command = [sys.executable, __file__, "--memory-probe", setup.name, "--batch", str(batch),
-                   "--cap", str(args.cap), "--image-size", str(args.image_size), "--loss", args.loss,
-                   "--device", args.device]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        peaks[setup.name] = json.loads(output.strip().splitlines()[-1])["peak"]
-    return peaks
+    """Peak memory of every memory setup at this batch size, each in a fresh Python process: the median of
+    --memory-repeats processes (on the CPU the peak RSS of one process varies by some 10 MiB)."""
+    peaks: dict[str, list[float]] = {setup.name: [] for setup in memory_setups(args.cap)}
+    for _ in range(args.memory_repeats):
+        for name in peaks:  # the setups take turns, as in the timing
+            command = [sys.executable, __file__, "--memory-probe", name, "--batch", str(batch),
+                       "--cap", str(args.cap), "--image-size", str(args.image_size), "--loss", args.loss,
+                       "--device", args.device]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            peaks[name].append(json.loads(output.strip().splitlines()[-1])["peak"])
+    return {name: statistics.median(values) for name, values in peaks.items()}
 
 
 def cpu_name() -> str:
@@ -221,6 +224,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--input-all-pairs", action="store_true", help="also time input mode without a cap")
     parser.add_argument("--memory-batches", type=int, nargs="*", default=[50, 100, 150],
                         help="batch sizes of the memory table (none: skip it)")
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="fresh processes per memory figure (the median is reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one memory measurement
     return parser.parse_args()
@@ -243,7 +248,8 @@ def main() -> None:
     print(timing_table(args, device), flush=True)
     if args.memory_batches:
         kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS above the idle process"
-        print(f"\nPeak memory of two steps ({kind}), B/5 classes x 5 images:\n")
+        print(f"\nPeak memory of two steps ({kind}), B/5 classes x 5 images, median of {args.memory_repeats} "
+              f"processes:\n")
         print(memory_table(args))
     print(f"\n({time.perf_counter() - started:.0f} s in all; load average at the end {load_average()})")
 

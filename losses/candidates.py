@@ -48,15 +48,22 @@ class Candidates:
 
     def label_weights(self, classes: Tensor) -> Tensor:
         """(A, M) share of class classes[a] in the label of candidate v."""
-        first = (classes[:, None] == self.labels[None, :]).to(self.lam.dtype)
-        second = (classes[:, None] == self.other_labels[None, :]).to(self.lam.dtype)
-        return self.lam * first + (1 - self.lam) * second
+        first = matches(classes, self.labels, self.lam.dtype).mul_(self.lam)
+        return first.add_(matches(classes, self.other_labels, self.lam.dtype).mul_(1 - self.lam))
 
     def pair_weights(self, anchor_labels: Tensor) -> tuple[Tensor, Tensor]:
         """(B, M) positive and negative weights of every (anchor, candidate) pair."""
         positive = self.label_weights(anchor_labels)
         mask = self.anchor_mask.to(positive.dtype)
-        return positive * mask, (1 - positive) * mask
+        positive.mul_(mask)
+        return positive, mask.sub_(positive)  # the mask is 0 or 1: mask - positive * mask = (1 - positive) * mask
+
+
+def matches(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """(A, M) 1.0 where a[i] == b[j], else 0.0: compared straight into floats (booleans, then floats, take one
+    more pass over the B x M matrix, which with Metrix's B (B - 1) candidates is not small)."""
+    out = torch.empty(a.shape[0], b.shape[0], dtype=dtype, device=a.device)
+    return torch.eq(a[:, None], b[None, :], out=out)
 
 
 class WeightedLoss(nn.Module):

@@ -6,6 +6,7 @@ Everything here is vectorised and keeps the data on the device: no host reads, n
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .candidates import Candidates
 
@@ -19,15 +20,30 @@ def cosine_similarity(x: Tensor, y: Tensor) -> Tensor:
 
 
 def sphere_distance(x: Tensor, y: Tensor) -> Tensor:
-    """(N, M) Euclidean distance between the L2-normalised rows of x and y: d = sqrt(2 - 2 cos).
+    """(N, M) Euclidean distance between the L2-normalised rows of x and y: d = sqrt(2 - 2 cos)."""
+    return SphereDistance.apply(cosine_similarity(x, y))
 
-    d is not differentiable at 0 (a candidate equal to its anchor, e.g. anchor-negative mixing with lam = 1):
-    there we take the subgradient 0; the double where keeps sqrt's infinite slope out of the backward pass,
-    where it would turn a zero weight into NaN.
+
+class SphereDistance(torch.autograd.Function):
+    """cos -> d = sqrt(max(2 - 2 cos, 0)), with the subgradient 0 where d = 0 (a candidate equal to its anchor,
+    e.g. anchor-negative mixing with lam = 1), where sqrt's slope is infinite and would turn a zero weight into NaN.
+
+    One function rather than clamp, sqrt and two torch.where: it keeps only d for the backward, where those keep
+    four more (N, M) tensors, and with Metrix's B (B - 1) candidates that is most of a step's extra memory.
     """
-    squared = (2 - 2 * cosine_similarity(x, y)).clamp_min(0)
-    positive = squared > 0
-    return torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, cos: Tensor) -> Tensor:
+        distance = cos.mul(-2).add_(2).clamp_(min=0).sqrt_()
+        ctx.save_for_backward(distance)
+        return distance
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:
+        (distance,) = ctx.saved_tensors
+        # d(d)/d(cos) = -1 / d; the division's inf and NaN at d = 0 are not selected.
+        return torch.where(distance > 0, grad.neg().div_(distance), 0)
 
 
 def log1p_sum_exp(x: Tensor, weights: Tensor, dim: int = -1) -> Tensor:

@@ -190,11 +190,14 @@ class Metrix(nn.Module):
         images and feature_map are this rank's, embeddings the global batch's (see the module docstring); the mixed
         embeddings come out in at least float32, as the losses need.
         """
+        # One lam shared by every pair (0-d) lets models.mixing mix on the B x B grid rather than pair by pair.
+        if self.lam == "per_batch" and first.shape[0] > 0:
+            lam = lam[0]
         if self.mode == "embed":
             return interpolate(embeddings, first, second, lam)
         sizes = distributed.split_sizes(first.shape[0])
         share = distributed.shard(first.shape[0])
-        first, second, lam = first[share], second[share], lam[share]
+        first, second, lam = first[share], second[share], lam if lam.dim() == 0 else lam[share]
         if self.mode == "input":
             mixed = model.head(model.backbone(interpolate(distributed.gather(images), first, second, lam)))
         else:

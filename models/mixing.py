@@ -1,8 +1,16 @@
 """Mixing examples pairwise (Metrix), and pooling of mixed feature maps without materialising them.
 
+Pairs (i, j) are mixed as lam * x_i + (1 - lam) * x_j, in one of two ways:
+
+- on the grid, when one lam serves every pair (the paper's one draw per step) and the pairs cover at least a
+  quarter of the B x B grid (all pairs, on one or two processes): x is scaled once by lam and once by 1 - lam and
+  the two are broadcast-added over whole rows i of the grid; the pairs are then picked from it. No gather per
+  pair, and the backward sums over the grid's axes instead of scattering every pair.
+- pair by pair otherwise (a lam per pair, a cap on the pairs): each pair's x_i and x_j are gathered.
+
 In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Average pooling is
 linear, so the average of a mixture is the mixture of the averages. Max pooling needs each mixed map, but only
-for a moment: `MixedMax` mixes and pools a chunk of pairs at a time and keeps the pooled values only; its
+for a moment: `GridMax` and `MixedMax` compute it a chunk at a time, keeping the pooled values only, and their
 backward mixes the chunk again (the same values, bit for bit) to find the winning positions. Memory holds one
 chunk of mixed maps instead of M.
 """
@@ -11,17 +19,31 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-# Mixed-map elements per chunk: 16 MiB in float32, enough to amortise the per-chunk overhead on a CPU or a GPU.
-CHUNK_ELEMENTS = 2**20
+# Mixed-map elements per chunk: 8 MiB in float32, enough to amortise the per-chunk overhead on a CPU or a GPU.
+CHUNK_ELEMENTS = 2**21
+
+
+def on_the_grid(lam: Tensor, first: Tensor, count: int) -> bool:
+    """Whether to mix the pairs on the B x B grid: a shared (0-d) lam and pairs covering a quarter of the grid,
+    where the grid's B^2 mixtures cost less than gathering the pairs. Decided from shapes, never from values."""
+    return lam.dim() == 0 and 4 * first.shape[0] >= count * count
+
+
+def grid_pairs(grid: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """(M, ...) the pairs' entries of a (B, B, ...) grid."""
+    return grid.flatten(0, 1).index_select(0, first * grid.shape[0] + second)
 
 
 def interpolate(x: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
-    """lam * x[first] + (1 - lam) * x[second], lam broadcast over all but the first dimension.
+    """lam * x[first] + (1 - lam) * x[second], lam (M,) or 0-d broadcast over all but the first dimension.
 
     index_select rather than x[first]: its backward (index_add_) is faster on the CPU than that of indexing
     (index_put_ with accumulation).
     """
-    weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    weight = lam.to(x.dtype)
+    if on_the_grid(lam, first, x.shape[0]):
+        return grid_pairs((x * weight)[:, None] + (x * (1 - weight))[None], first, second)
+    weight = weight.view(-1, *([1] * (x.dim() - 1)))
     return weight * x.index_select(0, first) + (1 - weight) * x.index_select(0, second)
 
 
@@ -67,21 +89,80 @@ class MixedMax(torch.autograd.Function):
         return grad_maps, None, None, None
 
 
+class GridMax(torch.autograd.Function):
+    """(B, P, C) maps and a 0-d lam -> (B, B, C): [i, j] is the max over positions of lam * x_i + (1 - lam) * x_j.
+
+    The mixture is computed as the materialised maps are, lam * x_i + (1 - lam) * x_j, so values and ties are
+    theirs bit for bit. Each chunk of rows is mixed into one reused buffer: a fresh allocation of that size per
+    chunk costs page faults on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, maps: Tensor, lam: Tensor) -> Tensor:
+        weight = lam.to(maps.dtype)
+        weighted_first, weighted_second = maps * weight, maps * (1 - weight)
+        count = maps.shape[0]
+        pooled = maps.new_empty(count, count, maps.shape[2])
+        parts = chunks(count, maps.numel())
+        mixed = maps.new_empty(parts[0].stop, *maps.shape)
+        for rows in parts:
+            chunk = mixed[:len(range(count)[rows])]
+            torch.add(weighted_first[rows, None], weighted_second[None], out=chunk)
+            torch.amax(chunk, dim=2, out=pooled[rows])
+        ctx.save_for_backward(weighted_first, weighted_second, weight, pooled)
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        weighted_first, weighted_second, weight, pooled = ctx.saved_tensors
+        count = pooled.shape[0]
+        grad_first, grad_second = torch.empty_like(weighted_first), torch.zeros_like(weighted_second)
+        parts = chunks(count, weighted_first.numel())
+        winners = weighted_first.new_empty(parts[0].stop, *weighted_first.shape)
+        ones = weighted_first.new_ones(parts[0].stop, 1, count)
+        for rows in parts:
+            size = len(range(count)[rows])
+            chunk = winners[:size]
+            torch.add(weighted_first[rows, None], weighted_second[None], out=chunk)
+            # 1.0 where a position holds its channel's max, else 0.0: a comparison straight into floats (into
+            # booleans, then floats, it runs several times slower on a CPU).
+            torch.eq(chunk, pooled[rows, :, None], out=chunk)
+            # torch.amax's rule: the positions that tie for the max share its gradient evenly.
+            chunk.mul_((grad[rows] / chunk.sum(dim=2))[:, :, None])
+            # The sums over j (a matrix product) and over the chunk's rows i (one slab at a time): on a CPU both
+            # run about twice as fast as torch.sum over those dimensions.
+            torch.bmm(ones[:size], chunk.view(size, count, -1), out=grad_first[rows].view(size, 1, -1))
+            for row in chunk:
+                grad_second += row
+        return grad_first * weight + grad_second * (1 - weight), None
+
+
 def mixed_pool(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:
     """(M, C): the pooling (avg | max | avg+max, summed) of lam * feature_map[first] + (1 - lam) *
     feature_map[second], pair by pair, without materialising the M mixed maps.
 
-    Values and gradients equal those of the materialised mixtures up to rounding, ties of the max included (they
-    share the gradient evenly, as with torch.amax). lam is a sample, not a parameter: it gets no gradient.
+    lam is (M,), one per pair, or 0-d, one for all. Values and gradients equal those of the materialised mixtures
+    up to rounding, ties of the max included (they share the gradient evenly, as with torch.amax). lam is a
+    sample, not a parameter: it gets no gradient.
     """
     if lam.requires_grad:
         raise ValueError("mixed_pool does not differentiate with respect to lam")
+    # Positions before channels: the max then runs over whole rows of channels at once, which on a CPU is ~10x
+    # faster than a max over each channel's few positions.
+    maps = feature_map.flatten(2).transpose(1, 2).contiguous() if "max" in pooling else None
+    if on_the_grid(lam, first, feature_map.shape[0]):
+        weight = lam.to(feature_map.dtype)
+        grid = 0
+        if "avg" in pooling:
+            means = feature_map.mean(dim=(2, 3))
+            grid = (means * weight)[:, None] + (means * (1 - weight))[None]
+        if "max" in pooling:
+            grid = grid + GridMax.apply(maps, lam)
+        return grid_pairs(grid, first, second)
     pooled = []
     if "avg" in pooling:
         pooled.append(interpolate(feature_map.mean(dim=(2, 3)), first, second, lam))
     if "max" in pooling:
-        # Positions before channels: the max then runs over whole rows of channels at once, which on a CPU is
-        # ~10x faster than a max over each channel's few positions.
-        maps = feature_map.flatten(2).transpose(1, 2).contiguous()
-        pooled.append(MixedMax.apply(maps, first, second, lam))
+        pooled.append(MixedMax.apply(maps, first, second, lam.expand(first.shape)))
     return sum(pooled)

@@ -17,6 +17,7 @@ from torch import Tensor
 from losses.candidates import Candidates
 from losses.contrastive import ContrastiveLoss
 from losses.cross_entropy import CrossEntropyLoss
+from losses.functional import sphere_distance
 from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 
@@ -365,6 +366,27 @@ def test_no_positive_contrastive_is_its_negative_part() -> None:
     expected = neg[neg > 0].mean() if (neg > 0).any() else torch.tensor(0.0, dtype=DTYPE)
     torch.testing.assert_close(ContrastiveLoss(0.5)(embeddings, labels, Candidates.clean(embeddings, labels)),
                                expected)
+
+
+def test_sphere_distance_and_its_gradient_against_the_formula() -> None:
+    """d = sqrt(2 - 2 cos) with torch's own sqrt as the oracle where d > 0; where a candidate equals its anchor
+    (d = 0, sqrt's slope infinite) the gradient is the subgradient 0, finite."""
+    x = torch.randn(5, DIM, dtype=DTYPE)
+    x[0], x[1] = 2 * torch.eye(DIM)[0], 5 * torch.eye(DIM)[3]  # cos exactly 1 with themselves
+    y = torch.cat([x[:2], torch.randn(4, DIM, dtype=DTYPE)])  # candidates 0 and 1 equal anchors 0 and 1
+    probe = torch.randn(5, 6, dtype=DTYPE)
+    got_x, got_y = leaf(x), leaf(y)
+    got = sphere_distance(got_x, got_y)
+    (got * probe).sum().backward()
+    want_x, want_y = leaf(x), leaf(y)
+    cos = F.normalize(want_x, dim=1) @ F.normalize(want_y, dim=1).T
+    same = torch.zeros(5, 6, dtype=torch.bool)
+    same[0, 0] = same[1, 1] = True
+    want = (2 - 2 * cos).clamp_min(0).masked_fill(same, 1).sqrt().masked_fill(same, 0)
+    (want * probe).sum().backward()
+    torch.testing.assert_close(got, want, **TOL)
+    assert got[0, 0] == 0 and got[1, 1] == 0
+    torch.testing.assert_close((got_x.grad, got_y.grad), (want_x.grad, want_y.grad), **TOL)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

@@ -1,5 +1,6 @@
 """Pooling of mixed feature maps without materialising them (models.mixing, EmbeddingHead.pool_mixtures) against
-the maps built pair by pair: values, gradients, chunk boundaries and ties."""
+the maps built pair by pair: values, gradients, chunk boundaries and ties, for both ways of mixing (GridMax: one
+lam for many pairs; MixedMax: a lam per pair, or few pairs)."""
 
 import pytest
 import torch
@@ -12,19 +13,26 @@ from models.mixing import mixed_pool
 DTYPE = torch.float64
 
 
-def random_case(batch: int = 7, channels: int = 5, pairs: int = 23, seed: int = 0
+# (pairs, shared lam): 23 pairs of 7 examples, past a quarter of the 7 x 7 grid, take GridMax with a shared lam;
+# 5 pairs or a lam per pair take MixedMax.
+LAYOUTS = {"grid": (23, True), "few pairs": (5, True), "lam per pair": (23, False)}
+
+
+def random_case(layout: str = "lam per pair", batch: int = 7, channels: int = 5, seed: int = 0
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Feature maps (B, C, 3, 4), arbitrary pairs (repeats and i == j included) and one lam per pair."""
+    """Feature maps (B, C, 3, 4), arbitrary pairs (repeats and i == j included) and lam, (M,) or 0-d."""
+    pairs, shared = LAYOUTS[layout]
     generator = torch.Generator().manual_seed(seed)
     feature_map = torch.randn(batch, channels, 3, 4, generator=generator, dtype=DTYPE)
     first = torch.randint(0, batch, (pairs,), generator=generator)
     second = torch.randint(0, batch, (pairs,), generator=generator)
-    lam = torch.rand(pairs, generator=generator, dtype=DTYPE)
+    lam = torch.rand(() if shared else pairs, generator=generator, dtype=DTYPE)
     return feature_map, first, second, lam
 
 
 def materialised(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
     """(M, C, H, W): every mixed map, one pair at a time."""
+    lam = lam.expand(first.shape)
     return torch.stack([lam[m] * feature_map[i] + (1 - lam[m]) * feature_map[j]
                         for m, (i, j) in enumerate(zip(first.tolist(), second.tolist(), strict=True))])
 
@@ -40,13 +48,14 @@ POOLS = {"avg": lambda x: x.mean(dim=(2, 3)), "max": lambda x: x.amax(dim=(2, 3)
          "avg+max": lambda x: x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))}
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("chunk_elements", [1, 24, 50, 2**22])
-def test_mixed_pool_equals_the_pooling_of_the_materialised_maps(chunk_elements: int, pooling: str,
+def test_mixed_pool_equals_the_pooling_of_the_materialised_maps(chunk_elements: int, pooling: str, layout: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """With one pair per chunk, chunks cutting the pairs unevenly, and a single chunk."""
+    """With one pair (or grid row) per chunk, chunks cutting them unevenly, and a single chunk."""
     monkeypatch.setattr(models.mixing, "CHUNK_ELEMENTS", chunk_elements)
-    feature_map, first, second, lam = random_case()
+    feature_map, first, second, lam = random_case(layout)
     probe = torch.randn(first.shape[0], feature_map.shape[1], dtype=DTYPE)
     got = value_and_gradient(lambda x: mixed_pool(x, first, second, lam, pooling), feature_map, probe)
     want = value_and_gradient(lambda x: POOLS[pooling](materialised(x, first, second, lam)), feature_map, probe)
@@ -64,10 +73,11 @@ def test_large_maps() -> None:
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pooling", POOLINGS)
-def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str) -> None:
+def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str, layout: str) -> None:
     """The whole head (pooling, BatchNorm on the batch of mixtures, remap, L2 norm) and its parameters' gradients."""
-    feature_map, first, second, lam = random_case(seed=1)
+    feature_map, first, second, lam = random_case(layout, seed=1)
     torch.manual_seed(0)
     head = EmbeddingHead(5, 3, pooling=pooling, norm_layer="batch", remap=True, normalize=True).to(DTYPE)
     probe = torch.randn(first.shape[0], 3, dtype=DTYPE)
@@ -80,11 +90,13 @@ def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str) -> 
     torch.testing.assert_close(results[0], results[1])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunk_elements", [1, 2**22])
-def test_ties_share_the_gradient_as_with_torch_amax(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ties_share_the_gradient_as_with_torch_amax(chunk_elements: int, layout: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Constant maps tie at every position; after a ReLU many positions tie at zero."""
     monkeypatch.setattr(models.mixing, "CHUNK_ELEMENTS", chunk_elements)
-    feature_map, first, second, lam = random_case(seed=3)
+    feature_map, first, second, lam = random_case(layout, seed=3)
     feature_map[0] = 1.0
     feature_map[1] = 1.0
     first[:2], second[:2] = torch.tensor([0, 1]), torch.tensor([1, 0])
@@ -95,10 +107,23 @@ def test_ties_share_the_gradient_as_with_torch_amax(chunk_elements: int, monkeyp
         torch.testing.assert_close(got, want)
 
 
-def test_no_pairs_gives_an_empty_result() -> None:
+@pytest.mark.parametrize("lam", [torch.zeros(0, dtype=DTYPE), torch.tensor(0.5, dtype=DTYPE)])
+def test_no_pairs_gives_an_empty_result(lam: Tensor) -> None:
     feature_map = torch.randn(3, 2, 2, 2, dtype=DTYPE)
     empty = torch.zeros(0, dtype=torch.long)
-    assert mixed_pool(feature_map, empty, empty, torch.zeros(0, dtype=DTYPE), "avg+max").shape == (0, 2)
+    assert mixed_pool(feature_map, empty, empty, lam, "avg+max").shape == (0, 2)
+
+
+def test_the_grid_is_taken_with_a_shared_lam_and_many_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layouts above do reach the way of mixing they are meant for."""
+    taken = []
+    for name in ("GridMax", "MixedMax"):
+        forward = getattr(models.mixing, name).forward
+        monkeypatch.setattr(getattr(models.mixing, name), "forward", staticmethod(
+            lambda ctx, *args, name=name, forward=forward: taken.append(name) or forward(ctx, *args)))
+    for layout in LAYOUTS:
+        mixed_pool(*random_case(layout), "max")
+    assert taken == ["GridMax", "MixedMax", "MixedMax"]
 
 
 def test_lam_is_not_differentiated() -> None:
