@@ -1,5 +1,6 @@
 """Contrastive loss in the weighted form (the loss Metrix trains with)."""
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -43,4 +44,4 @@ def average_nonzero(terms: Tensor) -> Tensor:
     left out is 0 already, and it passes no gradient on, because its weight is 0, its ReLU is on the flat side or
     its distance is 0 (where sphere_distance takes the subgradient 0).
     """
-    return terms.sum() / (terms > 0).sum().clamp_min(1)
+    return terms.sum() / torch.count_nonzero(terms).clamp_min(1)
