@@ -34,16 +34,21 @@ def grid_pairs(grid: Tensor, first: Tensor, second: Tensor) -> Tensor:
     return grid.flatten(0, 1).index_select(0, first * grid.shape[0] + second)
 
 
+def mixed_grid(x: Tensor, lam: Tensor) -> Tensor:
+    """(B, B, ...): [i, j] = lam * x_i + (1 - lam) * x_j for a 0-d lam."""
+    weight = lam.to(x.dtype)
+    return (x * weight)[:, None] + (x * (1 - weight))[None]
+
+
 def interpolate(x: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
     """lam * x[first] + (1 - lam) * x[second], lam (M,) or 0-d broadcast over all but the first dimension.
 
     index_select rather than x[first]: its backward (index_add_) is faster on the CPU than that of indexing
     (index_put_ with accumulation).
     """
-    weight = lam.to(x.dtype)
     if on_the_grid(lam, first, x.shape[0]):
-        return grid_pairs((x * weight)[:, None] + (x * (1 - weight))[None], first, second)
-    weight = weight.view(-1, *([1] * (x.dim() - 1)))
+        return grid_pairs(mixed_grid(x, lam), first, second)
+    weight = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return weight * x.index_select(0, first) + (1 - weight) * x.index_select(0, second)
 
 
@@ -78,9 +83,10 @@ class MixedMax(torch.autograd.Function):
         maps, first, second, lam, pooled = ctx.saved_tensors
         grad_maps = torch.zeros_like(maps)
         for part in chunks(first.shape[0], maps[0].numel()):
-            # 1 where a position holds its channel's max, 0 elsewhere (mixed - max <= 0), in float arithmetic:
-            # on a CPU comparisons that produce booleans run several times slower than this.
-            winners = mix(maps, first[part], second[part], lam[part]).sub_(pooled[part, None, :]).sign_().add_(1)
+            # 1.0 where a position holds its channel's max, else 0.0: a comparison straight into floats (into
+            # booleans, then floats, it runs several times slower on a CPU).
+            winners = mix(maps, first[part], second[part], lam[part])
+            torch.eq(winners, pooled[part, None, :], out=winners)
             # torch.amax's rule: the positions that tie for the max share its gradient evenly.
             spread = winners.mul_((grad[part] / winners.sum(dim=1))[:, None, :])
             weight = lam[part].to(grad.dtype)[:, None, None]
@@ -152,17 +158,15 @@ def mixed_pool(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor, 
     # faster than a max over each channel's few positions.
     maps = feature_map.flatten(2).transpose(1, 2).contiguous() if "max" in pooling else None
     if on_the_grid(lam, first, feature_map.shape[0]):
-        weight = lam.to(feature_map.dtype)
-        grid = 0
+        grids = []
         if "avg" in pooling:
-            means = feature_map.mean(dim=(2, 3))
-            grid = (means * weight)[:, None] + (means * (1 - weight))[None]
+            grids.append(mixed_grid(feature_map.mean(dim=(2, 3)), lam))
         if "max" in pooling:
-            grid = grid + GridMax.apply(maps, lam)
-        return grid_pairs(grid, first, second)
+            grids.append(GridMax.apply(maps, lam))
+        return grid_pairs(sum(grids[1:], grids[0]), first, second)
     pooled = []
     if "avg" in pooling:
         pooled.append(interpolate(feature_map.mean(dim=(2, 3)), first, second, lam))
     if "max" in pooling:
         pooled.append(MixedMax.apply(maps, first, second, lam.expand(first.shape)))
-    return sum(pooled)
+    return sum(pooled[1:], pooled[0])
