@@ -158,12 +158,12 @@ def mixed_pool(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor, 
     # faster than a max over each channel's few positions.
     maps = feature_map.flatten(2).transpose(1, 2).contiguous() if "max" in pooling else None
     if on_the_grid(lam, first, feature_map.shape[0]):
-        grids = []
+        grid = GridMax.apply(maps, lam) if "max" in pooling else None
         if "avg" in pooling:
-            grids.append(mixed_grid(feature_map.mean(dim=(2, 3)), lam))
-        if "max" in pooling:
-            grids.append(GridMax.apply(maps, lam))
-        return grid_pairs(sum(grids[1:], grids[0]), first, second)
+            averages = mixed_grid(feature_map.mean(dim=(2, 3)), lam)
+            # In place: the backward keeps the max grid but not this one, and a third B x B x C grid is memory.
+            grid = averages if grid is None else averages.add_(grid)
+        return grid_pairs(grid, first, second)
     pooled = []
     if "avg" in pooling:
         pooled.append(interpolate(feature_map.mean(dim=(2, 3)), first, second, lam))
