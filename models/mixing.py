@@ -65,6 +65,17 @@ def mix(maps: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
     return torch.lerp(maps.index_select(0, second), maps.index_select(0, first), lam.to(maps.dtype)[:, None, None])
 
 
+def spread_to_winners(mixed: Tensor, pooled: Tensor, grad: Tensor, dim: int) -> Tensor:
+    """In place: mixed, maxed over positions along dim into pooled, becomes the max's gradient grad at the
+    winning positions and 0 elsewhere; positions that tie share it evenly, as with torch.amax.
+
+    The winners are marked by a comparison straight into floats (into booleans, then floats, it runs several
+    times slower on a CPU).
+    """
+    winners = torch.eq(mixed, pooled.unsqueeze(dim), out=mixed)
+    return winners.mul_((grad / winners.sum(dim=dim)).unsqueeze(dim))
+
+
 class MixedMax(torch.autograd.Function):
     """(B, P, C) maps, positions before channels -> (M, C): the max over positions of each pair's mixture."""
 
@@ -83,12 +94,7 @@ class MixedMax(torch.autograd.Function):
         maps, first, second, lam, pooled = ctx.saved_tensors
         grad_maps = torch.zeros_like(maps)
         for part in chunks(first.shape[0], maps[0].numel()):
-            # 1.0 where a position holds its channel's max, else 0.0: a comparison straight into floats (into
-            # booleans, then floats, it runs several times slower on a CPU).
-            winners = mix(maps, first[part], second[part], lam[part])
-            torch.eq(winners, pooled[part, None, :], out=winners)
-            # torch.amax's rule: the positions that tie for the max share its gradient evenly.
-            spread = winners.mul_((grad[part] / winners.sum(dim=1))[:, None, :])
+            spread = spread_to_winners(mix(maps, first[part], second[part], lam[part]), pooled[part], grad[part], 1)
             weight = lam[part].to(grad.dtype)[:, None, None]
             grad_maps.index_add_(0, first[part], spread * weight)
             grad_maps.index_add_(0, second[part], spread * (1 - weight))
@@ -131,11 +137,7 @@ class GridMax(torch.autograd.Function):
             size = len(range(count)[rows])
             chunk = winners[:size]
             torch.add(weighted_first[rows, None], weighted_second[None], out=chunk)
-            # 1.0 where a position holds its channel's max, else 0.0: a comparison straight into floats (into
-            # booleans, then floats, it runs several times slower on a CPU).
-            torch.eq(chunk, pooled[rows, :, None], out=chunk)
-            # torch.amax's rule: the positions that tie for the max share its gradient evenly.
-            chunk.mul_((grad[rows] / chunk.sum(dim=2))[:, :, None])
+            spread_to_winners(chunk, pooled[rows], grad[rows], 2)
             # The sums over j (a matrix product) and over the chunk's rows i (one slab at a time): on a CPU both
             # run about twice as fast as torch.sum over those dimensions.
             torch.bmm(ones[:size], chunk.view(size, count, -1), out=grad_first[rows].view(size, 1, -1))
