@@ -15,9 +15,14 @@ backward mixes the chunk again (the same values, bit for bit) to find the winnin
 chunk of mixed maps instead of M.
 """
 
+import ctypes
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from utils import native
 
 # Mixed-map elements per chunk: 8 MiB in float32, enough to amortise the per-chunk overhead on a CPU or a GPU.
 CHUNK_ELEMENTS = 2**21
@@ -105,22 +110,18 @@ class GridMax(torch.autograd.Function):
     """(B, P, C) maps and a 0-d lam -> (B, B, C): [i, j] is the max over positions of lam * x_i + (1 - lam) * x_j.
 
     The mixture is computed as the materialised maps are, lam * x_i + (1 - lam) * x_j, so values and ties are
-    theirs bit for bit. Each chunk of rows is mixed into one reused buffer: a fresh allocation of that size per
-    chunk costs page faults on a CPU.
+    theirs bit for bit. On the CPU the compiled kernel (models/grid_max.c) does it in one pass without writing any
+    mixed map; elsewhere, or without a C compiler, torch does it chunk by chunk (the same values; the gradient's
+    sums run in another order).
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, maps: Tensor, lam: Tensor) -> Tensor:
         weight = lam.to(maps.dtype)
         weighted_first, weighted_second = maps * weight, maps * (1 - weight)
-        count = maps.shape[0]
-        pooled = maps.new_empty(count, count, maps.shape[2])
-        parts = chunks(count, maps.numel())
-        mixed = maps.new_empty(parts[0].stop, *maps.shape)
-        for rows in parts:
-            chunk = mixed[:len(range(count)[rows])]
-            torch.add(weighted_first[rows, None], weighted_second[None], out=chunk)
-            torch.amax(chunk, dim=2, out=pooled[rows])
+        kernel = grid_max_kernel(maps)
+        pooled = (grid_max_compiled(kernel, weighted_first, weighted_second) if kernel
+                  else grid_max_in_chunks(weighted_first, weighted_second))
         ctx.save_for_backward(weighted_first, weighted_second, weight, pooled)
         return pooled
 
@@ -128,22 +129,87 @@ class GridMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         weighted_first, weighted_second, weight, pooled = ctx.saved_tensors
-        count = pooled.shape[0]
-        grad_first, grad_second = torch.empty_like(weighted_first), torch.zeros_like(weighted_second)
-        parts = chunks(count, weighted_first.numel())
-        winners = weighted_first.new_empty(parts[0].stop, *weighted_first.shape)
-        ones = weighted_first.new_ones(parts[0].stop, 1, count)
-        for rows in parts:
-            size = len(range(count)[rows])
-            chunk = winners[:size]
-            torch.add(weighted_first[rows, None], weighted_second[None], out=chunk)
-            spread_to_winners(chunk, pooled[rows], grad[rows], 2)
-            # The sums over j (a matrix product) and over the chunk's rows i (one slab at a time): on a CPU both
-            # run about twice as fast as torch.sum over those dimensions.
-            torch.bmm(ones[:size], chunk.view(size, count, -1), out=grad_first[rows].view(size, 1, -1))
-            for row in chunk:
-                grad_second += row
+        kernel = grid_max_kernel(weighted_first)
+        grad_first, grad_second = (
+            grid_max_backward_compiled(kernel, weighted_first, weighted_second, pooled, grad.contiguous()) if kernel
+            else grid_max_backward_in_chunks(weighted_first, weighted_second, pooled, grad))
         return grad_first * weight + grad_second * (1 - weight), None
+
+
+KERNEL_TYPES = {torch.float32: "float", torch.float64: "double"}
+
+
+def grid_max_kernel(maps: Tensor) -> ctypes.CDLL | None:
+    """models/grid_max.c built for maps' dtype, or None: not on the CPU, another dtype, or no C compiler."""
+    if maps.device.type != "cpu" or maps.dtype not in KERNEL_TYPES:
+        return None
+    kernel = native.load(Path(__file__).with_name("grid_max.c"), REAL=KERNEL_TYPES[maps.dtype])
+    if kernel is not None:
+        sizes = [ctypes.c_long] * 5
+        kernel.grid_max_forward.argtypes = [ctypes.c_void_p] * 3 + sizes
+        kernel.grid_max_backward.argtypes = [ctypes.c_void_p] * 6 + sizes
+    return kernel
+
+
+def grid_max_compiled(kernel: ctypes.CDLL, first: Tensor, second: Tensor) -> Tensor:
+    """(B, B, C): [i, j] = max over positions of first[i] + second[j], by the kernel, the grid's rows shared
+    among torch's threads."""
+    count, positions, channels = first.shape
+    pooled = first.new_empty(count, count, channels)
+    pointers = [native.pointer(x) for x in (first, second, pooled)]
+    native.in_parallel(lambda part, begin, end: kernel.grid_max_forward(*pointers, count, positions, channels,
+                                                                        begin, end), count)
+    return pooled
+
+
+def grid_max_backward_compiled(kernel: ctypes.CDLL, first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor
+                               ) -> tuple[Tensor, Tensor]:
+    """The gradient's sums over j and over i, by the kernel; each thread sums over its rows i into its own
+    buffer, and the buffers are added in a fixed order."""
+    count, positions, channels = first.shape
+    threads = max(1, min(torch.get_num_threads(), count))
+    grad_first = torch.empty_like(first)
+    grad_second = first.new_zeros(threads, *first.shape)
+    pointers = [native.pointer(x) for x in (first, second, pooled, grad, grad_first)]
+    native.in_parallel(lambda part, begin, end: kernel.grid_max_backward(
+        *pointers, native.pointer(grad_second[part]), count, positions, channels,
+        begin, end), count)
+    return grad_first, sum(grad_second[1:], grad_second[0])
+
+
+def grid_max_in_chunks(first: Tensor, second: Tensor) -> Tensor:
+    """(B, B, C) as grid_max_compiled, in torch: each chunk of grid rows is mixed into one reused buffer (a fresh
+    allocation of that size per chunk costs page faults on a CPU) and maxed over positions."""
+    count = first.shape[0]
+    pooled = first.new_empty(count, count, first.shape[2])
+    parts = chunks(count, first.numel())
+    mixed = first.new_empty(parts[0].stop, *first.shape)
+    for rows in parts:
+        chunk = mixed[:len(range(count)[rows])]
+        torch.add(first[rows, None], second[None], out=chunk)
+        torch.amax(chunk, dim=2, out=pooled[rows])
+    return pooled
+
+
+def grid_max_backward_in_chunks(first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor
+                                ) -> tuple[Tensor, Tensor]:
+    """As grid_max_backward_compiled, in torch: each chunk is mixed again and its winners marked."""
+    count = pooled.shape[0]
+    grad_first, grad_second = torch.empty_like(first), torch.zeros_like(second)
+    parts = chunks(count, first.numel())
+    winners = first.new_empty(parts[0].stop, *first.shape)
+    ones = first.new_ones(parts[0].stop, 1, count)
+    for rows in parts:
+        size = len(range(count)[rows])
+        chunk = winners[:size]
+        torch.add(first[rows, None], second[None], out=chunk)
+        spread_to_winners(chunk, pooled[rows], grad[rows], 2)
+        # The sums over j (a matrix product) and over the chunk's rows i (one slab at a time): on a CPU both run
+        # about twice as fast as torch.sum over those dimensions.
+        torch.bmm(ones[:size], chunk.view(size, count, -1), out=grad_first[rows].view(size, 1, -1))
+        for row in chunk:
+            grad_second += row
+    return grad_first, grad_second
 
 
 def mixed_pool(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor, pooling: str) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 from losses.candidates import Candidates
 from losses.contrastive import ContrastiveLoss
 from losses.cross_entropy import CrossEntropyLoss
-from losses.functional import sphere_distance
+from losses.functional import cosine_similarity, sphere_distance
 from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 
@@ -387,6 +387,20 @@ def test_sphere_distance_and_its_gradient_against_the_formula() -> None:
     torch.testing.assert_close(got, want, **TOL)
     assert got[0, 0] == 0 and got[1, 1] == 0
     torch.testing.assert_close((got_x.grad, got_y.grad), (want_x.grad, want_y.grad), **TOL)
+
+
+def test_cosine_similarity_and_its_gradient_against_f_normalize() -> None:
+    """Values and gradients of F.normalize(x) @ F.normalize(y).T, zero rows (held at F.normalize's floor) included."""
+    x, y = torch.randn(5, DIM, dtype=DTYPE), torch.randn(7, DIM, dtype=DTYPE)
+    x[2], y[4] = 0, 0
+    probe = torch.randn(5, 7, dtype=DTYPE)
+    results = []
+    for similarity in (cosine_similarity, lambda a, b: F.normalize(a, dim=1) @ F.normalize(b, dim=1).T):
+        got_x, got_y = leaf(x), leaf(y)
+        value = similarity(got_x, got_y)
+        (value * probe).sum().backward()
+        results.append((value, got_x.grad, got_y.grad))
+    torch.testing.assert_close(results[0], results[1], **TOL)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

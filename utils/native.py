@@ -1,0 +1,89 @@
+"""Small C kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
+
+A kernel is one C file next to the Python code that calls it. It is built once per machine and set of macros into
+a shared library under ~/.cache/metric-learning (XDG_CACHE_HOME moves it), named by a hash of the source, the
+compiler command and the CPU's features, so that an edit, another compiler or another CPU sharing the cache builds
+afresh. Where no library can be built (no compiler), `load` warns once and returns None, and the caller runs its
+torch code instead: the same results, more slowly.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+# -march=native: the library runs on the CPU that built it (the hash names that CPU). No -ffast-math: the kernels
+# compare floating-point values exactly and must see NaN.
+FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metric-learning"
+
+
+def cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def load(source: Path, **macros: str) -> ctypes.CDLL | None:
+    """The library built from source with -D<name>=<value> for each macro, or None (with one warning) where the
+    C compiler ($CC, else cc) is missing or fails."""
+    compiler = os.environ.get("CC", "cc")
+    command = [compiler, *FLAGS, *(f"-D{name}={value}" for name, value in sorted(macros.items()))]
+    key = hashlib.sha256("\0".join([source.read_text(), *command, platform.machine(), cpu_features()]).encode())
+    library = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if not library.exists():
+        if shutil.which(compiler) is None:
+            warnings.warn(f"no C compiler ({compiler!r}): {source.name} is not built and its torch fallback runs "
+                          f"instead, more slowly; install gcc or set CC", stacklevel=2)
+            return None
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: processes starting together (torchrun) never load half a file.
+        with tempfile.TemporaryDirectory(dir=library.parent) as building:
+            built = Path(building) / library.name
+            result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True)
+            if result.returncode != 0:
+                lines = result.stderr.strip().splitlines() or ["no message"]
+                first_error = next((line for line in lines if "error" in line), lines[0])
+                warnings.warn(f"{compiler} could not build {source.name} ({first_error}): its torch fallback runs "
+                              f"instead, more slowly", stacklevel=2)
+                return None
+            os.replace(built, library)
+    return ctypes.CDLL(str(library))
+
+
+@functools.cache
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="native")
+
+
+def in_parallel(function, count: int) -> None:
+    """function(part, begin, end) on torch.get_num_threads() contiguous parts of range(count), each in its own
+    thread (ctypes releases the GIL during a call); the parts depend only on count and the thread count, so that
+    a kernel's results do not depend on timing."""
+    threads = max(1, min(torch.get_num_threads(), count))
+    bounds = [count * part // threads for part in range(threads + 1)]
+    pending = [thread_pool(threads).submit(function, part, bounds[part], bounds[part + 1]) for part in range(threads)]
+    for future in pending:
+        future.result()
+
+
+def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    """The address of a contiguous CPU tensor's first element, for a kernel's argument."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("a native kernel needs contiguous CPU tensors")
+    return ctypes.c_void_p(tensor.data_ptr())
