@@ -36,9 +36,9 @@ class ContrastiveLoss(WeightedLoss):
 
 class ContrastiveTerms(torch.autograd.Function):
     """(d, Wpos, Wneg, margin) -> the mean of the non-zero entries of Wpos * d plus that of Wneg * [margin - d]_+,
-    the weights constant. The loss is a scalar, so its gradient with respect to d is computed with it, and that one (A, M)
-    matrix is all the backward keeps, where autograd keeps four (the weights, the hinge and d): with Metrix's
-    B (B - 1) candidates, a good part of a step's extra memory.
+    the weights constant. The loss is a scalar, so its gradient with respect to d is computed with it, and that one
+    (A, M) matrix is all the backward keeps, where autograd keeps four (the weights, the hinge and d): with
+    Metrix's B (B - 1) candidates, a good part of a step's extra memory.
 
     d(loss)/dd = Wpos / #pos - Wneg [margin - d > 0] / #neg: the counts are piecewise constant, and where the
     hinge is flat (margin - d <= 0) it passes nothing, as torch's relu.
