@@ -5,9 +5,10 @@
 
 1. Pipeline, images/s of one worker (one process, one thread, batches of 32 collated): the default PIL pipeline
    of the CE recipe on CUB (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against
-   dataset.gpu_augment's worker part (torchvision decode, crop and resize in one step, flip, uint8), on synthetic
-   500x375 JPEGs written here; decoding alone (PIL, torchvision), the bound of any CPU pipeline; and the device
-   part of gpu_augment (batched colour jitter), per image, on the benchmark's device.
+   dataset.gpu_augment's worker part (torchvision decode, crop box and flip drawn, the box's uint8 pixels packed),
+   on synthetic 500x375 JPEGs written here; decoding alone (PIL, torchvision), the bound of any CPU pipeline; and
+   the device part of gpu_augment (resampling every crop, flip, batched colour jitter), in images/s, on the
+   benchmark's device.
 2. Step on device-resident synthetic batches (forward, cross-entropy, backward, SGD step) in float32, with amp,
    channels_last and torch.compile; step times and images/s relative to float32.
 3. Full loop: DataLoader workers feeding the step, default pipeline against gpu_augment, in images/s.
@@ -37,7 +38,7 @@ from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 from utils import distributed  # noqa: E402
-from utils.data.device_augment import build_split_pipeline, load_pixels  # noqa: E402
+from utils.data.device_augment import build_split_pipeline, load_pixels, pack_crops  # noqa: E402
 from utils.data.image_dataset import ImageDataset  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.data.transforms import build_transforms  # noqa: E402
@@ -93,13 +94,15 @@ def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, flo
 
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
     # What no CPU pipeline can beat: decoding alone, by PIL (the default pipeline) and torchvision (gpu_augment).
-    decode_pil, decode_torchvision = (ImageDataset(root, "train.txt", None, decode=decode) for decode in
-                                      (load_image, load_pixels))
-    results = rates({"default": one(old), "gpu_augment": one(new), "decode only, PIL": one(decode_pil, list),
-                     "decode only, torchvision": one(decode_torchvision, list)}, seconds)
+    decode_pil, decode_split = (ImageDataset(root, "train.txt", None, decode=decode) for decode in
+                                (load_image, load_pixels))
+    results = rates({"default": one(old), "gpu_augment": one(new, pack_crops),
+                     "decode only, PIL": one(decode_pil, list), "decode only, gpu_augment's": one(decode_split, list)},
+                    seconds)
     torch.set_num_threads(os.cpu_count() or 1)
-    batch = [torch.randint(0, 256, (128, 3, 224, 224), dtype=torch.uint8), torch.rand(128)]
-    results |= rates({"device jitter": lambda: (synchronize(jitter(batch, device)), 128)[1]}, seconds)
+    batch, _ = pack_crops([new[i % len(new)] for i in range(128)])
+    results |= rates({"device part (resample, flip, jitter)": lambda: (synchronize(jitter(batch, device)), 128)[1]},
+                     seconds)
     return results
 
 
@@ -159,7 +162,7 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
         dataset = ImageDataset(root, "train.txt", transform, decode=load_image if augment is None else load_pixels)
         loader = DataLoader(dataset, batch_size=args.batch, sampler=RandomSampler(dataset, num_samples=10 ** 7),
                             num_workers=args.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=args.workers > 0)
+                            collate_fn=None if augment is None else pack_crops, persistent_workers=args.workers > 0)
         batches, move = iter(loader), batch_mover(device, False, augment)
 
         def data(batches=batches, move=move) -> int:

@@ -1,16 +1,15 @@
-"""The split pipeline (geometry in the workers on uint8, colour jitter batched on the device) draws the same
-distribution of crops and colours as the default PIL pipeline: two-sample Kolmogorov-Smirnov tests on the same
-images, with fixed seeds."""
+"""The split pipeline (decoding and crop boxes in the workers on uint8, resampling and colour jitter on the device)
+draws the same distribution of crops and colours as the default PIL pipeline: two-sample Kolmogorov-Smirnov tests
+on the same images, with fixed seeds."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from scipy.stats import ks_2samp
-from torch.utils.data import default_collate
 
 from tests.conftest import SHRINK, assert_input_error, digits_updates
-from utils.data.device_augment import build_split_pipeline, load_pixels
+from utils.data.device_augment import build_split_pipeline, load_pixels, pack_crops
 from utils.data.images import load_image
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
@@ -43,7 +42,8 @@ def default_pipeline(image: Image.Image, color_jitter, seed: int = 0) -> torch.T
 def split_pipeline(image: Image.Image, color_jitter, seed: int = 1) -> torch.Tensor:
     worker, device_jitter = build_split_pipeline(color_jitter=color_jitter, **SETTINGS)
     torch.manual_seed(seed)
-    return device_jitter(default_collate([worker(image) for _ in range(SAMPLES)]), CPU)
+    images, _ = pack_crops([(worker(image), 0) for _ in range(SAMPLES)])
+    return device_jitter(images, CPU)
 
 
 def geometry(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -90,11 +90,38 @@ def test_the_colour_test_sees_a_missing_jitter():
     assert min(p.values()) < 1e-6, p
 
 
-def test_worker_output_is_uint8_at_crop_size():
+def test_worker_output_is_the_uint8_crop_box():
     worker, _ = build_split_pipeline(color_jitter=None, **SETTINGS)
-    pixels, grey = worker(photo())
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 48, 48) and pixels.is_contiguous()
+    torch.manual_seed(0)
+    pixels, flip, grey = worker(photo())
+    assert pixels.dtype == torch.uint8 and pixels.shape[2] == 3 and isinstance(flip, bool)
+    # The box is drawn in the 64 px resized image (85 x 64) and mapped to the 120 x 90 photo.
+    assert 1 <= pixels.shape[0] <= 90 and 1 <= pixels.shape[1] <= 120
     assert grey == pytest.approx(np.asarray(photo().convert("L")).mean() / 255, abs=0.01)
+
+
+def test_crops_of_any_size_are_packed_and_resampled_to_the_crop_size():
+    """pack_crops keeps every crop's pixels and size; the device resamples each as torch's antialiased bilinear
+    resize of that crop alone would, and flips the ones the worker drew."""
+    generator = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8)
+             for h, w in ((30, 40), (48, 48), (7, 90), (100, 20))]
+    flips = [False, True, False, True]
+    items = [((crop, flip, 0.5), label) for label, (crop, flip) in enumerate(zip(crops, flips, strict=True))]
+    batch, labels = pack_crops(items)
+    assert labels.tolist() == [0, 1, 2, 3] and batch[1].tolist() == [[30, 40], [48, 48], [7, 90], [100, 20]]
+    _, device = build_split_pipeline(color_jitter=None, **SETTINGS)
+    images = device(batch, CPU)
+    assert images.shape == (4, 3, 48, 48) and images.dtype == torch.float32
+    for image, crop, flip in zip(images, crops, flips, strict=True):
+        want = torch.nn.functional.interpolate(crop.permute(2, 0, 1)[None].float(), size=(48, 48), mode="bilinear",
+                                               antialias=True)[0].div(255).clamp(0, 1)
+        torch.testing.assert_close(image, want.flip(-1) if flip else want)
+
+
+def test_an_empty_batch_packs():
+    batch, labels = pack_crops([])
+    assert batch[0].numel() == 0 and batch[1].shape == (0, 2) and labels.numel() == 0
 
 
 @pytest.mark.parametrize(("mode", "name"), [("RGB", "a.jpg"), ("L", "grey.jpeg"), ("CMYK", "cmyk.JPG"),
@@ -127,8 +154,8 @@ def test_worker_takes_pil_images_and_tensors_alike(tmp_path):
     for image in (load_image(tmp_path / "x.png"), load_pixels(tmp_path / "x.png")):
         torch.manual_seed(0)
         outputs.append([worker(image) for _ in range(20)])
-    for (a, grey_a), (b, grey_b) in zip(*outputs, strict=True):
-        assert torch.equal(a, b) and grey_a == grey_b
+    for (a, flip_a, grey_a), (b, flip_b, grey_b) in zip(*outputs, strict=True):
+        assert torch.equal(a, b) and flip_a == flip_b and grey_a == grey_b
 
 
 def test_rotation_is_refused():

@@ -1,15 +1,20 @@
-"""The split training pipeline (dataset.gpu_augment=True): geometry in the workers on uint8, colour on the device.
+"""The split training pipeline (dataset.gpu_augment=True): decoding and crop boxes in the workers on uint8, resampling
+and colour on the device.
 
 The default pipeline (utils.data.transforms) does everything in a worker on PIL images: resize, colour jitter,
 random resized crop, flip, conversion to float. One CPU core then prepares about 290 CUB-sized images per
-second, far from what a GPU consumes. Here a worker only decodes (load_pixels), crops and flips on uint8 tensors,
-and hands over a uint8 crop; the device jitters the colours of the whole batch at once and turns it into floats (the backbone normalises).
+second, far from what a GPU consumes. Here a worker only decodes (load_pixels), draws the crop box and the flip,
+and hands over the box's uint8 pixels (`WorkerCrop`); `pack_crops` collates crops of any size into one buffer;
+the device (`DeviceAugment`) resamples every crop to the training size, flips it, jitters the colours of the
+whole batch at once and turns it into floats (the backbone normalises). Decoding is then most of a worker's work.
 
 The augmentation distribution is the default pipeline's:
 
 - The crop box is drawn by torchvision's own RandomResizedCrop.get_params in the coordinates of the resized
   image, as the default pipeline draws it, and mapped back to the decoded image (to whole pixels there), which
-  is resampled once (crop and resize in one antialiased bilinear step, where the default resamples twice).
+  is resampled once (crop and resize in one antialiased bilinear step, where the default resamples twice), in
+  float on the device where the default rounds to uint8 twice. The flip is drawn after the box, as the default
+  draws it.
 - Colour jitter draws its factors and their order per image as torchvision's ColorJitter does, and applies the
   same formulas to float pixels. Jitter is per pixel except contrast, which blends towards the mean grey level
   of the whole image, not of the crop: the worker measures that mean on the full image (on every 4th row), and
@@ -71,14 +76,15 @@ def pil_pixels(image: Image.Image) -> Tensor:
 
 
 class WorkerCrop:
-    """Image (PIL, or uint8 (3, H, W) from load_pixels) -> (uint8 (3, crop, crop), grey-level mean in [0, 1])."""
+    """Image (PIL, or uint8 (3, H, W) from load_pixels) -> (uint8 (h, w, 3) pixels of the crop box, whether to flip
+    it, grey-level mean in [0, 1]); pack_crops collates them, DeviceAugment resamples them."""
 
-    def __init__(self, crop_size: int, resize: int | Sequence[int] | None, scale: Sequence[float],
-                 ratio: Sequence[float], hflip: bool) -> None:
-        self.crop_size, self.resize, self.hflip = crop_size, resize, hflip
+    def __init__(self, resize: int | Sequence[int] | None, scale: Sequence[float], ratio: Sequence[float],
+                 hflip: bool) -> None:
+        self.resize, self.hflip = resize, hflip
         self.scale, self.ratio = list(scale), list(ratio)
 
-    def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, float]:
+    def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, bool, float]:
         pixels = image if isinstance(image, Tensor) else pil_pixels(image)  # PIL: preloaded images
         full_height, full_width = pixels.shape[1:]
         width, height = resized_size(full_width, full_height, self.resize)
@@ -87,32 +93,54 @@ class WorkerCrop:
         sy, sx = full_height / height, full_width / width
         y0, x0 = round(top * sy), round(left * sx)
         y1, x1 = max(round((top + h) * sy), y0 + 1), max(round((left + w) * sx), x0 + 1)
-        # (H, W, 3) memory is channels-last, where torch's uint8 antialiased bilinear resize is fastest; its
-        # output is a contiguous (3, crop, crop) tensor.
-        crop = nn.functional.interpolate(pixels[None, :, y0:y1, x0:x1], size=(self.crop_size, self.crop_size),
-                                         mode="bilinear", antialias=True)[0]
-        if self.hflip and torch.rand(1) < 0.5:
-            crop = crop.flip(-1)
-        # The mean of every 4th row: a tenth of the worker's time for the whole image, and within a fraction of a
-        # grey level of it on photos (PIL's contrast, which the default pipeline runs, rounds it to a whole level).
-        sampled = pixels[:, ::4]
-        sums = sampled.sum(dim=(1, 2), dtype=torch.float32).tolist()
-        return crop, sum(w * s for w, s in zip(GREY, sums, strict=True)) / (sampled[0].numel() * 255)
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
+        rows = pixels.permute(1, 2, 0)  # (H, W, 3): the decoders' memory layout
+        return rows[y0:y1, x0:x1], flip, grey_mean(rows)
 
 
-class DeviceColorJitter(nn.Module):
-    """A collated batch [uint8 (B, 3, H, W), grey means (B,)] -> float (B, 3, H, W) in [0, 1] on the device, with
+def grey_mean(rows: Tensor) -> float:
+    """The mean grey level in [0, 1] of an (H, W, 3) uint8 image, measured on every 4th row: a tenth of the
+    worker's time for the whole image, and within a fraction of a grey level of it on photos (PIL's contrast,
+    which the default pipeline runs, rounds it to a whole level). Summed down the rows, then across, which runs
+    along memory (H x W x 3 memory with contiguous rows) where a sum per channel would not."""
+    sampled = rows[::4]
+    if sampled.stride(1) == 3 and sampled.stride(2) == 1:
+        sums = sampled.flatten(1).sum(dim=0, dtype=torch.float32).view(-1, 3).sum(dim=0)
+    else:
+        sums = sampled.sum(dim=(0, 1), dtype=torch.float32)
+    return sum(w * s for w, s in zip(GREY, sums.tolist(), strict=True)) / (sampled.shape[0] * sampled.shape[1] * 255)
+
+
+def pack_crops(items: Sequence[tuple[tuple[Tensor, bool, float], int]]) -> tuple[list[Tensor], Tensor]:
+    """A DataLoader's collate_fn for WorkerCrop's items: ([pixels, sizes, flips, greys], labels), where pixels holds
+    every crop's (h, w, 3) uint8 values one after another (one buffer, one copy to the device) and sizes their
+    (h, w)."""
+    crops = [crop for (crop, _, _), _ in items]
+    sizes = torch.tensor([crop.shape[:2] for crop in crops], dtype=torch.long).view(-1, 2)
+    pixels = torch.empty(int(sizes.prod(dim=1).sum()) * 3, dtype=torch.uint8)
+    offset = 0
+    for crop in crops:  # one copy of each crop (concatenating them would copy a strided crop twice)
+        pixels[offset:offset + crop.numel()].view(crop.shape).copy_(crop)
+        offset += crop.numel()
+    flips = torch.tensor([flip for (_, flip, _), _ in items], dtype=torch.bool)
+    greys = torch.tensor([grey for (_, _, grey), _ in items], dtype=torch.float32)
+    return [pixels, sizes, flips, greys], torch.tensor([label for _, label in items])
+
+
+class DeviceAugment(nn.Module):
+    """A batch of pack_crops -> float (B, 3, crop_size, crop_size) in [0, 1] on the device: each crop resampled
+    to crop_size (antialiased bilinear, as the default pipeline's resize), flipped where the worker drew it, and
     torchvision ColorJitter(brightness, contrast, saturation, hue) drawn per image (None or 0: off)."""
 
-    def __init__(self, color_jitter: Sequence[float] | None) -> None:
+    def __init__(self, crop_size: int, color_jitter: Sequence[float] | None) -> None:
         super().__init__()
+        self.crop_size = crop_size
         # torchvision's own checks and ranges: (1 - x, 1 + x) for the factors, (-x, x) for hue, None when off.
         jitter = T.ColorJitter(*(color_jitter or ()))
         self.ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
 
     def forward(self, batch: Sequence[Tensor], device: torch.device) -> Tensor:
-        pixels, grey = batch
-        images = pixels.to(device, non_blocking=True).float().div_(255)
+        images, grey = self.resample(batch, device), batch[3]
         if all(r is None for r in self.ranges):
             return images
         grey = grey.to(device, non_blocking=True).float().view(-1, 1, 1, 1)
@@ -125,6 +153,20 @@ class DeviceColorJitter(nn.Module):
                 adjusted, new_grey = self.adjust(op, images, grey, factor.view(-1, 1, 1, 1))
                 images, grey = torch.where(chosen, adjusted, images), torch.where(chosen, new_grey, grey)
         return images
+
+    def resample(self, batch: Sequence[Tensor], device: torch.device) -> Tensor:
+        """(B, 3, crop_size, crop_size) floats in [0, 1]: the crops moved to the device in one copy, resampled one
+        by one (their sizes differ) and flipped. The sizes and flips stay on the host: no device read."""
+        pixels, sizes, flips = batch[0].to(device, non_blocking=True), batch[1].tolist(), batch[2].tolist()
+        images = pixels.new_empty(len(sizes), 3, self.crop_size, self.crop_size, dtype=torch.float32)
+        offset = 0
+        for image, (h, w), flip in zip(images, sizes, flips, strict=True):
+            crop = pixels[offset:offset + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2).float()
+            offset += h * w * 3
+            resized = nn.functional.interpolate(crop, size=(self.crop_size, self.crop_size), mode="bilinear",
+                                                antialias=True)[0]
+            image.copy_(resized.flip(-1) if flip else resized)
+        return images.div_(255).clamp_(0, 1)
 
     def draw(self, count: int, device: torch.device) -> tuple[Tensor, list[Tensor | None]]:
         """Per image: the order of the four adjustments (a permutation, as ColorJitter's randperm(4)) and the
@@ -151,9 +193,9 @@ class DeviceColorJitter(nn.Module):
 
 def build_split_pipeline(crop_size: int, resize: int | Sequence[int] | None,
                          scale: Sequence[float], ratio: Sequence[float], color_jitter: Sequence[float] | None,
-                         rotate: float | None, hflip: bool) -> tuple[WorkerCrop, DeviceColorJitter]:
+                         rotate: float | None, hflip: bool) -> tuple[WorkerCrop, DeviceAugment]:
     """The worker transform and the device module of dataset.gpu_augment=True."""
     if rotate is not None:
         raise InputError(f"dataset.rotate={rotate} is not available with dataset.gpu_augment=True: set "
                          f"dataset.rotate=None or dataset.gpu_augment=False")
-    return WorkerCrop(crop_size, resize, scale, ratio, hflip), DeviceColorJitter(color_jitter)
+    return WorkerCrop(resize, scale, ratio, hflip), DeviceAugment(crop_size, color_jitter)

@@ -8,7 +8,7 @@ from sacred import Ingredient
 from torch.utils.data import DataLoader
 
 from utils import distributed
-from utils.data.device_augment import DeviceColorJitter, build_split_pipeline, load_pixels
+from utils.data.device_augment import DeviceAugment, build_split_pipeline, load_pixels, pack_crops
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
 from utils.data.images import load_image
@@ -93,14 +93,14 @@ class MetricLoaders(NamedTuple):
     gallery: DataLoader | None
     reference: DataLoader  # the training images with the test transform, for utilization
     num_classes: int
-    device_augment: DeviceColorJitter | None = None  # dataset.gpu_augment: the training batches' colour jitter
+    device_augment: DeviceAugment | None = None  # dataset.gpu_augment: the training batches' resampling and jitter
 
 
 @data_ingredient.capture
 def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gallery_file: str | None, preload: bool,
                  crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool, gpu_augment: bool
-                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, DeviceColorJitter | None]:
-    """The training, query and gallery images, and with gpu_augment the colour jitter left to the device."""
+                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, DeviceAugment | None]:
+    """The training, query and gallery images, and with gpu_augment the resampling and jitter left to the device."""
     if name not in DATASETS:
         raise InputError(f"unknown dataset.name {name!r}: choose one of {', '.join(DATASETS)}")
     root = Path(data_path)
@@ -141,7 +141,9 @@ def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_p
 def get_loaders(num_workers: int, pin_memory: bool, persistent_workers: bool) -> MetricLoaders:
     train, query, gallery, device_augment = get_datasets()
     batches = get_train_sampler(train.targets)
+    # gpu_augment's crops differ in size until the device resamples them: pack_crops collates them.
     train_loader = DataLoader(train, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                              collate_fn=None if device_augment is None else pack_crops,
                               persistent_workers=persistent_workers and num_workers > 0, generator=batches.worker_seeds)
     return test_loaders(train, query, gallery)._replace(train=train_loader, device_augment=device_augment)
 
