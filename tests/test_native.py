@@ -38,7 +38,8 @@ def test_a_kernel_is_built_once_and_then_loaded_from_the_cache(tmp_path: Path) -
 
 def test_without_a_compiler_the_torch_code_runs_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", "no-such-compiler")
-    with pytest.warns(UserWarning, match="no C compiler .'no-such-compiler'.: grid_max.c is not built"):
+    message = "no C compiler .'no-such-compiler'.: grid_max.c is not built, and the slower code it replaces runs"
+    with pytest.warns(UserWarning, match=message):
         assert models.mixing.grid_max_kernel(torch.zeros(1)) is None
     maps = torch.randn(4, 3, 2, 2)
     pairs = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([1, 2, 3, 0, 2, 3])
@@ -77,3 +78,13 @@ def test_an_error_in_a_thread_reaches_the_caller() -> None:
 
     with pytest.raises(RuntimeError, match="failed"):
         native.in_parallel(fail, 4)
+
+
+def test_a_cache_that_cannot_be_written_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if native.load(KERNEL, REAL="float") is None:
+        pytest.skip("no C compiler here")
+    native.load.cache_clear()
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match=r"could not build grid_max.c .*file/metric-learning.*XDG_CACHE_HOME"):
+        assert native.load(KERNEL, REAL="float") is None

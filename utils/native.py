@@ -3,8 +3,8 @@
 A kernel is one C file next to the Python code that calls it. It is built once per machine and set of macros into
 a shared library under ~/.cache/metric-learning (XDG_CACHE_HOME moves it), named by a hash of the source, the
 compiler command and the CPU's features, so that an edit, another compiler or another CPU sharing the cache builds
-afresh. Where no library can be built (no compiler), `load` warns once and returns None, and the caller runs its
-torch code instead: the same results, more slowly.
+afresh. Where no library can be built (no compiler, a compilation error, no writable cache), `load` warns once and
+returns None, and the caller runs the code the kernel replaces: the same results, more slowly.
 """
 
 import ctypes
@@ -40,30 +40,40 @@ def cpu_features() -> str:
 
 @functools.cache
 def load(source: Path, **macros: str) -> ctypes.CDLL | None:
-    """The library built from source with -D<name>=<value> for each macro, or None (with one warning) where the
-    C compiler ($CC, else cc) is missing or fails."""
+    """The library built from source with -D<name>=<value> for each macro, or None, with one warning naming what
+    failed: no C compiler ($CC, else cc), a compilation error, or a cache folder that cannot be written."""
     compiler = os.environ.get("CC", "cc")
     command = [compiler, *FLAGS, *(f"-D{name}={value}" for name, value in sorted(macros.items()))]
     key = hashlib.sha256("\0".join([source.read_text(), *command, platform.machine(), cpu_features()]).encode())
     library = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    fallback = "the slower code it replaces runs instead"
     if not library.exists():
         if shutil.which(compiler) is None:
-            warnings.warn(f"no C compiler ({compiler!r}): {source.name} is not built and its torch fallback runs "
-                          f"instead, more slowly; install gcc or set CC", stacklevel=2)
+            warnings.warn(f"no C compiler ({compiler!r}): {source.name} is not built, and {fallback}; install gcc "
+                          f"or set CC", stacklevel=2)
             return None
-        library.parent.mkdir(parents=True, exist_ok=True)
-        # Built under a temporary name and renamed: processes starting together (torchrun) never load half a file.
-        with tempfile.TemporaryDirectory(dir=library.parent) as building:
-            built = Path(building) / library.name
-            result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True)
-            if result.returncode != 0:
-                lines = result.stderr.strip().splitlines() or ["no message"]
-                first_error = next((line for line in lines if "error" in line), lines[0])
-                warnings.warn(f"{compiler} could not build {source.name} ({first_error}): its torch fallback runs "
-                              f"instead, more slowly", stacklevel=2)
-                return None
-            os.replace(built, library)
+        try:
+            error = build(command, source, library)
+        except OSError as failure:
+            error = f"{library.parent}: {failure.strerror or failure}; set XDG_CACHE_HOME to a writable folder"
+        if error:
+            warnings.warn(f"{compiler} could not build {source.name} ({error}): {fallback}", stacklevel=2)
+            return None
     return ctypes.CDLL(str(library))
+
+
+def build(command: list[str], source: Path, library: Path) -> str | None:
+    """Compiles source into library; the compiler's first error line if it fails."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes starting together (torchrun) never load half a file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as building:
+        built = Path(building) / library.name
+        result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines() or ["no message"]
+            return next((line for line in lines if "error" in line), lines[0])
+        os.replace(built, library)
+    return None
 
 
 @functools.cache
