@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,11 +82,16 @@ def thread_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="native")
 
 
-def in_parallel(function, count: int) -> None:
+def thread_count(count: int) -> int:
+    """How many parts in_parallel cuts range(count) into: torch's thread count, at most count, at least 1."""
+    return max(1, min(torch.get_num_threads(), count))
+
+
+def in_parallel(function: Callable[[int, int, int], object], count: int) -> None:
     """function(part, begin, end) on torch.get_num_threads() contiguous parts of range(count), each in its own
     thread (ctypes releases the GIL during a call); the parts depend only on count and the thread count, so that
     a kernel's results do not depend on timing."""
-    threads = max(1, min(torch.get_num_threads(), count))
+    threads = thread_count(count)
     bounds = [count * part // threads for part in range(threads + 1)]
     pending = [thread_pool(threads).submit(function, part, bounds[part], bounds[part + 1]) for part in range(threads)]
     for future in pending:
