@@ -10,9 +10,10 @@ Pairs (i, j) are mixed as lam * x_i + (1 - lam) * x_j, in one of two ways:
 
 In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Average pooling is
 linear, so the average of a mixture is the mixture of the averages. Max pooling needs each mixed map, but only
-for a moment: `GridMax` and `MixedMax` compute it a chunk at a time, keeping the pooled values only, and their
-backward mixes the chunk again (the same values, bit for bit) to find the winning positions. Memory holds one
-chunk of mixed maps instead of M.
+for a moment: `GridMax` and `MixedMax` keep the pooled values only, and their backward mixes again (the same
+values, bit for bit) to find the winning positions. On the CPU GridMax runs a C kernel (models/grid_max.c) that
+holds one pair's mixture at a time; otherwise both compute a chunk of mixtures at a time. Memory holds at most
+one chunk of mixed maps instead of M.
 """
 
 import ctypes
