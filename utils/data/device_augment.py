@@ -101,13 +101,10 @@ class WorkerCrop:
 def grey_mean(rows: Tensor) -> float:
     """The mean grey level in [0, 1] of an (H, W, 3) uint8 image, measured on every 4th row: a tenth of the
     worker's time for the whole image, and within a fraction of a grey level of it on photos (PIL's contrast,
-    which the default pipeline runs, rounds it to a whole level). Summed down the rows, then across, which runs
-    along memory (H x W x 3 memory with contiguous rows) where a sum per channel would not."""
+    which the default pipeline runs, rounds it to a whole level). Summed down the rows, then across: along the
+    decoders' memory (contiguous H x W x 3 rows), where a sum per channel would stride through it."""
     sampled = rows[::4]
-    if sampled.stride(1) == 3 and sampled.stride(2) == 1:
-        sums = sampled.flatten(1).sum(dim=0, dtype=torch.float32).view(-1, 3).sum(dim=0)
-    else:
-        sums = sampled.sum(dim=(0, 1), dtype=torch.float32)
+    sums = sampled.flatten(1).sum(dim=0, dtype=torch.float32).view(-1, 3).sum(dim=0)
     return sum(w * s for w, s in zip(GREY, sums.tolist(), strict=True)) / (sampled.shape[0] * sampled.shape[1] * 255)
 
 
@@ -117,7 +114,7 @@ def pack_crops(items: Sequence[tuple[tuple[Tensor, bool, float], int]]) -> tuple
     (h, w)."""
     crops = [crop for (crop, _, _), _ in items]
     sizes = torch.tensor([crop.shape[:2] for crop in crops], dtype=torch.long).view(-1, 2)
-    pixels = torch.empty(int(sizes.prod(dim=1).sum()) * 3, dtype=torch.uint8)
+    pixels = torch.empty(sum(crop.numel() for crop in crops), dtype=torch.uint8)
     offset = 0
     for crop in crops:  # one copy of each crop (concatenating them would copy a strided crop twice)
         pixels[offset:offset + crop.numel()].view(crop.shape).copy_(crop)
