@@ -5,8 +5,9 @@
 
 1. Pipeline, images/s of one worker (one process, one thread, batches of 32 collated): the default PIL pipeline
    of the CE recipe on CUB (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against
-   dataset.gpu_augment's worker part (torchvision decode, crop box and flip drawn, the box's uint8 pixels packed),
-   on synthetic 500x375 JPEGs written here; decoding alone (PIL, torchvision), the bound of any CPU pipeline; and
+   dataset.gpu_augment's worker part (crop box and flip drawn, the box's uint8 pixels decoded and packed), on
+   synthetic 500x375 JPEGs written here, in its first epoch (every image decoded whole, for its grey level) and
+   in the later ones (only the box decoded); decoding alone (PIL, torchvision), the bound of any CPU pipeline; and
    the device part of gpu_augment (resampling every crop, flip, batched colour jitter), in images/s, on the
    benchmark's device.
 2. Step on device-resident synthetic batches (forward, cross-entropy, backward, SGD step) in float32, with amp,
@@ -38,7 +39,7 @@ from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 from utils import distributed  # noqa: E402
-from utils.data.device_augment import build_split_pipeline, load_pixels, pack_crops  # noqa: E402
+from utils.data.device_augment import build_split_pipeline, load_for_crop, load_pixels, pack_crops  # noqa: E402
 from utils.data.image_dataset import ImageDataset  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.data.transforms import build_transforms  # noqa: E402
@@ -82,7 +83,12 @@ def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, flo
     default, _ = build_transforms(**CUB_RECIPE)
     worker, jitter = build_split_pipeline(**CUB_RECIPE)
     old = ImageDataset(root, "train.txt", default)
-    new = ImageDataset(root, "train.txt", worker, decode=load_pixels)
+    new = ImageDataset(root, "train.txt", worker, decode=load_for_crop)
+    worker.share_grey_levels(new.paths)
+    for index in range(len(new)):  # the first epoch: every grey level measured
+        new[index]
+    # A worker that remembers no grey level decodes every image whole, as in the first epoch.
+    first_epoch = ImageDataset(root, "train.txt", build_split_pipeline(**CUB_RECIPE)[0], decode=load_for_crop)
     order = iter(range(10 ** 9))
 
     def one(dataset: ImageDataset, collate: Callable = default_collate) -> Callable[[], int]:
@@ -96,8 +102,9 @@ def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, flo
     # What no CPU pipeline can beat: decoding alone, by PIL (the default pipeline) and torchvision (gpu_augment).
     decode_pil, decode_split = (ImageDataset(root, "train.txt", None, decode=decode) for decode in
                                 (load_image, load_pixels))
-    results = rates({"default": one(old), "gpu_augment": one(new, pack_crops),
-                     "decode only, PIL": one(decode_pil, list), "decode only, gpu_augment's": one(decode_split, list)},
+    results = rates({"default": one(old), "gpu_augment, first epoch": one(first_epoch, pack_crops),
+                     "gpu_augment, later epochs": one(new, pack_crops),
+                     "decode only, PIL": one(decode_pil, list), "decode only, torchvision": one(decode_split, list)},
                     seconds)
     torch.set_num_threads(os.cpu_count() or 1)
     batch, _ = pack_crops([new[i % len(new)] for i in range(128)])
@@ -159,7 +166,9 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
     labels = torch.zeros(args.batch, dtype=torch.long, device=device)
     works = {}
     for name, transform, augment in (("default", default, None), ("gpu_augment", worker, jitter)):
-        dataset = ImageDataset(root, "train.txt", transform, decode=load_image if augment is None else load_pixels)
+        dataset = ImageDataset(root, "train.txt", transform, decode=load_image if augment is None else load_for_crop)
+        if augment is not None:
+            transform.share_grey_levels(dataset.paths)
         loader = DataLoader(dataset, batch_size=args.batch, sampler=RandomSampler(dataset, num_samples=10 ** 7),
                             num_workers=args.workers, pin_memory=device.type == "cuda",
                             collate_fn=None if augment is None else pack_crops, persistent_workers=args.workers > 0)
@@ -219,6 +228,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time of each figure")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU)")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--pipeline-only", action="store_true", help="only figure 1, the pipeline's images/s")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
@@ -227,6 +237,8 @@ def main() -> None:
         root = write_jpegs(Path(folder), args.images)
         table("1. pipeline, images/s per worker (CUB CE recipe, 500x375 JPEGs)", pipelines(root, device, args.seconds),
               "default")
+        if args.pipeline_only:
+            return
         step_rates = steps(args, device)
         table(f"2. step on device-resident batches, images/s ({args.arch}, batch {args.batch}, {args.size} px, "
               f"{device.type})", step_rates, "float32")

@@ -40,12 +40,15 @@ def cpu_features() -> str:
 
 
 @functools.cache
-def load(source: Path, **macros: str) -> ctypes.CDLL | None:
-    """The library built from source with -D<name>=<value> for each macro, or None, with one warning naming what
-    failed: no C compiler ($CC, else cc), a compilation error, or a cache folder that cannot be written."""
+def load(source: Path, libraries: tuple[str, ...] = (), **macros: str) -> ctypes.CDLL | None:
+    """The library built from source with -D<name>=<value> for each macro and linked with -l<name> for each of
+    libraries, or None, with one warning naming what failed: no C compiler ($CC, else cc), a compilation error (a
+    missing header or library among them), or a cache folder that cannot be written."""
     compiler = os.environ.get("CC", "cc")
     command = [compiler, *FLAGS, *(f"-D{name}={value}" for name, value in sorted(macros.items()))]
-    key = hashlib.sha256("\0".join([source.read_text(), *command, platform.machine(), cpu_features()]).encode())
+    links = [f"-l{name}" for name in libraries]
+    key = hashlib.sha256("\0".join([source.read_text(), *command, *links, platform.machine(), cpu_features()])
+                         .encode())
     library = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     fallback = "the slower code it replaces runs instead"
     if not library.exists():
@@ -54,7 +57,7 @@ def load(source: Path, **macros: str) -> ctypes.CDLL | None:
                           f"or set CC", stacklevel=2)
             return None
         try:
-            error = build(command, source, library)
+            error = build(command, source, library, links)
         except OSError as failure:
             error = f"{library.parent}: {failure.strerror or failure}; set XDG_CACHE_HOME to a writable folder"
         if error:
@@ -63,16 +66,17 @@ def load(source: Path, **macros: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(library))
 
 
-def build(command: list[str], source: Path, library: Path) -> str | None:
-    """Compiles source into library; the compiler's first error line if it fails."""
+def build(command: list[str], source: Path, library: Path, links: list[str]) -> str | None:
+    """Compiles source into library, linked with links (after the source, where the linker looks for them); the
+    compiler's first error line if it fails."""
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: processes starting together (torchrun) never load half a file.
     with tempfile.TemporaryDirectory(dir=library.parent) as building:
         built = Path(building) / library.name
-        result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True)
+        result = subprocess.run([*command, "-o", str(built), str(source), *links], capture_output=True, text=True)
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines() or ["no message"]
-            return next((line for line in lines if "error" in line), lines[0])
+            return next((line for line in lines if "error" in line or "cannot find" in line), lines[0])
         os.replace(built, library)
     return None
 

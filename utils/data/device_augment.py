@@ -3,10 +3,11 @@ and colour on the device.
 
 The default pipeline (utils.data.transforms) does everything in a worker on PIL images: resize, colour jitter,
 random resized crop, flip, conversion to float. One CPU core then prepares about 290 CUB-sized images per
-second, far from what a GPU consumes. Here a worker only decodes (load_pixels), draws the crop box and the flip,
-and hands over the box's uint8 pixels (`WorkerCrop`); `pack_crops` collates crops of any size into one buffer;
-the device (`DeviceAugment`) resamples every crop to the training size, flips it, jitters the colours of the
-whole batch at once and turns it into floats (the backbone normalises). Decoding is then most of a worker's work.
+second, far from what a GPU consumes. Here a worker only draws the crop box and the flip, and hands over the box's
+uint8 pixels (`WorkerCrop`), decoding only the box of a JPEG once it knows the image's grey level (utils.data.
+jpeg_box); `pack_crops` collates crops of any size into one buffer; the device (`DeviceAugment`) resamples every
+crop to the training size, flips it, jitters the colours of the whole batch at once and turns it into floats (the
+backbone normalises). Decoding is then most of a worker's work.
 
 The augmentation distribution is the default pipeline's:
 
@@ -17,7 +18,8 @@ The augmentation distribution is the default pipeline's:
   draws it.
 - Colour jitter draws its factors and their order per image as torchvision's ColorJitter does, and applies the
   same formulas to float pixels. Jitter is per pixel except contrast, which blends towards the mean grey level
-  of the whole image, not of the crop: the worker measures that mean on the full image (on every 4th row), and
+  of the whole image, not of the crop: the worker measures that mean on the full image (on every 4th row) the
+  first time it decodes it, and remembers it for the later epochs (GreyLevels), and
   the device carries it through a brightness change applied before the contrast (exactly, unless pixels clip
   at 1) and keeps it through saturation (exact) and hue (an approximation: hue rotation moves the grey level a
   little).
@@ -39,6 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from utils.data.images import load_image
+from utils.data.jpeg_box import JpegFile, open_jpeg
 from utils.errors import InputError
 
 GREY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
@@ -76,26 +79,75 @@ def pil_pixels(image: Image.Image) -> Tensor:
 
 
 class WorkerCrop:
-    """Image (PIL, or uint8 (3, H, W) from load_pixels) -> (uint8 (h, w, 3) pixels of the crop box, whether to flip
-    it, grey-level mean in [0, 1]); pack_crops collates them, DeviceAugment resamples them."""
+    """Image (a JpegFile, PIL, or uint8 (3, H, W) from load_pixels) -> (uint8 (h, w, 3) pixels of the crop box,
+    whether to flip it, grey-level mean in [0, 1]); pack_crops collates them, DeviceAugment resamples them.
+
+    A JpegFile is decoded whole the first time (its grey level needs every row), and only its crop's box once
+    grey_levels (share_grey_levels) holds its mean: the same pixels, about 30% less work."""
 
     def __init__(self, resize: int | Sequence[int] | None, scale: Sequence[float], ratio: Sequence[float],
                  hflip: bool) -> None:
         self.resize, self.hflip = resize, hflip
         self.scale, self.ratio = list(scale), list(ratio)
+        self.grey_levels: GreyLevels | None = None
 
-    def __call__(self, image: Image.Image | Tensor) -> tuple[Tensor, bool, float]:
+    def share_grey_levels(self, paths: Sequence[Path]) -> None:
+        """Remember the grey levels of the images at paths, across epochs and DataLoader workers."""
+        self.grey_levels = GreyLevels(paths)
+
+    def __call__(self, image: JpegFile | Image.Image | Tensor) -> tuple[Tensor, bool, float]:
+        if isinstance(image, JpegFile):
+            return self.crop_jpeg(image)
         pixels = image if isinstance(image, Tensor) else pil_pixels(image)  # PIL: preloaded images
-        full_height, full_width = pixels.shape[1:]
+        (y0, x0, y1, x1), flip = self.draw(*pixels.shape[1:])
+        rows = pixels.permute(1, 2, 0)  # (H, W, 3): the decoders' memory layout
+        return rows[y0:y1, x0:x1], flip, grey_mean(rows)
+
+    def crop_jpeg(self, jpeg: JpegFile) -> tuple[Tensor, bool, float]:
+        (y0, x0, y1, x1), flip = self.draw(jpeg.height, jpeg.width)
+        grey = self.grey_levels.get(jpeg.path) if self.grey_levels is not None else None
+        crop = None if grey is None else jpeg.box(y0, x0, y1, x1)
+        if crop is None:
+            whole = jpeg.whole()
+            # What libjpeg calls corrupt, torchvision or PIL may still read; else load_image names the file.
+            rows = whole if whole is not None else load_pixels(jpeg.path).permute(1, 2, 0)
+            grey, crop = grey_mean(rows), rows[y0:y1, x0:x1]
+            if self.grey_levels is not None:
+                self.grey_levels.remember(jpeg.path, grey)
+        return crop, flip, grey
+
+    def draw(self, full_height: int, full_width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box (top, left, bottom, right) in the decoded image's pixels, and the flip."""
         width, height = resized_size(full_width, full_height, self.resize)
         # get_params reads only the size of its image: an uninitialised tensor of the resized shape.
         top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(0, height, width), self.scale, self.ratio)
         sy, sx = full_height / height, full_width / width
         y0, x0 = round(top * sy), round(left * sx)
         y1, x1 = max(round((top + h) * sy), y0 + 1), max(round((left + w) * sx), x0 + 1)
-        flip = self.hflip and bool(torch.rand(1) < 0.5)
-        rows = pixels.permute(1, 2, 0)  # (H, W, 3): the decoders' memory layout
-        return rows[y0:y1, x0:x1], flip, grey_mean(rows)
+        return (y0, x0, y1, x1), self.hflip and bool(torch.rand(1) < 0.5)
+
+
+class GreyLevels:
+    """Each training image's mean grey level, measured on its first whole decode, in shared memory: DataLoader
+    workers fork with it, so what one worker measures every other one reads, in this epoch and the next ones
+    (new workers each epoch included). NaN: not measured yet. A grey level depends only on the file, so which
+    worker measures it first does not change any result."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.slots = {path: slot for slot, path in enumerate(paths)}
+        self.values = torch.full((len(paths),), float("nan"), dtype=torch.float64).share_memory_()
+
+    def get(self, path: Path) -> float | None:
+        value = self.values[self.slots[path]].item()
+        return None if value != value else value
+
+    def remember(self, path: Path, grey: float) -> None:
+        self.values[self.slots[path]] = grey
+
+
+def load_for_crop(path: Path) -> JpegFile | Tensor:
+    """What WorkerCrop takes from a file: a JpegFile where the box decoder reads it, else load_pixels' pixels."""
+    return open_jpeg(path) or load_pixels(path)
 
 
 def grey_mean(rows: Tensor) -> float:

@@ -8,7 +8,7 @@ from sacred import Ingredient
 from torch.utils.data import DataLoader
 
 from utils import distributed
-from utils.data.device_augment import DeviceAugment, build_split_pipeline, load_pixels, pack_crops
+from utils.data.device_augment import DeviceAugment, build_split_pipeline, load_for_crop, pack_crops
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset
 from utils.data.images import load_image
@@ -115,8 +115,10 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
     if gpu_augment:
         train_transform, device_augment = build_split_pipeline(crop_size, resize, scale, ratio, color_jitter, rotate,
                                                                hflip)
-        decode = load_pixels
+        decode = load_for_crop
     train = ImageDataset(root, train_file, train_transform, preload, decode=decode)
+    if gpu_augment:
+        train_transform.share_grey_levels(train.paths)
     query = ImageDataset(root, test_file, test_transform, preload, min_classes=2)
     gallery = ImageDataset(root, gallery_file, test_transform, preload) if gallery_file else None
     return train, query, gallery, device_augment
