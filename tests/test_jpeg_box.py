@@ -60,7 +60,6 @@ def test_a_box_has_the_pixels_of_the_whole_decode(tmp_path: Path, size, options)
 
 def test_a_worker_that_knows_the_grey_level_decodes_only_the_box_and_gives_the_same(tmp_path, monkeypatch):
     textured(150, 110).save(tmp_path / "x.jpg", quality=90)
-    (tmp_path / "train.txt").write_text("x.jpg,0\n")
     outputs = []
     for epochs in range(3):  # torchvision's whole decode; the first epoch (box decoder, whole); a later epoch
         worker, _ = build_split_pipeline(**SETTINGS)

@@ -28,6 +28,7 @@ tests/test_device_augment.py checks both distributions against the default pipel
 figures.
 """
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,7 +140,7 @@ class GreyLevels:
 
     def get(self, path: Path) -> float | None:
         value = self.values[self.slots[path]].item()
-        return None if value != value else value
+        return None if math.isnan(value) else value
 
     def remember(self, path: Path, grey: float) -> None:
         self.values[self.slots[path]] = grey
