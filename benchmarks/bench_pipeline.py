@@ -14,7 +14,8 @@
    channels_last and torch.compile; step times and images/s relative to float32.
 3. Full loop: DataLoader workers feeding the step, default pipeline against gpu_augment, in images/s.
 4. Cross-rank gather: gather_with_grad forward and backward over 2 gloo processes (the CPU) of the batch's
-   embeddings and of its feature maps (what feature-mode Metrix gathers), relative to the float32 step.
+   embeddings and of its feature maps (what feature-mode Metrix gathers), and the one-flag all-reduce by which
+   the ranks agree that every rank loaded its batch, relative to the float32 step.
 """
 
 import argparse
@@ -201,6 +202,12 @@ def gather_worker(rank: int, port: int, shapes: dict[str, tuple[int, ...]], repe
             distributed.gather_with_grad(local).sum().backward()
             samples.append(time.perf_counter() - start)
         times[name] = statistics.median(samples[2:])
+    samples = []
+    for _ in range(repeats + 2):  # what agreed_batches adds to every step
+        start = time.perf_counter()
+        distributed.any_rank(False)
+        samples.append(time.perf_counter() - start)
+    times["the step's agreement on its batch (any_rank)"] = statistics.median(samples[2:])
     if rank == 0:
         torch.save(times, out)
     distributed.teardown()
@@ -248,7 +255,7 @@ def main() -> None:
     side = -(-args.size // 32)  # a ResNet's last feature map
     times = gathers(args, (backbone.out_channels, side, side))
     step_seconds = args.batch / step_rates["float32"]
-    print("\n4. gather_with_grad forward + backward, 2 gloo processes (CPU)")
+    print("\n4. gather_with_grad forward + backward, and the batch agreement, 2 gloo processes (CPU)")
     for key, seconds in times.items():
         print(f"  {key:<45} {seconds * 1e3:8.2f} ms  {seconds / step_seconds:6.3f} of a float32 step")
 

@@ -294,6 +294,32 @@ def test_resume_refuses_what_is_not_a_checkpoint(content, digits_path, experimen
     assert_input_error(outcome, expected)
 
 
+def test_a_signal_during_the_final_evaluation_lets_it_finish(digits_path, experiment, tmp_path, monkeypatch):
+    """The training is done and checkpointed; a scheduler's signal then must not end the process unmarked."""
+    from utils.evaluation import Evaluator
+
+    evaluate = Evaluator.__call__
+
+    def signalled(self, embed, metrics):
+        if "map_at_r" in metrics:  # only the final evaluation computes it (RUN's final_metrics)
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(self, embed, metrics)
+
+    def unhandled(signum, frame):  # what the process would do without the run's handler: end, unmarked
+        raise AssertionError("the signal reached the process's own handler")
+
+    monkeypatch.setattr(Evaluator, "__call__", signalled)
+    previous = signal.signal(signal.SIGINT, unhandled)
+    try:
+        observed = tmp_path / "runs"
+        outcome = experiment(f"-F {observed} with", *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert outcome.code == 0, outcome.err
+    assert json.loads((observed / "1" / "run.json").read_text())["status"] == "COMPLETED"
+    assert "cosine/MAP@R" in final_metrics(observed / "1")
+
+
 def test_the_end_of_a_run_says_where_its_results_are(digits_path, experiment, tmp_path):
     outcome = experiment("with", *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"),
                          f"output_dir={tmp_path}")

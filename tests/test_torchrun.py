@@ -1,14 +1,21 @@
-"""torchrun on the CPU (gloo): 2 processes leave one -F run directory, two local 'nodes' train together, and a
-run resumes under another number of processes with the global batch unchanged."""
+"""torchrun on the CPU (gloo): 2 processes leave one -F run directory (both experiments), two local 'nodes' train
+together, a run resumes under another number of processes with the global batch unchanged, SIGTERM to torchrun
+(a scheduler's preemption) stops every rank cleanly and the resumed run ends like the uninterrupted one, and a
+corrupt image read by one rank ends every rank with that rank's message."""
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, digits_updates
 
@@ -25,9 +32,8 @@ def torchrun(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *arguments]
 
 
-def training(observed: Path, digits_path: Path, *extra: str) -> list[str]:
-    return [str(REPO / "experiment.py"), "-F", str(observed), "with", "cpu=True", *digits_updates(digits_path),
-            *extra]
+def training(observed: Path, digits_path: Path, *extra: str, script: str = "experiment.py") -> list[str]:
+    return [str(REPO / script), "-F", str(observed), "with", "cpu=True", *digits_updates(digits_path), *extra]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -36,12 +42,17 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def test_two_processes_leave_one_run_directory(digits_path, tmp_path):
+def run_status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+@pytest.mark.parametrize(("script", "extra"), [("experiment.py", ()), ("autoencoder_experiment.py", ("vae.ae",))])
+def test_two_processes_leave_one_run_directory(script, extra, digits_path, tmp_path):
     observed = tmp_path / "runs"
     done = run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                        *training(observed, digits_path, "epochs=1")))
+                        *training(observed, digits_path, "epochs=1", *extra, script=script)))
     assert sorted(path.name for path in observed.iterdir() if path.name != "_sources") == ["1"]
-    assert json.loads((observed / "1" / "run.json").read_text())["status"] == "COMPLETED"
+    assert run_status(observed / "1")["status"] == "COMPLETED"
     assert done.stdout.count("Best epoch 1") + done.stdout.count("Best epoch 0") == 1  # rank 0 prints, alone
     assert (observed / "1" / "checkpoint.pt").is_file() and (observed / "1" / "retrieval.png").is_file()
 
@@ -69,3 +80,60 @@ def test_resume_under_another_number_of_processes(digits_path, tmp_path):
     assert all("metrics" in info for info in infos)
     metrics = json.loads((observed / "3" / "metrics.json").read_text())
     assert metrics["eval.cosine/R@1"]["steps"] == [3]  # only the epoch it trained
+
+
+# 40 class-balanced global batches of 16 per epoch (2 classes whole on each rank), Metrix in feature mode.
+LONG_EPOCHS = ("dataset.sampler=balanced", "dataset.images_per_class=4", "dataset.num_iterations=40", "epochs=2",
+               "loss.contrastive", "metrix.feature", "lr=0.01", "evaluation.final_metrics=['recall','map_at_r']")
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_resuming_ends_like_the_uninterrupted_run(digits_path, tmp_path):
+    left_alone, stopped = tmp_path / "left_alone", tmp_path / "stopped"
+    run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
+                 *training(left_alone, digits_path, *LONG_EPOCHS)))
+    log = (tmp_path / "stopped.txt").open("w")
+    launcher = subprocess.Popen(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
+                                         *training(stopped, digits_path, *LONG_EPOCHS)),
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ, cwd=REPO)
+    checkpoint = stopped / "1" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not (checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] == 2):  # in epoch 2
+        assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "stopped.txt").read_text()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun; torchrun passes it to every rank
+    assert launcher.wait(timeout=120) != 0
+    output = (tmp_path / "stopped.txt").read_text()
+    assert run_status(stopped / "1")["status"] == "INTERRUPTED", output[-3000:]
+    assert re.search(r"stopped by SIGTERM at epoch 2, iteration \d+; the checkpoint is", output), output[-3000:]
+    run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
+                 *training(stopped, digits_path, *LONG_EPOCHS, f"resume={stopped / '1'}")))
+    final = [torch.load(run_dir / "checkpoint.pt", weights_only=True) for run_dir in (left_alone / "1", stopped / "2")]
+    assert final[0]["epoch"] == final[1]["epoch"] == 3
+    for name, weight in final[0]["model"].items():
+        assert torch.equal(weight, final[1]["model"][name]), name
+    assert [(f["best"]["epoch"], f["best"]["metrics"]) for f in final] == [(final[0]["best"]["epoch"],
+                                                                             final[0]["best"]["metrics"])] * 2
+    infos = [json.loads((run_dir / "info.json").read_text()) for run_dir in (left_alone / "1", stopped / "2")]
+    assert infos[0]["metrics"] == infos[1]["metrics"]
+
+
+@pytest.mark.parametrize("split", ["train_small.txt", "test_small.txt"])
+def test_a_corrupt_image_on_one_rank_ends_every_rank_with_its_message(split, digits_path, tmp_path):
+    """A training image (read by whichever rank draws it) or a test image in rank 1's shard of the evaluation:
+    the healthy rank ends at once with the failed rank's line instead of waiting in a collective."""
+    data = tmp_path / "digits"
+    shutil.copytree(digits_path, data)
+    lines = (data / split).read_text().splitlines()
+    image = data / lines[-1 if split == "test_small.txt" else len(lines) // 2].split(",", 1)[0]
+    image.write_bytes(b"not an image")
+    observed = tmp_path / "runs"
+    done = subprocess.run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
+                                   *training(observed, data, "epochs=1", "dataset.preload=False")),
+                          capture_output=True, text=True, timeout=300, env=os.environ, cwd=REPO)
+    assert done.returncode != 0
+    message = f"InputError: image {image} cannot be read"
+    failed_rank = "1" if split == "test_small.txt" else "[01]"
+    assert re.search(f"rank {failed_rank} failed: {re.escape(message)}", done.stderr), done.stderr[-3000:]
+    status = run_status(observed / "1")
+    assert status["status"] == "FAILED" and f"image {image} cannot be read" in status["fail_trace"][-1]
+    assert "Connection closed" not in done.stderr

@@ -257,9 +257,11 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
                                      f"checkpoint is {path}: "
                                      f"continue with `resume={directory}`")
 
-    model.load_state_dict(best.state)
-    model.eval()
-    final = task.evaluate(evaluation[1])
+        # Still under stop_requests: a first signal now lets the final evaluation finish (a second stops at once),
+        # where the default action would end the process without marking the run.
+        model.load_state_dict(best.state)
+        model.eval()
+        final = task.evaluate(evaluation[1])
     report_final(run, best.epoch, final)
     if main:
         draw_curves(curves, directory / "curves.png", title=f"{task.name}: best epoch {best.epoch}")

@@ -49,11 +49,17 @@ def shard_loader(loader: DataLoader) -> DataLoader:
 @torch.no_grad()
 def extract_embeddings(embed: Embed, loader: DataLoader, device: torch.device, desc: str = "Extracting features"
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings and labels of a whole loader, in loader order, on the device (every rank embeds its shard)."""
+    """Embeddings and labels of a whole loader, in loader order, on the device (every rank embeds its shard).
+    A rank that fails (a corrupt image) fails every rank with its message, before the gather would wait for it."""
     embeddings, labels = [], []
-    for images, batch_labels in progress(shard_loader(loader), desc):
-        embeddings.append(embed(images.to(device, non_blocking=True)))
-        labels.append(batch_labels)
+    failure = None
+    try:
+        for images, batch_labels in progress(shard_loader(loader), desc):
+            embeddings.append(embed(images.to(device, non_blocking=True)))
+            labels.append(batch_labels)
+    except Exception as error:  # any failure: the other ranks must hear of it, whatever it is
+        failure = error
+    distributed.raise_if_any(failure)
     sizes = distributed.split_sizes(len(loader.dataset))
     return (distributed.gather(torch.cat(embeddings), sizes),
             distributed.gather(torch.cat(labels).to(device), sizes))

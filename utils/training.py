@@ -116,7 +116,7 @@ def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, o
     total = start + len(loader)
     counters = {"start": start, "total": total, "iterations": start, "skipped": 0, "data_seconds": 0.0,
                 "step_seconds": 0.0}
-    bar = progress(loader, f"Training   [{epoch:03d}]", initial=start, total=total)
+    bar = progress(distributed.agreed_batches(loader), f"Training   [{epoch:03d}]", initial=start, total=total)
     ready = time.perf_counter()
     for i, (images, labels) in enumerate(bar, start=start):
         loaded = time.perf_counter()
