@@ -5,7 +5,7 @@
     python autoencoder_experiment.py -F result_dir with dataset.cub_vae vae.ae   # also cars_vae, sop_vae, inshop_vae
     python autoencoder_experiment.py print_config with dataset.sop_vae vae.vae
 
-The training loop is utils/driver.py's; this script says what is its own: the model (an autoencoder), the
+The training loop is utils/engine/driver.py's; this script says what is its own: the model (an autoencoder), the
 objective (reconstruction error plus the VAE's KL term), the evaluation (Recall@K of the codes, the posterior
 means for the VAE, and the test losses) and the result (by select_by), plus a grid of test images beside
 their reconstructions.
@@ -23,15 +23,21 @@ from torch.utils.data import DataLoader
 from losses.autoencoder import AutoencoderLoss
 from models.vae import Autoencoder
 from models.vae_ingredient import get_vae, vae_ingredient
-from utils import distributed
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
-from utils.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
+from utils.engine import distributed
+from utils.engine.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
+from utils.engine.training import progress
 from utils.errors import InputError, check_choice
-from utils.evaluation import Evaluator, check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
-from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
-from utils.plots import draw_reconstructions
+from utils.evaluation.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
+from utils.evaluation.ingredient import (
+    Evaluator,
+    check_evaluation,
+    draw_retrieval,
+    evaluation_ingredient,
+    get_evaluator,
+)
+from utils.reporting.plots import draw_reconstructions
 from utils.settings import settings_hook
-from utils.training import progress
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("autoencoder", ingredients=[data_ingredient, evaluation_ingredient, vae_ingredient])
@@ -53,8 +59,9 @@ def config(dataset):
 
 
 @torch.no_grad()
-def test_losses(model: Autoencoder, objective: AutoencoderLoss, loaders: MetricLoaders, device: torch.device
-                ) -> dict[str, float]:
+def test_losses(
+    model: Autoencoder, objective: AutoencoderLoss, loaders: MetricLoaders, device: torch.device
+) -> dict[str, float]:
     """The mean of each loss term (test/<term>) over the test images (In-Shop: queries and gallery); the model
     must be in eval mode."""
     sums: dict[str, torch.Tensor] = {}
@@ -84,23 +91,32 @@ def reconstruct(model: Autoencoder, images: torch.Tensor, device: torch.device) 
 
 def autoencoder_objective(arch: str, kl_weight: float) -> AutoencoderLoss:
     if arch == "ae" and kl_weight:
-        raise InputError(f"vae.kl_weight={kl_weight} needs a variational model: add vae.vae (or vae.arch=vae), "
-                         f"or drop the kl_weight setting")
+        raise InputError(
+            f"vae.kl_weight={kl_weight} needs a variational model: add vae.vae (or vae.arch=vae), "
+            f"or drop the kl_weight setting"
+        )
     return AutoencoderLoss(kl_weight)
 
 
-def evaluation(model: Autoencoder, objective: AutoencoderLoss, loaders: MetricLoaders, evaluate: Evaluator,
-               device: torch.device) -> Callable[[list[str]], dict[str, float]]:
+def evaluation(
+    model: Autoencoder, objective: AutoencoderLoss, loaders: MetricLoaders, evaluate: Evaluator, device: torch.device
+) -> Callable[[list[str]], dict[str, float]]:
     """metrics -> the retrieval metrics of the latent means, and the mean test losses."""
-    return lambda metrics: (evaluate(lambda images: model(images)[1], metrics)
-                            | test_losses(model, objective, loaders, device))
+    return lambda metrics: (
+        evaluate(lambda images: model(images)[1], metrics) | test_losses(model, objective, loaders, device)
+    )
 
 
 def autoencoder_from_checkpoint(checkpoint: dict) -> Autoencoder:
     """The autoencoder of a run's checkpoint with its best epoch's weights."""
     rebuild, options = checkpoint["rebuild"], checkpoint["config"]["vae"]
-    model = Autoencoder(rebuild["image_size"], rebuild["arch"] == "vae", options["in_channels"], options["latent_dim"],
-                        tuple(rebuild["hidden_dims"]))
+    model = Autoencoder(
+        rebuild["image_size"],
+        rebuild["arch"] == "vae",
+        options["in_channels"],
+        options["latent_dim"],
+        tuple(rebuild["hidden_dims"]),
+    )
     model.load_state_dict(checkpoint["best"]["model"])
     return model
 
@@ -128,18 +144,39 @@ def main(select_by: str, _config: dict, _run) -> float:
         if epoch == 1:
             first_epoch["reconstructions"] = reconstruct(model, shown, device)
 
-    task = Task(model, objective, evaluation(model, objective, loaders, evaluate, device), *SELECTION[select_by],
-                name=stem, rebuild=rebuild, plot_titles=PLOT_TITLES, after_epoch=after_epoch)
-    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run,
-                  device_augment=loaders.device_augment)
+    task = Task(
+        model,
+        objective,
+        evaluation(model, objective, loaders, evaluate, device),
+        *SELECTION[select_by],
+        name=stem,
+        rebuild=rebuild,
+        plot_titles=PLOT_TITLES,
+        after_epoch=after_epoch,
+    )
+    outcome = fit(
+        task,
+        loaders.train,
+        (evaluate.metrics, evaluate.final_metrics),
+        device,
+        _config,
+        _run,
+        device_augment=loaders.device_augment,
+    )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics[task.best_key]
-    draw_reconstructions(shown, reconstruct(model, shown, device), outcome.directory / "reconstructions.png",
-                         f"{stem}: test images above their reconstructions by the best epoch ({outcome.best_epoch}) "
-                         f"and the first", first_epoch.get("reconstructions"))
+    draw_reconstructions(
+        shown,
+        reconstruct(model, shown, device),
+        outcome.directory / "reconstructions.png",
+        f"{stem}: test images above their reconstructions by the best epoch ({outcome.best_epoch}) and the first",
+        first_epoch.get("reconstructions"),
+    )
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
-    print(f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
-          f"{outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)")
+    print(
+        f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
+        f"{outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)"
+    )
     return outcome.metrics[task.best_key]
 
 
@@ -152,14 +189,14 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     model = autoencoder_from_checkpoint(saved).to(device).eval()
     objective = autoencoder_objective(config["vae"]["arch"], config["vae"]["kl_weight"])
     select_key = SELECTION[config["select_by"]][0]
-    return evaluate_checkpoint(evaluation(model, objective, loaders, evaluator, device), evaluator.final_metrics,
-                               saved, _run)[select_key]
+    return evaluate_checkpoint(
+        evaluation(model, objective, loaders, evaluator, device), evaluator.final_metrics, saved, _run
+    )[select_key]
 
 
 @ex.command
 @keep_run_records
-def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
-          _run) -> str:
+def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict, _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE (latent means) with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = autoencoder_from_checkpoint(saved).to(device).eval()

@@ -7,7 +7,7 @@
     python experiment.py evaluate with checkpoint=result_dir/1              # its best weights, every final metric
     python experiment.py embed with checkpoint=result_dir/1 images=DIR out=embeddings.npz
 
-The training loop is utils/driver.py's; this script says what is its own: the model (backbone and
+The training loop is utils/engine/driver.py's; this script says what is its own: the model (backbone and
 embedding head), the objective (losses and Metrix) and the result (cosine R@1 of the best epoch).
 """
 
@@ -17,16 +17,18 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
-from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
-from utils.evaluation import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
-from utils.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
+from utils.engine import distributed
+from utils.engine.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
+from utils.evaluation.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
+from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.settings import settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
-ex = Experiment("metric_learning", ingredients=[data_ingredient, evaluation_ingredient, model_ingredient,
-                                                    loss_ingredient, metrix_ingredient])
+ex = Experiment(
+    "metric_learning",
+    ingredients=[data_ingredient, evaluation_ingredient, model_ingredient, loss_ingredient, metrix_ingredient],
+)
 ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.option_hook(quiet_other_ranks)  # under torchrun only rank 0 observes the run and prints
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
@@ -60,8 +62,16 @@ def metrix_recipe():
     lr_gamma = 0.1
     warm_epochs = 1
     grad_clip = 10.0
-    model = dict(arch="resnet50", weights="IMAGENET1K_V1", pooling="avg+max", num_features=512, remap=True,
-                 normalize=True, freeze_bn=True, dropout=0.0)
+    model = dict(
+        arch="resnet50",
+        weights="IMAGENET1K_V1",
+        pooling="avg+max",
+        num_features=512,
+        remap=True,
+        normalize=True,
+        freeze_bn=True,
+        dropout=0.0,
+    )
     # The released code draws random batches on CUB and Cars and balanced ones (5 images per class) on SOP and
     # In-Shop. A named config cannot read the data set's name (sacred runs it before the dataset ingredient's), so
     # the README's SOP and In-Shop commands add dataset.sampler=balanced.
@@ -80,20 +90,40 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
     default_arch = "small_cnn" if _config["dataset"]["name"] == "digits" else "resnet18"
     _run.info["model"] = resolve_model(default_arch)
     model = get_model(default_arch=default_arch)
-    criterion = get_criterion(num_classes=loaders.num_classes, embedding_size=model.head.num_features,
-                              label_smoothing=label_smoothing, classifier=classifier_options())
+    criterion = get_criterion(
+        num_classes=loaders.num_classes,
+        embedding_size=model.head.num_features,
+        label_smoothing=label_smoothing,
+        classifier=classifier_options(),
+    )
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     rebuild = {**_run.info["model"], "num_classes": loaders.num_classes, "embedding_size": model.head.num_features}
-    task = Task(model, criterion, lambda metrics: evaluate(model, metrics), best_key="cosine/R@1",
-                name=f"{rebuild['arch']}_{_config['dataset']['name']}", rebuild=rebuild, warmup_frozen=backbone,
-                warm_epochs=warm_epochs)
-    outcome = fit(task, loaders.train, (evaluate.metrics, evaluate.final_metrics), device, _config, _run,
-                  device_augment=loaders.device_augment)
+    task = Task(
+        model,
+        criterion,
+        lambda metrics: evaluate(model, metrics),
+        best_key="cosine/R@1",
+        name=f"{rebuild['arch']}_{_config['dataset']['name']}",
+        rebuild=rebuild,
+        warmup_frozen=backbone,
+        warm_epochs=warm_epochs,
+    )
+    outcome = fit(
+        task,
+        loaders.train,
+        (evaluate.metrics, evaluate.final_metrics),
+        device,
+        _config,
+        _run,
+        device_augment=loaders.device_augment,
+    )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics[task.best_key]
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
-    print(f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
-          f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)")
+    print(
+        f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
+        f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
+    )
     return outcome.metrics["cosine/R@1"]
 
 
@@ -104,14 +134,14 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     saved, config, device = restore(checkpoint, _config, _run)
     _, evaluator = evaluation_data(config, device)
     model = model_from_checkpoint(saved).to(device).eval()
-    return evaluate_checkpoint(lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved,
-                               _run)["cosine/R@1"]
+    return evaluate_checkpoint(lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved, _run)[
+        "cosine/R@1"
+    ]
 
 
 @ex.command
 @keep_run_records
-def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict,
-          _run) -> str:
+def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict, _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = model_from_checkpoint(saved).to(device).eval()

@@ -41,15 +41,22 @@ for _experiment in EXPERIMENTS.values():
 
 # Mirrors are tried in order; one checksum covers them all. None of them could be reached from the machines this
 # code was written on, so each is a plausible public address, not a verified one (see data/README.md).
-CUB_URLS = ["https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
-            "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
-            "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz"]
+CUB_URLS = [
+    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
+    "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz",
+]
 # ai.stanford.edu/~jkrause/car196/ has been reported dead since 2023; imagenet.stanford.edu held a copy.
-CARS_DIRECTORIES = ["http://ai.stanford.edu/~jkrause/car196/", "https://ai.stanford.edu/~jkrause/car196/",
-                    "http://imagenet.stanford.edu/internal/car196/"]
-SOP_URLS = ["ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-            "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-            "ftp://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"]
+CARS_DIRECTORIES = [
+    "http://ai.stanford.edu/~jkrause/car196/",
+    "https://ai.stanford.edu/~jkrause/car196/",
+    "http://imagenet.stanford.edu/internal/car196/",
+]
+SOP_URLS = [
+    "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+    "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+    "ftp://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+]
 # The published (images, classes) of each split; a mismatch is refused. In-Shop's 3,985 test items are shared by
 # query and gallery, whose per-file class counts are not published (None: not checked).
 EXPECTED = {
@@ -130,15 +137,23 @@ def preparing(name: str, data_path: Path) -> Iterator[dict | None]:
         raise
 
 
-def finish(name: str, data_path: Path, splits: dict[str, Samples], expected: manifest.Expected | None,
-           workers: int | None, previous: dict | None) -> str:
+def finish(
+    name: str,
+    data_path: Path,
+    splits: dict[str, Samples],
+    expected: manifest.Expected | None,
+    workers: int | None,
+    previous: dict | None,
+) -> str:
     """Check the images and the counts, write the split files, mark the folder complete and describe it."""
     missing = datasets.missing_images(data_path, splits)
     if missing:
         total = sum(len(samples) for samples in splits.values())
-        raise InputError(f"{len(missing):,} of the {total:,} images listed by the annotations are missing in "
-                         f"{data_path} (first: {missing[0]}): restore them, or delete the extracted folder and run "
-                         f"again to re-extract the archive")
+        raise InputError(
+            f"{len(missing):,} of the {total:,} images listed by the annotations are missing in "
+            f"{data_path} (first: {missing[0]}): restore them, or delete the extracted folder and run "
+            f"again to re-extract the archive"
+        )
     manifest.check_counts(splits, expected)
     verified = manifest.verified_before(previous, splits)
     if not verified:
@@ -158,25 +173,36 @@ def describe(data_path: Path, splits: dict[str, Samples]) -> str:
 
 
 @cub.main
-def prepare_cub(data_path: str, urls: list[str], md5: str | None, download: bool, expected: dict | None,
-                workers: int | None) -> str:
+def prepare_cub(
+    data_path: str, urls: list[str], md5: str | None, download: bool, expected: dict | None, workers: int | None
+) -> str:
     with preparing("cub", Path(data_path)) as previous:
         splits = datasets.prepare_cub(Path(data_path), urls, md5, download)
         return finish("cub", Path(data_path), splits, expected, workers, previous)
 
 
 @cars.main
-def prepare_cars(data_path: str, images_urls: list[str], images_md5: str | None, annotations_urls: list[str],
-                 annotations_md5: str | None, download: bool, expected: dict | None, workers: int | None) -> str:
+def prepare_cars(
+    data_path: str,
+    images_urls: list[str],
+    images_md5: str | None,
+    annotations_urls: list[str],
+    annotations_md5: str | None,
+    download: bool,
+    expected: dict | None,
+    workers: int | None,
+) -> str:
     with preparing("cars", Path(data_path)) as previous:
-        splits = datasets.prepare_cars(Path(data_path), images_urls, images_md5, annotations_urls, annotations_md5,
-                                       download)
+        splits = datasets.prepare_cars(
+            Path(data_path), images_urls, images_md5, annotations_urls, annotations_md5, download
+        )
         return finish("cars", Path(data_path), splits, expected, workers, previous)
 
 
 @sop.main
-def prepare_sop(data_path: str, urls: list[str], md5: str | None, download: bool, expected: dict | None,
-                workers: int | None) -> str:
+def prepare_sop(
+    data_path: str, urls: list[str], md5: str | None, download: bool, expected: dict | None, workers: int | None
+) -> str:
     with preparing("sop", Path(data_path)) as previous:
         splits = datasets.prepare_sop(Path(data_path), urls, md5, download)
         return finish("sop", Path(data_path), splits, expected, workers, previous)
@@ -204,8 +230,9 @@ def prepare_all(config_updates: dict[str, dict] | None = None) -> int:
     for name, experiment in EXPERIMENTS.items():
         try:
             # Quiet runs: the report below replaces sacred's start / result / failure lines.
-            run = experiment.run(config_updates=(config_updates or {}).get(name),
-                                 options={"--loglevel": "CRITICAL", "--capture": "no"})
+            run = experiment.run(
+                config_updates=(config_updates or {}).get(name), options={"--loglevel": "CRITICAL", "--capture": "no"}
+            )
             lines = run.result.splitlines()
         except InputError as error:
             lines, status = str(error).splitlines(), 1
@@ -225,8 +252,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     if name not in EXPERIMENTS:
-        print(f"unknown data set {name!r}: choose one of {', '.join(EXPERIMENTS)}, or give none to prepare all",
-              file=sys.stderr)
+        print(
+            f"unknown data set {name!r}: choose one of {', '.join(EXPERIMENTS)}, or give none to prepare all",
+            file=sys.stderr,
+        )
         return 2
     # Sacred exits by itself (status 1) when the run fails.
     EXPERIMENTS[name].run_commandline([argv[0], *argv[2:]])

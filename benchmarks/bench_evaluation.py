@@ -74,7 +74,7 @@ def run_worker(method: str, dim: int, n: int, classes: int, ks: list[int]) -> di
     import torch  # noqa: F401
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # noqa: F401
 
-    from utils.knn import prepare
+    from utils.evaluation.knn import prepare
 
     embeddings, labels = synthetic_embeddings(n, dim, classes)
     if not method.startswith("ours"):
@@ -111,7 +111,7 @@ def synthetic_embeddings(n: int, dim: int, classes: int) -> tuple[np.ndarray, np
 
 
 def run_ours(embeddings: np.ndarray, labels: np.ndarray, ks: list[int], backend: str) -> dict:
-    from utils.metrics import evaluate_embeddings
+    from utils.evaluation.metrics import evaluate_embeddings
 
     results = evaluate_embeddings(embeddings, labels, ks=ks, distances=["cosine"], backend=backend)
     return {key.removeprefix("cosine/"): value for key, value in results.items()}

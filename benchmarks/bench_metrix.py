@@ -50,14 +50,24 @@ class Setup:
 
 def timing_setups(cap: int, input_all_pairs: bool) -> list[Setup]:
     # Input mode with all B (B - 1) pairs runs the backbone on ~B times the batch: opt-in only.
-    setups = [Setup("baseline"), Setup("embed", "embed"), Setup("feature", "feature"),
-              Setup(f"feature, cap {cap}", "feature", cap), Setup(f"input, cap {cap}", "input", cap)]
+    setups = [
+        Setup("baseline"),
+        Setup("embed", "embed"),
+        Setup("feature", "feature"),
+        Setup(f"feature, cap {cap}", "feature", cap),
+        Setup(f"input, cap {cap}", "input", cap),
+    ]
     return setups + [Setup("input", "input")] if input_all_pairs else setups
 
 
 def memory_setups(cap: int) -> list[Setup]:
-    return [Setup("baseline"), Setup("embed", "embed"), Setup("feature", "feature"),
-            Setup(f"feature, cap {cap}", "feature", cap), Setup(f"input, cap {cap}", "input", cap)]
+    return [
+        Setup("baseline"),
+        Setup("embed", "embed"),
+        Setup("feature", "feature"),
+        Setup(f"feature, cap {cap}", "feature", cap),
+        Setup(f"input, cap {cap}", "input", cap),
+    ]
 
 
 def make_labels(layout: str, batch: int) -> torch.Tensor:
@@ -75,8 +85,7 @@ def usable_pairs(labels: torch.Tensor) -> tuple[int, int]:
     return int((different & has_positive[:, None]).sum()), int((different & ~has_positive[:, None]).sum())
 
 
-def build(setup: Setup, loss_name: str, device: torch.device
-          ) -> tuple[MetricModel, Criterion, torch.optim.Optimizer]:
+def build(setup: Setup, loss_name: str, device: torch.device) -> tuple[MetricModel, Criterion, torch.optim.Optimizer]:
     torch.manual_seed(0)  # the same initial weights for every setup
     model = MetricModel(small_cnn(None), EmbeddingHead(256, 128, pooling="avg+max"))
     loss = ContrastiveLoss() if loss_name == "contrastive" else MultiSimilarityLoss()
@@ -91,8 +100,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: MetricModel, criterion: Criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor) -> None:
+def train_step(
+    model: MetricModel,
+    criterion: Criterion,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> None:
     loss, _ = criterion(model, images, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -163,9 +177,22 @@ def measure_memory(args: argparse.Namespace, batch: int) -> dict[str, float]:
     peaks: dict[str, list[float]] = {setup.name: [] for setup in memory_setups(args.cap)}
     for _ in range(args.memory_repeats):
         for name in peaks:  # the setups take turns, as in the timing
-            command = [sys.executable, __file__, "--memory-probe", name, "--batch", str(batch),
-                       "--cap", str(args.cap), "--image-size", str(args.image_size), "--loss", args.loss,
-                       "--device", args.device]
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-probe",
+                name,
+                "--batch",
+                str(batch),
+                "--cap",
+                str(args.cap),
+                "--image-size",
+                str(args.image_size),
+                "--loss",
+                args.loss,
+                "--device",
+                args.device,
+            ]
             output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             peaks[name].append(json.loads(output.strip().splitlines()[-1])["peak"])
     return {name: statistics.median(values) for name, values in peaks.items()}
@@ -204,10 +231,17 @@ def timing_table(args: argparse.Namespace, device: torch.device) -> str:
         median = {name: statistics.median(values) for name, values in times.items()}
         fastest = {name: min(values) for name, values in times.items()}
         positive_negative, anchor_negative = usable_pairs(make_labels(layout, args.batch))
-        rows.append([description, f"{positive_negative} / {anchor_negative}",
-                     f"{median['baseline']:.3f} ({fastest['baseline']:.3f})",
-                     *[f"{median[name] / median['baseline']:.2f} ({fastest[name] / fastest['baseline']:.2f})"
-                       for name in names[1:]]])
+        rows.append(
+            [
+                description,
+                f"{positive_negative} / {anchor_negative}",
+                f"{median['baseline']:.3f} ({fastest['baseline']:.3f})",
+                *[
+                    f"{median[name] / median['baseline']:.2f} ({fastest[name] / fastest['baseline']:.2f})"
+                    for name in names[1:]
+                ],
+            ]
+        )
     return markdown(header, rows)
 
 
@@ -230,13 +264,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per setup (the median is reported)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="what a step's time is")
     parser.add_argument("--input-all-pairs", action="store_true", help="also time input mode without a cap")
-    parser.add_argument("--memory-batches", type=int, nargs="*", default=[50, 100, 150],
-                        help="batch sizes of the memory table (none: skip it)")
-    parser.add_argument("--memory", choices=("rss", "live"), default="rss",
-                        help="CPU only: rss, the peak RSS as the allocator leaves it (the issue's measure); live, "
-                             "the peak of the tensors alive at once (glibc's mmap threshold fixed at 64 KiB)")
-    parser.add_argument("--memory-repeats", type=int, default=3,
-                        help="fresh processes per memory figure (the median is reported)")
+    parser.add_argument(
+        "--memory-batches",
+        type=int,
+        nargs="*",
+        default=[50, 100, 150],
+        help="batch sizes of the memory table (none: skip it)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("rss", "live"),
+        default="rss",
+        help="CPU only: rss, the peak RSS as the allocator leaves it (the issue's measure); live, "
+        "the peak of the tensors alive at once (glibc's mmap threshold fixed at 64 KiB)",
+    )
+    parser.add_argument(
+        "--memory-repeats", type=int, default=3, help="fresh processes per memory figure (the median is reported)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one memory measurement
     return parser.parse_args()
@@ -250,12 +294,16 @@ def main() -> None:
         return
     started = time.perf_counter()
     print(f"# Metrix step cost: {machine(device)}, torch {torch.__version__}; load average {load_average()}")
-    print(f"small_cnn at {args.image_size} px, batch {args.batch}, {args.loss} loss, Metrix's defaults (the "
-          f"released code's: random strategy, one lam per step, mix weight 0.4), Adam; median of {args.repeats} "
-          f"steps after {args.warmup} warm-up\n")
+    print(
+        f"small_cnn at {args.image_size} px, batch {args.batch}, {args.loss} loss, Metrix's defaults (the "
+        f"released code's: random strategy, one lam per step, mix weight 0.4), Adam; median of {args.repeats} "
+        f"steps after {args.warmup} warm-up\n"
+    )
     # Other processes' load inflates wall times: the fastest step is the least disturbed one.
-    print(f"Step time ({args.clock} clock) relative to the baseline (no mixing) in the same run, median (and fastest) "
-          f"step:\n")
+    print(
+        f"Step time ({args.clock} clock) relative to the baseline (no mixing) in the same run, median (and fastest) "
+        f"step:\n"
+    )
     print(timing_table(args, device), flush=True)
     if args.memory_batches:
         kind = "peak RSS above the idle process"
@@ -263,8 +311,9 @@ def main() -> None:
             kind += ", glibc's mmap threshold fixed at 64 KiB: the tensors alive at once"
         if device.type == "cuda":
             kind = "max_memory_allocated"
-        print(f"\nPeak memory of two steps ({kind}), B/5 classes x 5 images, median of {args.memory_repeats} "
-              f"processes:\n")
+        print(
+            f"\nPeak memory of two steps ({kind}), B/5 classes x 5 images, median of {args.memory_repeats} processes:\n"
+        )
         print(memory_table(args))
     print(f"\n({time.perf_counter() - started:.0f} s in all; load average at the end {load_average()})")
 

@@ -39,15 +39,22 @@ from losses.criterion import Criterion  # noqa: E402
 from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
-from utils import distributed  # noqa: E402
 from utils.data.device_augment import build_split_pipeline, load_for_crop, load_pixels, pack_crops  # noqa: E402
 from utils.data.image_dataset import ImageDataset  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.data.transforms import build_transforms  # noqa: E402
-from utils.speed import Precision, batch_mover, prepare_model  # noqa: E402
+from utils.engine import distributed  # noqa: E402
+from utils.engine.speed import Precision, batch_mover, prepare_model  # noqa: E402
 
-CUB_RECIPE = dict(crop_size=224, resize=256, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3),
-                  color_jitter=(0.25, 0.25, 0.25, 0), rotate=None, hflip=True)
+CUB_RECIPE = dict(
+    crop_size=224,
+    resize=256,
+    scale=(0.16, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    color_jitter=(0.25, 0.25, 0.25, 0),
+    rotate=None,
+    hflip=True,
+)
 
 
 def write_jpegs(root: Path, count: int) -> Path:
@@ -90,27 +97,37 @@ def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, flo
         new[index]
     # A worker that remembers no grey level decodes every image whole, as in the first epoch.
     first_epoch = ImageDataset(root, "train.txt", build_split_pipeline(**CUB_RECIPE)[0], decode=load_for_crop)
-    order = iter(range(10 ** 9))
+    order = iter(range(10**9))
 
     def one(dataset: ImageDataset, collate: Callable = default_collate) -> Callable[[], int]:
         """What a DataLoader worker does for a batch of 32: fetch the images, then collate them."""
+
         def work() -> int:
             collate([dataset[next(order) % len(dataset)] for _ in range(32)])
             return 32
+
         return work
 
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
     # What no CPU pipeline can beat: decoding alone, by PIL (the default pipeline) and torchvision (gpu_augment).
-    decode_pil, decode_split = (ImageDataset(root, "train.txt", None, decode=decode) for decode in
-                                (load_image, load_pixels))
-    results = rates({"default": one(old), "gpu_augment, first epoch": one(first_epoch, pack_crops),
-                     "gpu_augment, later epochs": one(new, pack_crops),
-                     "decode only, PIL": one(decode_pil, list), "decode only, torchvision": one(decode_split, list)},
-                    seconds)
+    decode_pil, decode_split = (
+        ImageDataset(root, "train.txt", None, decode=decode) for decode in (load_image, load_pixels)
+    )
+    results = rates(
+        {
+            "default": one(old),
+            "gpu_augment, first epoch": one(first_epoch, pack_crops),
+            "gpu_augment, later epochs": one(new, pack_crops),
+            "decode only, PIL": one(decode_pil, list),
+            "decode only, torchvision": one(decode_split, list),
+        },
+        seconds,
+    )
     torch.set_num_threads(os.cpu_count() or 1)
     batch, _ = pack_crops([new[i % len(new)] for i in range(128)])
-    results |= rates({"device part (resample, flip, jitter)": lambda: (synchronize(jitter(batch, device)), 128)[1]},
-                     seconds)
+    results |= rates(
+        {"device part (resample, flip, jitter)": lambda: (synchronize(jitter(batch, device)), 128)[1]}, seconds
+    )
     return results
 
 
@@ -120,8 +137,9 @@ def synchronize(result: object = None) -> object:
     return result
 
 
-def make_step(arch: str, device: torch.device, amp: str | None, channels_last: bool, compile: bool
-              ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def make_step(
+    arch: str, device: torch.device, amp: str | None, channels_last: bool, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
     torch.manual_seed(0)
     backbone = get_backbone(arch, None)
     model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, backbone.out_channels)).to(device).train()
@@ -142,8 +160,12 @@ def make_step(arch: str, device: torch.device, amp: str | None, channels_last: b
 
 def steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     amp = "bf16" if device.type == "cpu" else "fp16"
-    variants = {"float32": (None, False, False), amp: (amp, False, False), "channels_last": (None, True, False),
-                f"{amp} + channels_last": (amp, True, False)}
+    variants = {
+        "float32": (None, False, False),
+        amp: (amp, False, False),
+        "channels_last": (None, True, False),
+        f"{amp} + channels_last": (amp, True, False),
+    }
     if device.type == "cuda":
         variants["bf16 + channels_last"] = ("bf16", True, False)
     if args.compile:
@@ -170,9 +192,15 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
         dataset = ImageDataset(root, "train.txt", transform, decode=load_image if augment is None else load_for_crop)
         if augment is not None:
             transform.share_grey_levels(dataset.paths)
-        loader = DataLoader(dataset, batch_size=args.batch, sampler=RandomSampler(dataset, num_samples=10 ** 7),
-                            num_workers=args.workers, pin_memory=device.type == "cuda",
-                            collate_fn=None if augment is None else pack_crops, persistent_workers=args.workers > 0)
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch,
+            sampler=RandomSampler(dataset, num_samples=10**7),
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=None if augment is None else pack_crops,
+            persistent_workers=args.workers > 0,
+        )
         batches, move = iter(loader), batch_mover(device, False, augment)
 
         def data(batches=batches, move=move) -> int:
@@ -189,8 +217,9 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
 
 
 def gather_worker(rank: int, port: int, shapes: dict[str, tuple[int, ...]], repeats: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     distributed.setup(cpu=True)
     times = {}
@@ -217,8 +246,10 @@ def gathers(args: argparse.Namespace, feature_shape: tuple[int, ...], repeats: i
     from tests.multiprocess import free_port
 
     local = args.batch // 2
-    shapes = {f"embeddings {local}x{feature_shape[0]} per rank": (local, feature_shape[0]),
-              f"feature maps {local}x{'x'.join(map(str, feature_shape))} per rank": (local, *feature_shape)}
+    shapes = {
+        f"embeddings {local}x{feature_shape[0]} per rank": (local, feature_shape[0]),
+        f"feature maps {local}x{'x'.join(map(str, feature_shape))} per rank": (local, *feature_shape),
+    }
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "times.pt")
         mp.spawn(gather_worker, args=(free_port(), shapes, repeats, out), nprocs=2)
@@ -242,15 +273,23 @@ def main() -> None:
     print(f"# {name}, {os.cpu_count()} CPUs, torch {torch.__version__}; {' '.join(sys.argv[1:]) or 'defaults'}")
     with tempfile.TemporaryDirectory() as folder:
         root = write_jpegs(Path(folder), args.images)
-        table("1. pipeline, images/s per worker (CUB CE recipe, 500x375 JPEGs)", pipelines(root, device, args.seconds),
-              "default")
+        table(
+            "1. pipeline, images/s per worker (CUB CE recipe, 500x375 JPEGs)",
+            pipelines(root, device, args.seconds),
+            "default",
+        )
         if args.pipeline_only:
             return
         step_rates = steps(args, device)
-        table(f"2. step on device-resident batches, images/s ({args.arch}, batch {args.batch}, {args.size} px, "
-              f"{device.type})", step_rates, "float32")
-        table(f"3. full loop, images/s ({args.workers} workers)", full_loops(args, root, device),
-              "default: data + step")
+        table(
+            f"2. step on device-resident batches, images/s ({args.arch}, batch {args.batch}, {args.size} px, "
+            f"{device.type})",
+            step_rates,
+            "float32",
+        )
+        table(
+            f"3. full loop, images/s ({args.workers} workers)", full_loops(args, root, device), "default: data + step"
+        )
     backbone = get_backbone(args.arch, None)
     side = -(-args.size // 32)  # a ResNet's last feature map
     times = gathers(args, (backbone.out_channels, side, side))

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.data.image_dataset import ImageDataset  # noqa: E402
 from utils.data.transforms import build_transforms  # noqa: E402
-from utils.metrics import evaluate_embeddings  # noqa: E402
-from utils.training import format_metrics  # noqa: E402
+from utils.engine.training import format_metrics  # noqa: E402
+from utils.evaluation.metrics import evaluate_embeddings  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +34,9 @@ def main() -> None:
     _, test_transform = build_transforms(args.crop_size, args.resize, (0.5, 1.0), (3 / 4, 4 / 3), None, None, False)
     test = ImageDataset(args.data_path, args.test_file, test_transform)
     pixels = torch.stack([test[i][0].flatten() for i in range(len(test))])
-    metrics = evaluate_embeddings(pixels, test.targets, ks=args.recalls, metrics=("recall", "map_at_r", "r_precision",
-                                                                                    "nmi"))
+    metrics = evaluate_embeddings(
+        pixels, test.targets, ks=args.recalls, metrics=("recall", "map_at_r", "r_precision", "nmi")
+    )
     print(f"{len(test)} test images of {args.data_path}, {pixels.shape[1]} pixel values each")
     print(format_metrics("Raw pixels", metrics))
 

@@ -80,8 +80,9 @@ class WeightedLoss(nn.Module):
     """
 
     def forward(self, embeddings: Tensor, labels: Tensor, candidates: Candidates | None = None) -> Tensor:
-        return self.weighted(embeddings, labels, Candidates.clean(embeddings, labels) if candidates is None
-                             else candidates)
+        return self.weighted(
+            embeddings, labels, Candidates.clean(embeddings, labels) if candidates is None else candidates
+        )
 
     def weighted(self, anchors: Tensor, anchor_labels: Tensor, candidates: Candidates) -> Tensor:
         raise NotImplementedError

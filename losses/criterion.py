@@ -1,7 +1,7 @@
 """The objective the training loop calls: weighted losses on clean and mixed candidates.
 
 Under torchrun the losses see the global batch: every rank gathers the embeddings and labels of all ranks
-(utils.distributed.gather_with_grad), so that a DDP step has the single-process gradient of the global batch.
+(utils.engine.distributed.gather_with_grad), so that a DDP step has the single-process gradient of the global batch.
 The losses run in float32 (or float64) whatever the autocast around the model.
 """
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from losses.candidates import Candidates, loss_precision
-from utils import distributed
-from utils.training import parameter_groups
+from utils.engine import distributed
+from utils.engine.training import parameter_groups
 
 # (model, images, feature_map, embeddings, labels) -> mixed candidates; see losses.metrix.
 Mixer = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], Candidates]
@@ -37,12 +37,14 @@ class Criterion(nn.Module):
         groups = []
         for loss in self.losses.values():
             multiplier = getattr(loss, "lr_multiplier", 1.0)
-            groups += [group | {"lr": lr * multiplier} for group in parameter_groups(loss, no_bias_decay)
-                       if group["params"]]
+            groups += [
+                group | {"lr": lr * multiplier} for group in parameter_groups(loss, no_bias_decay) if group["params"]
+            ]
         return groups
 
-    def weighted_sum(self, anchors: Tensor, labels: Tensor, candidates: Candidates,
-                     prefix: str = "") -> tuple[Tensor, dict[str, Tensor]]:
+    def weighted_sum(
+        self, anchors: Tensor, labels: Tensor, candidates: Candidates, prefix: str = ""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         # Exponentials of scaled similarities (alpha = 32, beta = 50) lose too much in 16-bit floats.
         with torch.autocast(anchors.device.type, enabled=False):
             values = {prefix + name: loss(anchors, labels, candidates) for name, loss in self.losses.items()}

@@ -11,8 +11,14 @@ from .functional import mean_over, used_candidates
 class Classifier(nn.Module):
     """Embedding -> logits: dropout and a zero-initialised linear layer (optionally cosine)."""
 
-    def __init__(self, num_features: int, num_classes: int, dropout: float = 0.0, detach: bool = False,
-                 normalize_weight: bool = False) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        dropout: float = 0.0,
+        detach: bool = False,
+        normalize_weight: bool = False,
+    ) -> None:
         super().__init__()
         self.detach = detach
         self.normalize_weight = normalize_weight
@@ -45,8 +51,15 @@ class CrossEntropyLoss(WeightedLoss):
     cross-entropy is part of the objective.
     """
 
-    def __init__(self, num_features: int, num_classes: int, label_smoothing: float = 0.1, dropout: float = 0.0,
-                 detach: bool = False, normalize_weight: bool = False):
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        label_smoothing: float = 0.1,
+        dropout: float = 0.0,
+        detach: bool = False,
+        normalize_weight: bool = False,
+    ):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.classifier = Classifier(num_features, num_classes, dropout, detach, normalize_weight)

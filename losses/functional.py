@@ -39,8 +39,10 @@ class CosineSimilarity(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
         x_unit, y_unit, x_norm, y_norm = ctx.saved_tensors
-        return (unnormalize_gradient(grad @ y_unit, x_unit, x_norm),
-                unnormalize_gradient(grad.T @ x_unit, y_unit, y_norm))
+        return (
+            unnormalize_gradient(grad @ y_unit, x_unit, x_norm),
+            unnormalize_gradient(grad.T @ x_unit, y_unit, y_norm),
+        )
 
 
 def unnormalize_gradient(grad_unit: Tensor, unit: Tensor, norm: Tensor) -> Tensor:

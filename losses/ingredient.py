@@ -1,6 +1,6 @@
 """The `loss` and `metrix` ingredients: which losses train the embedding, their weights, and mixing.
 
-    loss = ce_weight * CE + pair_weight * pairwise + metrix.weight * (the same sum on mixed examples)
+loss = ce_weight * CE + pair_weight * pairwise + metrix.weight * (the same sum on mixed examples)
 """
 
 from sacred import Ingredient
@@ -80,27 +80,53 @@ for _mode in MODES:
 
 
 @metrix_ingredient.capture
-def get_mixer(mode: str | None, alpha: float, lam: str, strategy: str, anchor_negative: str, weight: float,
-              anchor_negative_weight: float, max_pairs: int | None, selection: str) -> Metrix | None:
+def get_mixer(
+    mode: str | None,
+    alpha: float,
+    lam: str,
+    strategy: str,
+    anchor_negative: str,
+    weight: float,
+    anchor_negative_weight: float,
+    max_pairs: int | None,
+    selection: str,
+) -> Metrix | None:
     if mode is None:
         return None
     try:
-        mixer = Metrix(mode, alpha, strategy, max_pairs, anchor_negative, lam, weight, anchor_negative_weight,
-                       selection)
+        mixer = Metrix(
+            mode, alpha, strategy, max_pairs, anchor_negative, lam, weight, anchor_negative_weight, selection
+        )
     except ValueError as error:
         raise InputError(f"{error} (metrix.mode=None turns Metrix off)") from None
     if weight <= 0 and anchor_negative_weight <= 0:
-        raise InputError(f"metrix.mode={mode!r} is on but metrix.weight={weight} and metrix.anchor_negative_weight="
-                         f"{anchor_negative_weight}: no loss would use the mixed examples; set a positive weight or "
-                         f"turn Metrix off with metrix.mode=None")
+        raise InputError(
+            f"metrix.mode={mode!r} is on but metrix.weight={weight} and metrix.anchor_negative_weight="
+            f"{anchor_negative_weight}: no loss would use the mixed examples; set a positive weight or "
+            f"turn Metrix off with metrix.mode=None"
+        )
     return mixer
 
 
 @loss_ingredient.capture
-def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float, classifier: dict, ce_weight: float,
-                  pairwise: str | None, pair_weight: float, margin: float, ms_alpha: float, ms_beta: float,
-                  ms_base: float, ms_mining: bool, ms_epsilon: float, pa_alpha: float, pa_delta: float,
-                  proxy_lr_multiplier: float) -> Criterion:
+def get_criterion(
+    num_classes: int,
+    embedding_size: int,
+    label_smoothing: float,
+    classifier: dict,
+    ce_weight: float,
+    pairwise: str | None,
+    pair_weight: float,
+    margin: float,
+    ms_alpha: float,
+    ms_beta: float,
+    ms_base: float,
+    ms_mining: bool,
+    ms_epsilon: float,
+    pa_alpha: float,
+    pa_delta: float,
+    proxy_lr_multiplier: float,
+) -> Criterion:
     """classifier: the cross-entropy classifier's dropout, detach and normalize_weight (model.* options, so
     that an architecture's named config carries its recipe's dropout)."""
     if pairwise is not None and pairwise not in PAIRWISE_LOSSES:
@@ -118,6 +144,8 @@ def get_criterion(num_classes: int, embedding_size: int, label_smoothing: float,
         losses[pairwise] = (pair_weight, pairwise_losses[pairwise]())
     mixer = get_mixer()
     if not losses:
-        raise InputError(f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
-                         f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`")
+        raise InputError(
+            f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
+            f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`"
+        )
     return Criterion(losses, mixer)

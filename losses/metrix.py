@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from losses.candidates import Candidates, loss_precision
 from models.mixing import interpolate
-from utils import distributed
+from utils.engine import distributed
 
 MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")
@@ -70,14 +70,27 @@ class Metrix(nn.Module):
     backbone's) BatchNorm layers normalise them with their own batch statistics and update the running ones.
     """
 
-    def __init__(self, mode: str, alpha: float = 2.0, strategy: str = "random", max_pairs: int | None = None,
-                 anchor_negative: str = "no_positive", lam: str = "per_batch", weight: float = 0.4,
-                 anchor_negative_weight: float | None = None, selection: str = "all") -> None:
+    def __init__(
+        self,
+        mode: str,
+        alpha: float = 2.0,
+        strategy: str = "random",
+        max_pairs: int | None = None,
+        anchor_negative: str = "no_positive",
+        lam: str = "per_batch",
+        weight: float = 0.4,
+        anchor_negative_weight: float | None = None,
+        selection: str = "all",
+    ) -> None:
         super().__init__()
         # The messages name the options as the metrix ingredient spells them: they reach users as config errors.
-        for key, value, choices in (("mode", mode, MODES), ("strategy", strategy, STRATEGIES),
-                                    ("anchor_negative", anchor_negative, ANCHOR_NEGATIVE), ("lam", lam, LAMS),
-                                    ("selection", selection, SELECTIONS)):
+        for key, value, choices in (
+            ("mode", mode, MODES),
+            ("strategy", strategy, STRATEGIES),
+            ("anchor_negative", anchor_negative, ANCHOR_NEGATIVE),
+            ("lam", lam, LAMS),
+            ("selection", selection, SELECTIONS),
+        ):
             if value not in choices:
                 raise ValueError(f"unknown metrix.{key} {value!r}: choose one of {', '.join(choices)}")
         if alpha <= 0:
@@ -85,8 +98,10 @@ class Metrix(nn.Module):
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"metrix.max_pairs={max_pairs} must be a positive number of pairs, or None for all")
         if max_pairs is not None and selection == "hardest_negative":
-            raise ValueError(f"metrix.max_pairs={max_pairs} caps metrix.selection='all'; selection='hardest_negative' "
-                             f"mixes one pair per anchor and positive: set max_pairs=None or selection='all'")
+            raise ValueError(
+                f"metrix.max_pairs={max_pairs} caps metrix.selection='all'; selection='hardest_negative' "
+                f"mixes one pair per anchor and positive: set max_pairs=None or selection='all'"
+            )
         anchor_negative_weight = weight if anchor_negative_weight is None else anchor_negative_weight
         for key, value in (("weight", weight), ("anchor_negative_weight", anchor_negative_weight)):
             if value < 0:
@@ -95,8 +110,9 @@ class Metrix(nn.Module):
         self.anchor_negative, self.lam, self.selection = anchor_negative, lam, selection
         self.weight, self.anchor_negative_weight = weight, anchor_negative_weight
 
-    def forward(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor,
-                labels: Tensor) -> Candidates:
+    def forward(
+        self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor, labels: Tensor
+    ) -> Candidates:
         positive_negative = self.draw_strategy(labels.device)
         if self.selection == "hardest_negative":
             first, second, mask = self.hardest_negative_pairs(embeddings, labels, positive_negative)
@@ -138,8 +154,7 @@ class Metrix(nn.Module):
             anchor_negative = is_first & ~has_positive[:, None]
         return torch.where(positive_negative, same_class_as_first & ~is_first, anchor_negative)
 
-    def hardest(self, embeddings: Tensor, first: Tensor, second: Tensor, mask: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def hardest(self, embeddings: Tensor, first: Tensor, second: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The max_pairs pairs with the most similar clean embeddings, among those some anchor sees.
 
         Unseen pairs (equal labels, or under positive-negative mixing an x_i without a positive) score -inf, so
@@ -150,8 +165,9 @@ class Metrix(nn.Module):
         keep = score.topk(min(self.max_pairs, first.shape[0])).indices
         return first[keep], second[keep], mask[:, keep]
 
-    def hardest_negative_pairs(self, embeddings: Tensor, labels: Tensor, positive_negative: Tensor
-                               ) -> tuple[Tensor, Tensor, Tensor]:
+    def hardest_negative_pairs(
+        self, embeddings: Tensor, labels: Tensor, positive_negative: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The released code's input mode: for each anchor a, its hardest negative n (the most similar clean
         embedding of another class); on a positive-negative step one pair (p, n) for each positive p of a, on an
         anchor-negative step the pair (a, n) for each anchor the anchor_negative rule trains; a pair's mixture is
@@ -183,8 +199,16 @@ class Metrix(nn.Module):
         lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample()
         return distributed.broadcast_(lam).expand(count)
 
-    def mix(self, model: nn.Module, images: Tensor, feature_map: Tensor, embeddings: Tensor, first: Tensor,
-            second: Tensor, lam: Tensor) -> Tensor:
+    def mix(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        feature_map: Tensor,
+        embeddings: Tensor,
+        first: Tensor,
+        second: Tensor,
+        lam: Tensor,
+    ) -> Tensor:
         """(M, D) embeddings of the mixtures; gradients flow into the clean examples they are made of.
 
         images and feature_map are this rank's, embeddings the global batch's (see the module docstring); the mixed
@@ -201,11 +225,14 @@ class Metrix(nn.Module):
         if self.mode == "input":
             mixed = model.head(model.backbone(interpolate(distributed.gather(images), first, second, lam)))
         else:
-            mixed = model.head.embed(model.head.pool_mixtures(distributed.gather_with_grad(feature_map), first, second,
-                                                              lam))
+            mixed = model.head.embed(
+                model.head.pool_mixtures(distributed.gather_with_grad(feature_map), first, second, lam)
+            )
         return distributed.gather_with_grad(loss_precision(mixed), sizes)
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}, "
-                f"anchor_negative={self.anchor_negative!r}, lam={self.lam!r}, weight={self.weight}, "
-                f"anchor_negative_weight={self.anchor_negative_weight}, selection={self.selection!r}")
+        return (
+            f"mode={self.mode!r}, alpha={self.alpha}, strategy={self.strategy!r}, max_pairs={self.max_pairs}, "
+            f"anchor_negative={self.anchor_negative!r}, lam={self.lam!r}, weight={self.weight}, "
+            f"anchor_negative_weight={self.anchor_negative_weight}, selection={self.selection!r}"
+        )

@@ -27,8 +27,9 @@ class MultiSimilarityLoss(WeightedLoss):
     gradients; with mining it also keeps no negative (there is no positive to be confused with), as in PML.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, mining: bool = False,
-                 epsilon: float = 0.1):
+    def __init__(
+        self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, mining: bool = False, epsilon: float = 0.1
+    ):
         super().__init__()
         self.alpha, self.beta, self.base = alpha, beta, base
         self.mining, self.epsilon = mining, epsilon

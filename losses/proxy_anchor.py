@@ -28,8 +28,9 @@ class ProxyAnchorLoss(WeightedLoss):
     RuntimeError, at a later synchronisation point.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, alpha: float = 32.0, delta: float = 0.1,
-                 lr_multiplier: float = 1.0):
+    def __init__(
+        self, num_classes: int, embedding_size: int, alpha: float = 32.0, delta: float = 0.1, lr_multiplier: float = 1.0
+    ):
         super().__init__()
         self.num_classes, self.alpha, self.delta = num_classes, alpha, delta
         self.lr_multiplier = lr_multiplier

@@ -56,7 +56,8 @@ def imagenet_state_dict(arch: str, weights_name: str) -> dict[str, torch.Tensor]
     except (URLError, OSError, RuntimeError) as error:
         raise InputError(
             f"pretrained weights for {arch} are unavailable ({error}): download {weights.url} and put "
-            f"{filename} in {checkpoint_dir()}, or train from scratch with model.pretrained=False") from None
+            f"{filename} in {checkpoint_dir()}, or train from scratch with model.pretrained=False"
+        ) from None
 
 
 def resnet(arch: str) -> Callable[[str | None], Backbone]:
@@ -94,16 +95,21 @@ def bninception(weights: str | None) -> BNInception:
             torch.hub.download_url_to_file(BN_INCEPTION_URL, str(path))
         return bn_inception(path)
     except (URLError, OSError, ValueError) as error:
-        raise InputError(f"BN-Inception weights are unavailable ({error}): download {BN_INCEPTION_URL} into "
-                         f"{checkpoint_dir()}, or train from scratch with model.pretrained=False") from None
+        raise InputError(
+            f"BN-Inception weights are unavailable ({error}): download {BN_INCEPTION_URL} into "
+            f"{checkpoint_dir()}, or train from scratch with model.pretrained=False"
+        ) from None
 
 
 def small_cnn(weights: None) -> Backbone:
     """Seven 3x3 conv-BN-ReLU layers for 32 px images: the CPU-friendly digits default."""
     layers, in_channels = [], 3
     for out_channels, stride in ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1)):
-        layers += [nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels),
-                   nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
         in_channels = out_channels
     return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), nn.Sequential(*layers), in_channels)
 
@@ -122,9 +128,20 @@ def torchvision_spec(arch: str) -> BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    **{arch: torchvision_spec(arch) for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                                                 "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2",
-                                                 "wide_resnet101_2")},
+    **{
+        arch: torchvision_spec(arch)
+        for arch in (
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "resnext50_32x4d",
+            "resnext101_32x8d",
+            "wide_resnet50_2",
+            "wide_resnet101_2",
+        )
+    },
     "bninception": BackboneSpec(bninception, ("imagenet",), 224),
     "cifar_resnet18": BackboneSpec(cifar_resnet18, (), 32),
     "small_cnn": BackboneSpec(small_cnn, (), 32),
@@ -163,8 +180,10 @@ def get_backbone(arch: str, weights: str | None) -> nn.Module:
 def registry_table() -> str:
     """The README's table of backbones, derived from the registry."""
     rows = ["| `model.arch` | ImageNet weights (`model.weights`, default first) | input size |", "|---|---|---|"]
-    rows += [f"| `{name}` | {', '.join(spec.weights) or 'none (from scratch)'} | {spec.input_size} |"
-             for name, spec in BACKBONES.items()]
+    rows += [
+        f"| `{name}` | {', '.join(spec.weights) or 'none (from scratch)'} | {spec.input_size} |"
+        for name, spec in BACKBONES.items()
+    ]
     return "\n".join(rows)
 
 

@@ -43,8 +43,9 @@ CLASSIFIER_OPTIONS = ("dropout", "detach", "normalize_weight")
 
 
 @model_ingredient.capture
-def resolve_model(default_arch: str, arch: str | None, pretrained: bool | None, weights: str | None,
-                  set_bn_eval: bool | None) -> dict:
+def resolve_model(
+    default_arch: str, arch: str | None, pretrained: bool | None, weights: str | None, set_bn_eval: bool | None
+) -> dict:
     """The settings left to defaults (None), resolved: the arch, its ImageNet weights (None: from scratch) and
     whether the backbone's BatchNorm statistics stay frozen."""
     arch = arch or default_arch
@@ -54,26 +55,61 @@ def resolve_model(default_arch: str, arch: str | None, pretrained: bool | None, 
 
 
 @model_ingredient.capture
-def get_model(default_arch: str, num_features: int | None, pooling: str, norm_layer: str | None, remap: bool,
-              normalize: bool, freeze_bn: bool) -> MetricModel:
+def get_model(
+    default_arch: str,
+    num_features: int | None,
+    pooling: str,
+    norm_layer: str | None,
+    remap: bool,
+    normalize: bool,
+    freeze_bn: bool,
+) -> MetricModel:
     resolved = resolve_model(default_arch)
-    return build_model(resolved["arch"], resolved["weights"], resolved["set_bn_eval"], num_features, pooling,
-                       norm_layer, remap, normalize, freeze_bn)
+    return build_model(
+        resolved["arch"],
+        resolved["weights"],
+        resolved["set_bn_eval"],
+        num_features,
+        pooling,
+        norm_layer,
+        remap,
+        normalize,
+        freeze_bn,
+    )
 
 
-def build_model(arch: str, weights: str | None, set_bn_eval: bool, num_features: int | None, pooling: str,
-                norm_layer: str | None, remap: bool, normalize: bool, freeze_bn: bool) -> MetricModel:
+def build_model(
+    arch: str,
+    weights: str | None,
+    set_bn_eval: bool,
+    num_features: int | None,
+    pooling: str,
+    norm_layer: str | None,
+    remap: bool,
+    normalize: bool,
+    freeze_bn: bool,
+) -> MetricModel:
     backbone = get_backbone(arch, weights)
-    head = EmbeddingHead(backbone.out_channels, num_features or backbone.out_channels, pooling, norm_layer, remap,
-                         normalize)
+    head = EmbeddingHead(
+        backbone.out_channels, num_features or backbone.out_channels, pooling, norm_layer, remap, normalize
+    )
     return MetricModel(backbone, head, set_bn_eval, freeze_bn)
 
 
 def model_from_checkpoint(checkpoint: dict) -> MetricModel:
     """The model of a run's checkpoint with its best epoch's weights, built without the data or ImageNet weights."""
     rebuild, options = checkpoint["rebuild"], checkpoint["config"]["model"]
-    model = build_model(rebuild["arch"], None, rebuild["set_bn_eval"], options["num_features"], options["pooling"],
-                        options["norm_layer"], options["remap"], options["normalize"], options["freeze_bn"])
+    model = build_model(
+        rebuild["arch"],
+        None,
+        rebuild["set_bn_eval"],
+        options["num_features"],
+        options["pooling"],
+        options["norm_layer"],
+        options["remap"],
+        options["normalize"],
+        options["freeze_bn"],
+    )
     model.load_state_dict(checkpoint["best"]["model"])
     return model
 

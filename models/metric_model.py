@@ -13,15 +13,22 @@ from models.mixing import mixed_pool
 from utils.errors import InputError
 
 POOLINGS = ("avg", "max", "avg+max")
-BATCH_NORMS = nn.modules.batchnorm._BatchNorm  # BatchNorm2d, and utils.sync_batchnorm's (sync_bn)
+BATCH_NORMS = nn.modules.batchnorm._BatchNorm  # BatchNorm2d, and utils.engine.sync_batchnorm's (sync_bn)
 NORM_LAYERS = (None, "batch", "layer")
 
 
 class EmbeddingHead(nn.Module):
     """Feature map -> embedding: pooling, optional normalisation layer, linear remap, L2 norm."""
 
-    def __init__(self, in_channels: int, num_features: int, pooling: str = "avg", norm_layer: str | None = None,
-                 remap: bool = False, normalize: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_features: int,
+        pooling: str = "avg",
+        norm_layer: str | None = None,
+        remap: bool = False,
+        normalize: bool = False,
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise InputError(f"unknown model.pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
@@ -52,8 +59,9 @@ class EmbeddingHead(nn.Module):
             pooled.append(feature_map.amax(dim=(2, 3)))
         return sum(pooled)
 
-    def pool_mixtures(self, feature_map: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                      lam: torch.Tensor) -> torch.Tensor:
+    def pool_mixtures(
+        self, feature_map: torch.Tensor, first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor
+    ) -> torch.Tensor:
         """(M, C): pool(lam * feature_map[first] + (1 - lam) * feature_map[second]) without the M mixed maps
         (models.mixing.mixed_pool; its docstring says how the gradient treats ties of the max)."""
         return mixed_pool(feature_map, first, second, lam, self.pooling)
@@ -67,8 +75,9 @@ class EmbeddingHead(nn.Module):
 class MetricModel(nn.Module):
     """images -> embeddings."""
 
-    def __init__(self, backbone: nn.Module, head: EmbeddingHead, set_bn_eval: bool = False,
-                 freeze_bn: bool = False) -> None:
+    def __init__(
+        self, backbone: nn.Module, head: EmbeddingHead, set_bn_eval: bool = False, freeze_bn: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head

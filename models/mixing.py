@@ -121,8 +121,11 @@ class GridMax(torch.autograd.Function):
         weight = lam.to(maps.dtype)
         weighted_first, weighted_second = maps * weight, maps * (1 - weight)
         kernel = grid_max_kernel(maps)
-        pooled = (grid_max_compiled(kernel, weighted_first, weighted_second) if kernel
-                  else grid_max_in_chunks(weighted_first, weighted_second))
+        pooled = (
+            grid_max_compiled(kernel, weighted_first, weighted_second)
+            if kernel
+            else grid_max_in_chunks(weighted_first, weighted_second)
+        )
         ctx.save_for_backward(weighted_first, weighted_second, weight, pooled)
         return pooled
 
@@ -132,8 +135,10 @@ class GridMax(torch.autograd.Function):
         weighted_first, weighted_second, weight, pooled = ctx.saved_tensors
         kernel = grid_max_kernel(weighted_first)
         grad_first, grad_second = (
-            grid_max_backward_compiled(kernel, weighted_first, weighted_second, pooled, grad.contiguous()) if kernel
-            else grid_max_backward_in_chunks(weighted_first, weighted_second, pooled, grad))
+            grid_max_backward_compiled(kernel, weighted_first, weighted_second, pooled, grad.contiguous())
+            if kernel
+            else grid_max_backward_in_chunks(weighted_first, weighted_second, pooled, grad)
+        )
         return grad_first * weight + grad_second * (1 - weight), None
 
 
@@ -158,21 +163,27 @@ def grid_max_compiled(kernel: ctypes.CDLL, first: Tensor, second: Tensor) -> Ten
     count, positions, channels = first.shape
     pooled = first.new_empty(count, count, channels)
     pointers = [native.pointer(x) for x in (first, second, pooled)]
-    native.in_parallel(lambda part, begin, end: kernel.grid_max_forward(*pointers, count, positions, channels,
-                                                                        begin, end), count)
+    native.in_parallel(
+        lambda part, begin, end: kernel.grid_max_forward(*pointers, count, positions, channels, begin, end), count
+    )
     return pooled
 
 
-def grid_max_backward_compiled(kernel: ctypes.CDLL, first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor
-                               ) -> tuple[Tensor, Tensor]:
+def grid_max_backward_compiled(
+    kernel: ctypes.CDLL, first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
     """The gradient's sums over j and over i, by the kernel; each thread sums over its rows i into its own
     buffer, and the buffers are added in a fixed order."""
     count, positions, channels = first.shape
     grad_first = torch.empty_like(first)
     grad_second = first.new_zeros(native.thread_count(count), *first.shape)
     pointers = [native.pointer(x) for x in (first, second, pooled, grad, grad_first)]
-    native.in_parallel(lambda part, begin, end: kernel.grid_max_backward(
-        *pointers, native.pointer(grad_second[part]), count, positions, channels, begin, end), count)
+    native.in_parallel(
+        lambda part, begin, end: kernel.grid_max_backward(
+            *pointers, native.pointer(grad_second[part]), count, positions, channels, begin, end
+        ),
+        count,
+    )
     # Added one buffer at a time: torch.sum over the first dimension runs several times slower here.
     return grad_first, sum(grad_second[1:], grad_second[0])
 
@@ -185,14 +196,13 @@ def grid_max_in_chunks(first: Tensor, second: Tensor) -> Tensor:
     parts = chunks(count, first.numel())
     mixed = first.new_empty(parts[0].stop, *first.shape)
     for rows in parts:
-        chunk = mixed[:len(range(count)[rows])]
+        chunk = mixed[: len(range(count)[rows])]
         torch.add(first[rows, None], second[None], out=chunk)
         torch.amax(chunk, dim=2, out=pooled[rows])
     return pooled
 
 
-def grid_max_backward_in_chunks(first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor
-                                ) -> tuple[Tensor, Tensor]:
+def grid_max_backward_in_chunks(first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """As grid_max_backward_compiled, in torch: each chunk is mixed again and its winners marked."""
     count = pooled.shape[0]
     grad_first, grad_second = torch.empty_like(first), torch.zeros_like(second)

@@ -20,22 +20,30 @@ def reparameterize(mean: Tensor, logvar: Tensor) -> Tensor:
 
 def check_image_size(image_size: int, num_blocks: int) -> None:
     """The encoder's stride-2 blocks need a size that halves exactly num_blocks times."""
-    factor = 2 ** num_blocks
+    factor = 2**num_blocks
     if image_size < factor or image_size % factor:
         sizes = ", ".join(str(factor * k) for k in range(1, 5))
-        raise InputError(f"dataset.crop_size={image_size} does not fit vae.hidden_dims with {num_blocks} stride-2 "
-                         f"blocks: image sizes must be multiples of {factor} ({sizes}, ...); change "
-                         f"dataset.crop_size or the number of vae.hidden_dims")
+        raise InputError(
+            f"dataset.crop_size={image_size} does not fit vae.hidden_dims with {num_blocks} stride-2 "
+            f"blocks: image sizes must be multiples of {factor} ({sizes}, ...); change "
+            f"dataset.crop_size or the number of vae.hidden_dims"
+        )
 
 
 def down_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
 
 
 def up_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
 
 
 class Autoencoder(nn.Module):
@@ -46,12 +54,20 @@ class Autoencoder(nn.Module):
     deterministic. The deterministic autoencoder never samples.
     """
 
-    def __init__(self, image_size: int, variational: bool, in_channels: int = 3, latent_dim: int = 64,
-                 hidden_dims: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        variational: bool,
+        in_channels: int = 3,
+        latent_dim: int = 64,
+        hidden_dims: tuple[int, ...] = (32, 64, 128),
+    ) -> None:
         super().__init__()
         if not hidden_dims or min(hidden_dims) < 1 or latent_dim < 1 or in_channels < 1:
-            raise InputError(f"vae.hidden_dims={list(hidden_dims)}, vae.latent_dim={latent_dim} and "
-                             f"vae.in_channels={in_channels} must be positive, with at least one hidden width")
+            raise InputError(
+                f"vae.hidden_dims={list(hidden_dims)}, vae.latent_dim={latent_dim} and "
+                f"vae.in_channels={in_channels} must be positive, with at least one hidden width"
+            )
         check_image_size(image_size, len(hidden_dims))
         self.hidden_dims = hidden_dims
         widths = [in_channels, *hidden_dims]

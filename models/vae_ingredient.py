@@ -42,8 +42,9 @@ def default_widths(image_size: int) -> list[int]:
 
 
 @vae_ingredient.capture
-def get_vae(image_size: int, arch: str, in_channels: int, latent_dim: int, hidden_dims: list[int] | None
-            ) -> Autoencoder:
+def get_vae(
+    image_size: int, arch: str, in_channels: int, latent_dim: int, hidden_dims: list[int] | None
+) -> Autoencoder:
     """The autoencoder for images of image_size pixels (the experiment passes dataset.crop_size)."""
     check_choice("vae.arch", arch, ARCHS)
     widths = default_widths(image_size) if hidden_dims is None else hidden_dims

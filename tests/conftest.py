@@ -32,8 +32,9 @@ LAYOUTS: dict[str, Callable[[int, int], str]] = {
     "cub": lambda c, i: f"CUB_200_2011/images/{c + 1:03d}.Bird_{c + 1}/Bird_{c + 1}_{i + 1:04d}_{7961 + c}.jpg",
     "cars": lambda c, i: f"car_ims/{c * IMAGES_PER_CLASS + i + 1:06d}.jpg",
     "sop": lambda c, i: f"Stanford_Online_Products/{('bicycle', 'chair')[c % 2]}_final/{111085122871 + c}_{i}.JPG",
-    "inshop": lambda c, i: f"img/WOMEN/Dresses/id_{c + 2:08d}/{i // 4 + 1:02d}_{i % 4 + 1}_"
-                           f"{('front', 'side', 'back', 'full')[i % 4]}.jpg",
+    "inshop": lambda c, i: (
+        f"img/WOMEN/Dresses/id_{c + 2:08d}/{i // 4 + 1:02d}_{i % 4 + 1}_{('front', 'side', 'back', 'full')[i % 4]}.jpg"
+    ),
 }
 
 
@@ -48,8 +49,7 @@ def class_image(c: int, i: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_split(root: Path, split_file: str, layout: Callable[[int, int], str], classes: range, images: range
-                ) -> None:
+def write_split(root: Path, split_file: str, layout: Callable[[int, int], str], classes: range, images: range) -> None:
     lines = []
     for label, c in enumerate(classes):
         for i in images:
@@ -149,14 +149,26 @@ def torch_home(tmp_path_factory) -> Iterator[Path]:
 
 
 # Appended to a seed command line (sacred's last update wins): one epoch of 32 px crops in batches of 8.
-SHRINK = ["epochs=1", "dataset.resize=40", "dataset.crop_size=32", "dataset.batch_size=8", "dataset.test_batch_size=16",
-          "dataset.num_workers=0", "evaluation.recalls=[1,2]", "cpu=True"]
+SHRINK = [
+    "epochs=1",
+    "dataset.resize=40",
+    "dataset.crop_size=32",
+    "dataset.batch_size=8",
+    "dataset.test_batch_size=16",
+    "dataset.num_workers=0",
+    "evaluation.recalls=[1,2]",
+    "cpu=True",
+]
 
 
 def digits_updates(digits_path: Path) -> list[str]:
     """Config updates that shrink the digits default to its small splits."""
-    return [f"dataset.data_path={digits_path}", "dataset.train_file=train_small.txt",
-            "dataset.test_file=test_small.txt", "dataset.batch_size=16"]
+    return [
+        f"dataset.data_path={digits_path}",
+        "dataset.train_file=train_small.txt",
+        "dataset.test_file=test_small.txt",
+        "dataset.batch_size=16",
+    ]
 
 
 @dataclass

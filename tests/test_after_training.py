@@ -35,8 +35,12 @@ def test_evaluate_reproduces_the_runs_final_numbers(finished, experiment):
 
 
 def test_evaluate_takes_other_evaluation_settings(finished, experiment):
-    outcome = experiment(f"evaluate with checkpoint={finished}", "evaluation.backend=torch",
-                         "evaluation.final_metrics=['recall']", "evaluation.recalls=[1,3]")
+    outcome = experiment(
+        f"evaluate with checkpoint={finished}",
+        "evaluation.backend=torch",
+        "evaluation.final_metrics=['recall']",
+        "evaluation.recalls=[1,3]",
+    )
     assert outcome.code == 0, outcome.err
     recorded = json.loads((finished / "info.json").read_text())["metrics"]
     assert set(outcome.run.info["metrics"]) == {f"{d}/R@{k}" for d in ("l2", "cosine") for k in (1, 3)}

@@ -17,7 +17,7 @@ from losses.autoencoder import AutoencoderLoss
 from losses.autoencoder import kl_divergence as closed_form_kl
 from models.vae import Autoencoder, reparameterize
 from models.vae_ingredient import get_vae
-from utils.driver import BestEpoch
+from utils.engine.driver import BestEpoch
 from utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,26 +112,35 @@ def test_best_epoch_keeps_the_best_weights(lower_is_better, expected):
 
 
 # Not a multiple of 2 ** blocks, a multiple of a smaller power of two, too small.
-@pytest.mark.parametrize("size, hidden_dims, multiple", [(30, (8, 16), 4), (40, (8, 16, 32, 64), 16),
-                                                        (8, (8,) * 4, 16)])
+@pytest.mark.parametrize(
+    "size, hidden_dims, multiple", [(30, (8, 16), 4), (40, (8, 16, 32, 64), 16), (8, (8,) * 4, 16)]
+)
 def test_image_size_that_does_not_fit(size, hidden_dims, multiple):
     with pytest.raises(InputError, match=rf"dataset.crop_size={size} .* multiples of {multiple} \({multiple}, "):
         Autoencoder(size, False, hidden_dims=hidden_dims)
 
 
 def test_bad_input_on_the_command_line_is_one_line_and_status_1():
-    result = subprocess.run([sys.executable, "autoencoder_experiment.py", "with", "vae.arch=vq"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "autoencoder_experiment.py", "with", "vae.arch=vq"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == \
-        "utils.errors.InputError: vae.arch='vq' is invalid: expected one of ae, vae"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "utils.errors.InputError: vae.arch='vq' is invalid: expected one of ae, vae"
+    )
     assert "Traceback" not in result.stderr
 
 
 def test_bad_image_size_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ex.run_commandline(["autoencoder_experiment.py", "with", "vae.ae", "dataset.crop_size=40",
-                            "vae.hidden_dims=[8,16,32,64]"])
+        ex.run_commandline(
+            ["autoencoder_experiment.py", "with", "vae.ae", "dataset.crop_size=40", "vae.hidden_dims=[8,16,32,64]"]
+        )
     assert exit_info.value.code == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("utils.errors.InputError: dataset.crop_size=40 does not fit vae.hidden_dims")
@@ -139,12 +148,31 @@ def test_bad_image_size_on_the_command_line(capsys):
 
 @pytest.mark.parametrize("arch", ["ae", "vae"])
 def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
-    run = ex.run_commandline(["autoencoder_experiment.py", "-F", str(tmp_path), "with", f"vae.{arch}", "epochs=1",
-                              "dataset.batch_size=32", f"dataset.data_path={digits_path}", f"output_dir={tmp_path}",
-                              *TINY])
+    run = ex.run_commandline(
+        [
+            "autoencoder_experiment.py",
+            "-F",
+            str(tmp_path),
+            "with",
+            f"vae.{arch}",
+            "epochs=1",
+            "dataset.batch_size=32",
+            f"dataset.data_path={digits_path}",
+            f"output_dir={tmp_path}",
+            *TINY,
+        ]
+    )
     files = {path.name for path in (tmp_path / "1").iterdir()}
-    assert {"config.json", "run.json", "metrics.json", "cout.txt", "checkpoint.pt", "reconstructions.png",
-            "curves.png", "retrieval.png"} <= files
+    assert {
+        "config.json",
+        "run.json",
+        "metrics.json",
+        "cout.txt",
+        "checkpoint.pt",
+        "reconstructions.png",
+        "curves.png",
+        "retrieval.png",
+    } <= files
 
     metrics = json.loads((tmp_path / "1" / "metrics.json").read_text())
     assert metrics["eval.cosine/R@1"]["steps"] == [0, 1]
@@ -160,8 +188,9 @@ def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
     model.load_state_dict(torch.load(tmp_path / "1" / "checkpoint.pt", weights_only=True)["best"]["model"])
     # 16 test images in 2 blocks of 8: inputs, the best epoch's and the first epoch's reconstructions, tiles of
     # 128 px at least; then the curves and the retrieval grid of the latent codes.
-    pictures = {name: Image.open(tmp_path / "1" / name) for name in ("reconstructions.png", "curves.png",
-                                                                      "retrieval.png")}
+    pictures = {
+        name: Image.open(tmp_path / "1" / name) for name in ("reconstructions.png", "curves.png", "retrieval.png")
+    }
     assert all(picture.format == "PNG" for picture in pictures.values())
     width, height = pictures["reconstructions.png"].size
     assert width >= 8 * 128 and height >= 6 * 128
@@ -170,9 +199,20 @@ def test_short_digits_run_writes_artifacts(digits_path, tmp_path, arch):
 @pytest.mark.parametrize("name", ["cub", "cars", "sop", "inshop"])
 def test_seed_command_on_a_standin(tmp_path, name, datasets):
     data = datasets[name]
-    run = ex.run_commandline(["autoencoder_experiment.py", "with", f"dataset.{name}_vae", "vae.ae",
-                              f"dataset.data_path={data}", "epochs=1", "dataset.batch_size=4",
-                              "dataset.test_batch_size=8", "dataset.num_workers=0", "evaluation.recalls=[1,2]",
-                              f"output_dir={tmp_path}"])
+    run = ex.run_commandline(
+        [
+            "autoencoder_experiment.py",
+            "with",
+            f"dataset.{name}_vae",
+            "vae.ae",
+            f"dataset.data_path={data}",
+            "epochs=1",
+            "dataset.batch_size=4",
+            "dataset.test_batch_size=8",
+            "dataset.num_workers=0",
+            "evaluation.recalls=[1,2]",
+            f"output_dir={tmp_path}",
+        ]
+    )
     assert run.config["dataset"]["crop_size"] == 64 and run.info["vae"]["hidden_dims"] == [32, 64, 128, 256]
     assert 0 <= run.result <= 1 and run.info["best_epoch"] in (0, 1)

@@ -33,66 +33,111 @@ def test_unknown_dataset_name_in_a_subprocess(tmp_path):
     """The real command line: exit status 1, no traceback, one line naming the choices."""
     command = [sys.executable, str(REPO / "experiment.py"), "with", "dataset.name=foo", f"output_dir={tmp_path}"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=os.environ)
-    assert_input_error(Outcome(done.returncode, None, done.stdout, done.stderr), "dataset.name='foo' is invalid",
-                       "expected one of digits, cub, cars, sop, inshop")
+    assert_input_error(
+        Outcome(done.returncode, None, done.stdout, done.stderr),
+        "dataset.name='foo' is invalid",
+        "expected one of digits, cub, cars, sop, inshop",
+    )
 
 
 def test_unknown_named_config(experiment):
     # Sacred's own message names the unknown config and lists the dataset's named configs.
-    assert_input_error(experiment("with dataset.foo"), '"foo"', "'cub'", "'inshop'",
-                       error="sacred.utils.NamedConfigNotFoundError")
+    assert_input_error(
+        experiment("with dataset.foo"), '"foo"', "'cub'", "'inshop'", error="sacred.utils.NamedConfigNotFoundError"
+    )
 
 
-@pytest.mark.parametrize(("update", "fragments"), [
-    ("model.arch=foo", ("model.arch='foo' is invalid", "expected one of", "resnet50")),
-    ("model.pooling=sum", ("model.pooling='sum' is invalid", "avg+max")),
-    ("model.norm_layer=group", ("model.norm_layer='group' is invalid",)),
-    ("scheduler=foo", ("scheduler='foo' is invalid", "expected one of", "warmcos")),
-    ("dataset.sampler=foo", ("dataset.sampler='foo' is invalid", "expected one of", "balanced")),
-    ("optimizer=foo", ("optimizer='foo' is invalid", "expected one of", "adamw")),
-    ("cudnn_flag=fast", ("cudnn_flag='fast' is invalid", "deterministic")),
-    ("loss.pairwise=triplet", ("loss.pairwise='triplet' is invalid", "multisimilarity")),
-    ("metrix.mode=pixels", ("metrix.mode='pixels' is invalid", "feature")),
-    ("metrix.feature metrix.strategy=all", ("metrix.strategy='all' is invalid", "positive_negative")),
-    ("metrix.feature metrix.weight=0", ("no loss would use the mixed examples", "metrix.weight")),
-    ("metrix.feature metrix.lam=per_anchor", ("metrix.lam='per_anchor' is invalid", "per_batch", "per_pair")),
-    ("metrix.feature metrix.anchor_negative=all", ("metrix.anchor_negative='all' is invalid", "no_positive",
-                                                  "every_anchor")),
-    ("metrix.embed metrix.anchor_negative_weight=-1", ("metrix.anchor_negative_weight=-1 is invalid",
-                                                       "a number in [0, infinity)")),
-    ("loss.ce_weight=0", ("no loss to train with",)),
-    ("scheduler=step", ("scheduler='step', lr_step=None are inconsistent", "lr_step set")),
-    ("eval_every=0", ("eval_every=0 is invalid", "an integer >= 1")),
-    ("evaluation.metrics=['recall','auc']", ("evaluation.metrics=['recall', 'auc'] is invalid", "map_at_r")),
-    ("evaluation.metrics=[recall,nmi]", ("evaluation.metrics='[recall,nmi]' is invalid", "quote them")),
-    ("evaluation.final_metrics=['nmi']", ("evaluation.final_metrics=['nmi'] lacks 'recall'",)),
-    ("evaluation.backend=annoy", ("evaluation.backend='annoy' is invalid", "faiss-gpu", "torch")),
-    ("evaluation.backend=faiss-gpu", ("evaluation.backend='faiss-gpu'", "needs a faiss build with GPU support",
-                                     "use 'torch'")),
-    ("evaluation.recalls=[1,32]", ("R@32", "only 15 neighbours", "lower evaluation.recalls")),
-    ("dataset.sampler=random_id dataset.images_per_class=4 dataset.batch_size=4",
-     ("single class of 4 images", "at least 8")),
-    ("dataset.sampler=random_id dataset.images_per_class=5 dataset.batch_size=10", ("classes of 5 images",)),
-    ("dataset.sampler=balanced dataset.images_per_class=2 dataset.batch_size=16",
-     ("needs 8 classes", "has 4 such classes", "lower dataset.batch_size")),
-    ("dataset.sampler=balanced dataset.images_per_class=3 dataset.batch_size=8", ("must be a multiple",)),
-], ids=["arch", "pooling", "norm_layer", "scheduler", "sampler", "optimizer", "cudnn_flag", "pairwise", "mode",
-        "strategy", "metrix_weight", "metrix_lam", "anchor_negative", "anchor_negative_weight",
-        "no_loss", "lr_step", "eval_every", "metric", "unquoted", "no_recall", "backend",
-        "faiss_gpu", "recall", "random_id", "random_id_size", "balanced", "multiple"])
+@pytest.mark.parametrize(
+    ("update", "fragments"),
+    [
+        ("model.arch=foo", ("model.arch='foo' is invalid", "expected one of", "resnet50")),
+        ("model.pooling=sum", ("model.pooling='sum' is invalid", "avg+max")),
+        ("model.norm_layer=group", ("model.norm_layer='group' is invalid",)),
+        ("scheduler=foo", ("scheduler='foo' is invalid", "expected one of", "warmcos")),
+        ("dataset.sampler=foo", ("dataset.sampler='foo' is invalid", "expected one of", "balanced")),
+        ("optimizer=foo", ("optimizer='foo' is invalid", "expected one of", "adamw")),
+        ("cudnn_flag=fast", ("cudnn_flag='fast' is invalid", "deterministic")),
+        ("loss.pairwise=triplet", ("loss.pairwise='triplet' is invalid", "multisimilarity")),
+        ("metrix.mode=pixels", ("metrix.mode='pixels' is invalid", "feature")),
+        ("metrix.feature metrix.strategy=all", ("metrix.strategy='all' is invalid", "positive_negative")),
+        ("metrix.feature metrix.weight=0", ("no loss would use the mixed examples", "metrix.weight")),
+        ("metrix.feature metrix.lam=per_anchor", ("metrix.lam='per_anchor' is invalid", "per_batch", "per_pair")),
+        (
+            "metrix.feature metrix.anchor_negative=all",
+            ("metrix.anchor_negative='all' is invalid", "no_positive", "every_anchor"),
+        ),
+        (
+            "metrix.embed metrix.anchor_negative_weight=-1",
+            ("metrix.anchor_negative_weight=-1 is invalid", "a number in [0, infinity)"),
+        ),
+        ("loss.ce_weight=0", ("no loss to train with",)),
+        ("scheduler=step", ("scheduler='step', lr_step=None are inconsistent", "lr_step set")),
+        ("eval_every=0", ("eval_every=0 is invalid", "an integer >= 1")),
+        ("evaluation.metrics=['recall','auc']", ("evaluation.metrics=['recall', 'auc'] is invalid", "map_at_r")),
+        ("evaluation.metrics=[recall,nmi]", ("evaluation.metrics='[recall,nmi]' is invalid", "quote them")),
+        ("evaluation.final_metrics=['nmi']", ("evaluation.final_metrics=['nmi'] lacks 'recall'",)),
+        ("evaluation.backend=annoy", ("evaluation.backend='annoy' is invalid", "faiss-gpu", "torch")),
+        (
+            "evaluation.backend=faiss-gpu",
+            ("evaluation.backend='faiss-gpu'", "needs a faiss build with GPU support", "use 'torch'"),
+        ),
+        ("evaluation.recalls=[1,32]", ("R@32", "only 15 neighbours", "lower evaluation.recalls")),
+        (
+            "dataset.sampler=random_id dataset.images_per_class=4 dataset.batch_size=4",
+            ("single class of 4 images", "at least 8"),
+        ),
+        ("dataset.sampler=random_id dataset.images_per_class=5 dataset.batch_size=10", ("classes of 5 images",)),
+        (
+            "dataset.sampler=balanced dataset.images_per_class=2 dataset.batch_size=16",
+            ("needs 8 classes", "has 4 such classes", "lower dataset.batch_size"),
+        ),
+        ("dataset.sampler=balanced dataset.images_per_class=3 dataset.batch_size=8", ("must be a multiple",)),
+    ],
+    ids=[
+        "arch",
+        "pooling",
+        "norm_layer",
+        "scheduler",
+        "sampler",
+        "optimizer",
+        "cudnn_flag",
+        "pairwise",
+        "mode",
+        "strategy",
+        "metrix_weight",
+        "metrix_lam",
+        "anchor_negative",
+        "anchor_negative_weight",
+        "no_loss",
+        "lr_step",
+        "eval_every",
+        "metric",
+        "unquoted",
+        "no_recall",
+        "backend",
+        "faiss_gpu",
+        "recall",
+        "random_id",
+        "random_id_size",
+        "balanced",
+        "multiple",
+    ],
+)
 def test_bad_setting(update, fragments, cub_run):
     assert_input_error(cub_run(*update.split()), *fragments)
 
 
 def test_recall_beyond_the_inshop_gallery(datasets, experiment):
-    outcome = experiment("with dataset.inshop model.small_cnn", *SHRINK, data_path(datasets["inshop"]),
-                         "evaluation.recalls=[1,10]")
+    outcome = experiment(
+        "with dataset.inshop model.small_cnn", *SHRINK, data_path(datasets["inshop"]), "evaluation.recalls=[1,10]"
+    )
     assert_input_error(outcome, "R@10", "only 8 neighbours")
 
 
 def test_missing_data_folder(cub_run, tmp_path):
-    assert_input_error(cub_run(root=tmp_path / "nowhere"), f"{tmp_path / 'nowhere'} not found", "prepare_data.py",
-                       "dataset.data_path")
+    assert_input_error(
+        cub_run(root=tmp_path / "nowhere"), f"{tmp_path / 'nowhere'} not found", "prepare_data.py", "dataset.data_path"
+    )
 
 
 def test_missing_split_file(cub_run, dataset_copy):
@@ -114,8 +159,9 @@ def test_missing_image(workers, cub_run, dataset_copy):
     root = dataset_copy("cub")
     image = root / (root / "test.txt").read_text().split(",", 1)[0]
     image.unlink()
-    assert_input_error(cub_run(f"dataset.num_workers={workers}", root=root), f"image {image}", "is missing",
-                       "prepare_data.py")
+    assert_input_error(
+        cub_run(f"dataset.num_workers={workers}", root=root), f"image {image}", "is missing", "prepare_data.py"
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -126,18 +172,21 @@ def test_unreadable_image(damage, workers, cub_run, dataset_copy):
     image = root / (root / "train.txt").read_text().split(",", 1)[0]
     data = image.read_bytes()
     image.write_bytes(b"not a jpeg" if damage == "garbage" else data[: len(data) // 2])
-    line = assert_input_error(cub_run(f"dataset.num_workers={workers}", root=root), f"image {image} cannot be read",
-                              "replace the file")
+    line = assert_input_error(
+        cub_run(f"dataset.num_workers={workers}", root=root), f"image {image} cannot be read", "replace the file"
+    )
     assert "DataLoader worker" not in line
 
 
 def test_pretrained_weights_unavailable(datasets, experiment, monkeypatch, tmp_path):
     """An empty torch cache and no network: the message names the file and where to put it."""
+
     def offline(url, *args, **kwargs):
         raise URLError("no network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     outcome = experiment("with dataset.cub", *SHRINK, data_path(datasets["cub"]))
-    assert_input_error(outcome, weights_filename("resnet18"), str(tmp_path / "torch" / "hub" / "checkpoints"),
-                       "model.pretrained=False")
+    assert_input_error(
+        outcome, weights_filename("resnet18"), str(tmp_path / "torch" / "hub" / "checkpoints"), "model.pretrained=False"
+    )

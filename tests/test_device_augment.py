@@ -51,15 +51,20 @@ def geometry(images: torch.Tensor) -> dict[str, torch.Tensor]:
     the two resamplings' differences (see the paired test), the atoms of both pipelines coincide, where a KS
     test would otherwise read an offset of 1e-4 between two atoms as a difference of distributions."""
     red, green = images[:, 0], images[:, 1]
-    statistics = {"centre x": red.mean(dim=(1, 2)), "centre y": green.mean(dim=(1, 2)),
-                  "signed width": (red[:, :, -1] - red[:, :, 0]).mean(dim=1),  # negative when flipped
-                  "height": (green[:, -1] - green[:, 0]).mean(dim=1)}
+    statistics = {
+        "centre x": red.mean(dim=(1, 2)),
+        "centre y": green.mean(dim=(1, 2)),
+        "signed width": (red[:, :, -1] - red[:, :, 0]).mean(dim=1),  # negative when flipped
+        "height": (green[:, -1] - green[:, 0]).mean(dim=1),
+    }
     return {key: (value * 100).round() / 100 for key, value in statistics.items()}
 
 
 def colours(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {**{f"mean {c}": images[:, i].mean(dim=(1, 2)) for i, c in enumerate("RGB")},
-            **{f"std {c}": images[:, i].std(dim=(1, 2)) for i, c in enumerate("RGB")}}
+    return {
+        **{f"mean {c}": images[:, i].mean(dim=(1, 2)) for i, c in enumerate("RGB")},
+        **{f"std {c}": images[:, i].std(dim=(1, 2)) for i, c in enumerate("RGB")},
+    }
 
 
 def p_values(statistics, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -104,8 +109,10 @@ def test_crops_of_any_size_are_packed_and_resampled_to_the_crop_size():
     """pack_crops keeps every crop's pixels and size; the device resamples each as torch's antialiased bilinear
     resize of that crop alone would, and flips the ones the worker drew."""
     generator = torch.Generator().manual_seed(0)
-    crops = [torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8)
-             for h, w in ((30, 40), (48, 48), (7, 90), (100, 20))]
+    crops = [
+        torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8)
+        for h, w in ((30, 40), (48, 48), (7, 90), (100, 20))
+    ]
     flips = [False, True, False, True]
     items = [((crop, flip, 0.5), label) for label, (crop, flip) in enumerate(zip(crops, flips, strict=True))]
     batch, labels = pack_crops(items)
@@ -114,8 +121,13 @@ def test_crops_of_any_size_are_packed_and_resampled_to_the_crop_size():
     images = device(batch, CPU)
     assert images.shape == (4, 3, 48, 48) and images.dtype == torch.float32
     for image, crop, flip in zip(images, crops, flips, strict=True):
-        want = torch.nn.functional.interpolate(crop.permute(2, 0, 1)[None].float(), size=(48, 48), mode="bilinear",
-                                               antialias=True)[0].div(255).clamp(0, 1)
+        want = (
+            torch.nn.functional.interpolate(
+                crop.permute(2, 0, 1)[None].float(), size=(48, 48), mode="bilinear", antialias=True
+            )[0]
+            .div(255)
+            .clamp(0, 1)
+        )
         torch.testing.assert_close(image, want.flip(-1) if flip else want)
 
 
@@ -124,8 +136,10 @@ def test_an_empty_batch_packs():
     assert batch[0].numel() == 0 and batch[1].shape == (0, 2) and labels.numel() == 0
 
 
-@pytest.mark.parametrize(("mode", "name"), [("RGB", "a.jpg"), ("L", "grey.jpeg"), ("CMYK", "cmyk.JPG"),
-                                            ("RGB", "png-named.jpg"), ("I;16", "deep.png")])
+@pytest.mark.parametrize(
+    ("mode", "name"),
+    [("RGB", "a.jpg"), ("L", "grey.jpeg"), ("CMYK", "cmyk.JPG"), ("RGB", "png-named.jpg"), ("I;16", "deep.png")],
+)
 def test_load_pixels_gives_load_images_pixels(tmp_path, mode, name):
     """torchvision's JPEG decoder and PIL's are both libjpeg-turbo: the same pixels. What torchvision does not
     decode (here a PNG named .jpg, and a 16-bit PNG) goes through load_image."""
@@ -141,7 +155,7 @@ def test_load_pixels_gives_load_images_pixels(tmp_path, mode, name):
 def test_load_pixels_names_an_unreadable_jpeg(tmp_path, damage):
     photo().save(tmp_path / "x.jpg")
     data = (tmp_path / "x.jpg").read_bytes()
-    (tmp_path / "x.jpg").write_bytes(data[:len(data) // 2] if damage == "truncate" else data[:2] + b"garbage" * 40)
+    (tmp_path / "x.jpg").write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:2] + b"garbage" * 40)
     with pytest.raises(InputError, match=r"image .*x\.jpg cannot be read .* replace the file or remove its line"):
         load_pixels(tmp_path / "x.jpg")
 
@@ -168,8 +182,9 @@ def test_rotation_is_refused():
 def test_experiments_train_with_gpu_augment(script, datasets, request):
     run = request.getfixturevalue(script)
     words = "with dataset.cub model.small_cnn" if script == "experiment" else "with dataset.cub_vae vae.ae"
-    outcome = run(f"{words} dataset.gpu_augment=True dataset.pin_memory=True", *SHRINK,
-                  f"dataset.data_path={datasets['cub']}")
+    outcome = run(
+        f"{words} dataset.gpu_augment=True dataset.pin_memory=True", *SHRINK, f"dataset.data_path={datasets['cub']}"
+    )
     assert outcome.code == 0, outcome.err
 
 

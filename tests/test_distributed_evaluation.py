@@ -7,9 +7,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.multiprocess import run_ranks
-from utils import distributed
 from utils.data.ingredient import MetricLoaders
-from utils.evaluation import Evaluator
+from utils.engine import distributed
+from utils.evaluation.ingredient import Evaluator
 
 METRICS = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]
 
@@ -51,8 +51,10 @@ def evaluate_then_fail_on_rank_1() -> tuple[list[dict[str, float]], str]:
 def test_sharded_evaluation_equals_single_process(tmp_path):
     expected = evaluate_both()
     ranks = run_ranks(evaluate_then_fail_on_rank_1, (), tmp_path)
-    assert [message for _, message in ranks] == ["InputError: rank 1 failed: ValueError: dataset.batch_size=3 is odd",
-                                                 "ValueError: dataset.batch_size=3 is odd"]
+    assert [message for _, message in ranks] == [
+        "InputError: rank 1 failed: ValueError: dataset.batch_size=3 is odd",
+        "ValueError: dataset.batch_size=3 is odd",
+    ]
     for rank_results, _ in ranks:
         for results, single in zip(rank_results, expected, strict=True):
             assert results.keys() == single.keys()

@@ -1,6 +1,6 @@
 """A DDP step on 2 gloo processes, each given half of a global batch, has the single-process gradient of the
 whole batch: every loss, with and without Metrix in every mode, with BatchNorm statistics frozen or, with
-sync_bn (utils.sync_batchnorm), BatchNorm in training mode over the global batch."""
+sync_bn (utils.engine.sync_batchnorm), BatchNorm in training mode over the global batch."""
 
 import itertools
 
@@ -17,7 +17,7 @@ from losses.proxy_anchor import ProxyAnchorLoss
 from models.backbones import small_cnn
 from models.metric_model import EmbeddingHead, MetricModel
 from tests.multiprocess import run_ranks
-from utils import distributed, sync_batchnorm
+from utils.engine import distributed, sync_batchnorm
 
 CLASSES, EMBEDDING = 4, 16
 LOSSES = {
@@ -29,10 +29,14 @@ LOSSES = {
 # (loss, Metrix mode, Metrix options, sync_bn): every loss with every mode, the hardest-pair cap and the released
 # input-mode selection once, and BatchNorm in training mode (backbone and head) over the global batch with each mode.
 CASES = [(loss, mode, {}, False) for loss, mode in itertools.product(LOSSES, (None, "input", "feature", "embed"))]
-CASES += [("multisimilarity", "feature", {"max_pairs": 10}, False),
-          ("contrastive", "input", {"selection": "hardest_negative"}, False), ("cross_entropy", None, {}, True),
-          ("contrastive", "input", {}, True), ("multisimilarity", "feature", {}, True),
-          ("proxyanchor", "embed", {}, True)]
+CASES += [
+    ("multisimilarity", "feature", {"max_pairs": 10}, False),
+    ("contrastive", "input", {"selection": "hardest_negative"}, False),
+    ("cross_entropy", None, {}, True),
+    ("contrastive", "input", {}, True),
+    ("multisimilarity", "feature", {}, True),
+    ("proxyanchor", "embed", {}, True),
+]
 
 
 def build(loss: str, mode: str | None, options: dict, sync_bn: bool) -> tuple[nn.Module, Criterion]:
@@ -59,8 +63,11 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def gradients(model: nn.Module, criterion: Criterion) -> dict[str, torch.Tensor]:
     """Every parameter's gradient, and the BatchNorm running statistics after the step."""
     named = itertools.chain(model.named_parameters(prefix="model"), criterion.named_parameters(prefix="loss"))
-    running = {name: buffer.clone() for name, buffer in model.named_buffers(prefix="model")
-               if name.endswith(("running_mean", "running_var"))}
+    running = {
+        name: buffer.clone()
+        for name, buffer in model.named_buffers(prefix="model")
+        if name.endswith(("running_mean", "running_var"))
+    }
     return {name: p.grad.clone() for name, p in named if p.grad is not None} | running
 
 
@@ -103,6 +110,11 @@ def test_ddp_gradient_equals_single_process_gradient(tmp_path):
                 # gradient's where a tensor's gradient is nearly 0 by cancellation (a BatchNorm scale followed by
                 # another BatchNorm).
                 atol = max(1e-5 * expected[name].abs().max().item(), 1e-6 * case_scale)
-                torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=atol,
-                                           msg=lambda m, case=case, name=name: f"{case} {name}: {m}")
+                torch.testing.assert_close(
+                    grad,
+                    expected[name],
+                    rtol=1e-4,
+                    atol=atol,
+                    msg=lambda m, case=case, name=name: f"{case} {name}: {m}",
+                )
         assert any(grad.abs().sum() > 0 for name, grad in expected.items() if name.endswith("weight")), case

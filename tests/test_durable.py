@@ -18,13 +18,23 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, assert_input_error
-from utils.checkpoint import save_json_atomically
-from utils.training import NonFiniteStep, train_one_epoch
+from utils.engine.checkpoint import save_json_atomically
+from utils.engine.training import NonFiniteStep, train_one_epoch
 
 # Digits' small splits, 40 balanced batches of 20 per epoch, Metrix on: long enough epochs to stop mid-way.
-RUN = ["dataset.train_file=train_small.txt", "dataset.test_file=test_small.txt", "dataset.batch_size=20",
-       "dataset.sampler=balanced", "dataset.images_per_class=4", "dataset.num_iterations=40", "epochs=3",
-       "loss.contrastive", "metrix.feature", "evaluation.final_metrics=['recall','map_at_r']", "cpu=True"]
+RUN = [
+    "dataset.train_file=train_small.txt",
+    "dataset.test_file=test_small.txt",
+    "dataset.batch_size=20",
+    "dataset.sampler=balanced",
+    "dataset.images_per_class=4",
+    "dataset.num_iterations=40",
+    "epochs=3",
+    "loss.contrastive",
+    "metrix.feature",
+    "evaluation.final_metrics=['recall','map_at_r']",
+    "cpu=True",
+]
 
 
 def run_words(digits_path: Path, *extra: str) -> list[str]:
@@ -35,8 +45,13 @@ def run_words(digits_path: Path, *extra: str) -> list[str]:
 def uninterrupted(digits_path, tmp_path_factory) -> dict:
     """The final metrics of the run left alone, as a subprocess like the interrupted ones."""
     observed = tmp_path_factory.mktemp("uninterrupted")
-    done = subprocess.run([sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with",
-                           *run_words(digits_path)], capture_output=True, text=True, timeout=600, env=os.environ)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with", *run_words(digits_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads((observed / "1" / "info.json").read_text())["metrics"]
 
@@ -65,14 +80,16 @@ def final_metrics(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
-def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(stop, digits_path, uninterrupted,
-                                                                                experiment, tmp_path):
+def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(
+    stop, digits_path, uninterrupted, experiment, tmp_path
+):
     observed = tmp_path / "runs"
     log = tmp_path / "log.txt"
     process = start(observed, run_words(digits_path), log)
     # In the middle of epoch 2: its progress bar (on stderr, in the log) shows 5 of its 40 steps done.
-    wait_for(lambda: re.search(r"Training   \[002\]:[^\r]*\b([5-9]|[1-3]\d)/40", log.read_text(errors="replace")),
-             process)
+    wait_for(
+        lambda: re.search(r"Training   \[002\]:[^\r]*\b([5-9]|[1-3]\d)/40", log.read_text(errors="replace")), process
+    )
     process.send_signal(stop)
     assert process.wait(timeout=120) == 1
     last = log.read_text(errors="replace").strip().splitlines()[-1]
@@ -87,8 +104,10 @@ def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(sto
 
     outcome = experiment(f"-F {observed} with", *run_words(digits_path), f"resume={observed / '1'}")
     assert outcome.code == 0, outcome.err
-    assert f"Resumed from {observed / '1'}: epoch {checkpoint['epoch']}, iteration {checkpoint['iteration']}" \
+    assert (
+        f"Resumed from {observed / '1'}: epoch {checkpoint['epoch']}, iteration {checkpoint['iteration']}"
         in outcome.out
+    )
     assert final_metrics(observed / "2") == uninterrupted
 
 
@@ -105,8 +124,9 @@ def test_sigkill_loses_only_the_work_since_the_last_checkpoint(digits_path, unin
 
 
 @pytest.mark.slow
-def test_a_corrupt_image_mid_run_keeps_the_last_epoch_and_resuming_loses_nothing(digits_path, uninterrupted,
-                                                                                 experiment, tmp_path):
+def test_a_corrupt_image_mid_run_keeps_the_last_epoch_and_resuming_loses_nothing(
+    digits_path, uninterrupted, experiment, tmp_path
+):
     data = tmp_path / "digits"
     shutil.copytree(digits_path, data)
     words = run_words(data, "dataset.preload=False")
@@ -130,8 +150,9 @@ def test_a_corrupt_image_mid_run_keeps_the_last_epoch_and_resuming_loses_nothing
 
 def test_a_nonfinite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(digits_path, experiment, tmp_path):
     observed = tmp_path / "runs"
-    outcome = experiment(f"-F {observed} with", *run_words(digits_path, "optimizer=sgd", "lr=1e38",
-                                                           "checkpoint_every=1"))
+    outcome = experiment(
+        f"-F {observed} with", *run_words(digits_path, "optimizer=sgd", "lr=1e38", "checkpoint_every=1")
+    )
     last = outcome.err.strip().splitlines()[-1]
     assert outcome.code == 1 and "Traceback" not in outcome.err
     assert last.startswith("utils.errors.RunFailed: non-finite loss or gradient at epoch 1, iteration ")
@@ -165,8 +186,9 @@ def test_nonfinite_steps_stop_or_are_skipped_before_the_update(skip):
     before = [p.detach().clone() for p in model.parameters()]
 
     def train():
-        return train_one_epoch(model, ScriptedObjective({0, 3}), batches, optimizer, schedule, torch.device("cpu"),
-                               1, skip_nonfinite=skip)
+        return train_one_epoch(
+            model, ScriptedObjective({0, 3}), batches, optimizer, schedule, torch.device("cpu"), 1, skip_nonfinite=skip
+        )
 
     if not skip:
         with pytest.raises(NonFiniteStep) as stopped:
@@ -253,27 +275,41 @@ def test_an_unwritable_output_folder_is_refused_before_training(digits_path, exp
 @pytest.fixture(scope="module")
 def finished_run(digits_path, tmp_path_factory) -> Path:
     observed = tmp_path_factory.mktemp("finished")
-    done = subprocess.run([sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with",
-                           *run_words(digits_path, "epochs=1", "dataset.num_iterations=3")],
-                          capture_output=True, text=True, timeout=600, env=os.environ)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiment.py"),
+            "-F",
+            str(observed),
+            "with",
+            *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
+    )
     assert done.returncode == 0, done.stderr
     return observed / "1"
 
 
-@pytest.mark.parametrize(("change", "fragments"), [
-    (["lr=0.5"], ["lr=0.5 (checkpoint: 0.001)", "would change the training"]),
-    (["loss.margin=0.3", "seed=4"], ["loss.margin=0.3 (checkpoint: 0.5)", "seed=4 (checkpoint: 0)"]),
-    (["epochs=0"], ["epochs=0 but the checkpoint has done 1"]),
-])
-def test_resume_refuses_settings_that_change_the_training(change, fragments, finished_run, digits_path,
-                                                          experiment):
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        (["lr=0.5"], ["lr=0.5 (checkpoint: 0.001)", "would change the training"]),
+        (["loss.margin=0.3", "seed=4"], ["loss.margin=0.3 (checkpoint: 0.5)", "seed=4 (checkpoint: 0)"]),
+        (["epochs=0"], ["epochs=0 but the checkpoint has done 1"]),
+    ],
+)
+def test_resume_refuses_settings_that_change_the_training(change, fragments, finished_run, digits_path, experiment):
     words = run_words(digits_path, "epochs=1", "dataset.num_iterations=3", *change, f"resume={finished_run}")
     assert_input_error(experiment("with", *words), *fragments)
 
 
 def test_resume_extends_a_finished_run(finished_run, digits_path, experiment, tmp_path):
-    words = run_words(digits_path, "epochs=2", "dataset.num_iterations=3", "evaluation.backend=torch",
-                      f"resume={finished_run}")
+    words = run_words(
+        digits_path, "epochs=2", "dataset.num_iterations=3", "evaluation.backend=torch", f"resume={finished_run}"
+    )
     outcome = experiment(f"-F {tmp_path} with", *words)
     assert outcome.code == 0, outcome.err
     assert "Resumed from" in outcome.out and "epoch 2, iteration 0" in outcome.out and "Train   2 |" in outcome.out
@@ -296,7 +332,7 @@ def test_resume_refuses_what_is_not_a_checkpoint(content, digits_path, experimen
 
 def test_a_signal_during_the_final_evaluation_lets_it_finish(digits_path, experiment, tmp_path, monkeypatch):
     """The training is done and checkpointed; a scheduler's signal then must not end the process unmarked."""
-    from utils.evaluation import Evaluator
+    from utils.evaluation.ingredient import Evaluator
 
     evaluate = Evaluator.__call__
 
@@ -321,8 +357,9 @@ def test_a_signal_during_the_final_evaluation_lets_it_finish(digits_path, experi
 
 
 def test_the_end_of_a_run_says_where_its_results_are(digits_path, experiment, tmp_path):
-    outcome = experiment("with", *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"),
-                         f"output_dir={tmp_path}")
+    outcome = experiment(
+        "with", *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"), f"output_dir={tmp_path}"
+    )
     assert outcome.code == 0, outcome.err
     directory = next(tmp_path.iterdir())
     assert directory.name.startswith("small_cnn_digits_")

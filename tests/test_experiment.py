@@ -36,7 +36,9 @@ SEED_LINES = [
 
 # The final evaluation of the best weights reports every metric (evaluation.final_metrics).
 FINAL_KEYS = {f"{d}/{name}" for d in ("l2", "cosine") for name in ("R@1", "R@2", "MAP@R", "R-Precision")} | {
-    "NMI", "utilization"}
+    "NMI",
+    "utilization",
+}
 
 
 def data_path(path: Path) -> str:
@@ -47,8 +49,14 @@ def model_from_config(config: dict, info: dict) -> torch.nn.Module:
     """The model a run's config and info describe, with random weights (the sacred wrapper needs a run)."""
     options = config["model"]
     backbone = get_backbone(info["model"]["arch"], None)
-    head = EmbeddingHead(backbone.out_channels, options["num_features"] or backbone.out_channels, options["pooling"],
-                         options["norm_layer"], options["remap"], options["normalize"])
+    head = EmbeddingHead(
+        backbone.out_channels,
+        options["num_features"] or backbone.out_channels,
+        options["pooling"],
+        options["norm_layer"],
+        options["remap"],
+        options["normalize"],
+    )
     return MetricModel(backbone, head)
 
 
@@ -92,8 +100,17 @@ def test_seed_command_line(words, datasets, experiment):
 def result_dir(datasets, tmp_path_factory) -> Path:
     """`python experiment.py -F result_dir with dataset.cub`, shrunk, as a real subprocess."""
     cwd = tmp_path_factory.mktemp("observed")
-    command = [sys.executable, str(REPO / "experiment.py"), "-F", "result_dir", "with", "dataset.cub", *SHRINK,
-               data_path(datasets["cub"]), f"output_dir={cwd}"]
+    command = [
+        sys.executable,
+        str(REPO / "experiment.py"),
+        "-F",
+        "result_dir",
+        "with",
+        "dataset.cub",
+        *SHRINK,
+        data_path(datasets["cub"]),
+        f"output_dir={cwd}",
+    ]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ)
     assert done.returncode == 0, done.stderr
     return cwd / "result_dir"
@@ -101,8 +118,16 @@ def result_dir(datasets, tmp_path_factory) -> Path:
 
 def test_result_dir_holds_config_run_metrics_and_output(result_dir):
     run_dir = result_dir / "1"
-    assert {"config.json", "run.json", "metrics.json", "info.json", "cout.txt", "checkpoint.pt", "curves.png",
-            "retrieval.png"} <= {path.name for path in run_dir.iterdir()}
+    assert {
+        "config.json",
+        "run.json",
+        "metrics.json",
+        "info.json",
+        "cout.txt",
+        "checkpoint.pt",
+        "curves.png",
+        "retrieval.png",
+    } <= {path.name for path in run_dir.iterdir()}
     for picture in ("curves.png", "retrieval.png"):
         with Image.open(run_dir / picture) as image:
             assert image.format == "PNG" and min(image.size) > 500
@@ -129,8 +154,9 @@ def test_output_is_clean_despite_heartbeats(datasets, experiment, tmp_path):
     """Sacred's file observer appends what the output grew by at every heartbeat (-b seconds): a
     progress bar redrawing its line then would leave fragments in cout.txt, so bars stay out of it."""
     observed = tmp_path / "runs"
-    outcome = experiment(f"-F {observed} -b 0.01 with dataset.cub model.small_cnn", *SHRINK, "epochs=2",
-                         data_path(datasets["cub"]))
+    outcome = experiment(
+        f"-F {observed} -b 0.01 with dataset.cub model.small_cnn", *SHRINK, "epochs=2", data_path(datasets["cub"])
+    )
     assert outcome.code == 0, outcome.err
     assert_clean_output(observed / "1" / "cout.txt", epochs=2)
 
@@ -185,8 +211,10 @@ def test_thinned_evaluation_and_full_final_evaluation(digits_path, experiment, t
     """eval_every=2 evaluates before training, at epoch 2 and at the last epoch, with the per-epoch metrics only;
     the best epoch's weights are then evaluated with every final metric, recalls unchanged."""
     observed = tmp_path / "runs"
-    outcome = experiment(f"-F {observed} with epochs=3 eval_every=2 evaluation.metrics=['recall','map_at_r']",
-                         *digits_updates(digits_path))
+    outcome = experiment(
+        f"-F {observed} with epochs=3 eval_every=2 evaluation.metrics=['recall','map_at_r']",
+        *digits_updates(digits_path),
+    )
     assert outcome.code == 0, outcome.err
     metrics = json.loads((observed / "1" / "metrics.json").read_text())
     assert metrics["eval.cosine/R@1"]["steps"] == [0, 2, 3]
@@ -196,9 +224,9 @@ def test_thinned_evaluation_and_full_final_evaluation(digits_path, experiment, t
 
     info = outcome.run.info
     assert info["best_epoch"] in (0, 2, 3)
-    assert set(info["metrics"]) == {f"{d}/{name}" for d in ("l2", "cosine")
-                                    for name in ("R@1", "R@2", "R@4", "R@8", "MAP@R", "R-Precision")} | {
-        "NMI", "utilization"}
+    assert set(info["metrics"]) == {
+        f"{d}/{name}" for d in ("l2", "cosine") for name in ("R@1", "R@2", "R@4", "R@8", "MAP@R", "R-Precision")
+    } | {"NMI", "utilization"}
     position = metrics["eval.cosine/R@1"]["steps"].index(info["best_epoch"])
     for key in ("cosine/R@1", "l2/R@8", "cosine/MAP@R"):
         assert info["metrics"][key] == pytest.approx(metrics[f"eval.{key}"]["values"][position], abs=1e-12)
@@ -212,8 +240,13 @@ def test_same_seed_same_run(digits_path, experiment, tmp_path):
     for _ in range(2):
         assert experiment(f"-F {observed} with epochs=1 seed=3", *digits_updates(digits_path)).code == 0
     runs = [observed / str(i) for i in (1, 2)]
-    series = [{key: (value["steps"], value["values"]) for key, value in json.loads((run / "metrics.json").read_text())
-               .items()} for run in runs]  # without the time stamps
+    series = [
+        {
+            key: (value["steps"], value["values"])
+            for key, value in json.loads((run / "metrics.json").read_text()).items()
+        }
+        for run in runs
+    ]  # without the time stamps
     assert series[0] == series[1]
     infos = [json.loads((run / "info.json").read_text()) for run in runs]
     assert [info.pop("checkpoint") for info in infos] == [str(run / "checkpoint.pt") for run in runs]

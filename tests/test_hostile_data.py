@@ -86,6 +86,7 @@ def cve_2025_4517_tar(outside: Path) -> bytes:
     long_name, steps, folder = "d" * 247, "abcdefghijklmnop", ""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
+
         def add(name: str, kind: bytes, link: str = "", data: bytes = b"") -> None:
             info = tarfile.TarInfo(name)
             info.type, info.linkname, info.size = kind, link, len(data)
@@ -128,18 +129,35 @@ def plain_tar(*members: tuple[str, bytes, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("archive", "member", "why"), [
-    (lambda: tar_bytes({}, {"ok": (tarfile.SYMTYPE, "sub/inside.txt")}), "ok", "it is a link"),
-    (lambda: tar_bytes({"a.txt": b"x"}, {"hard": (tarfile.LNKTYPE, "a.txt")}), "hard", "it is a link"),
-    (lambda: plain_tar(("member", tarfile.CHRTYPE, b"")), "member", "device, fifo"),
-    (lambda: plain_tar(("member", tarfile.FIFOTYPE, b"")), "member", "device, fifo"),
-    (lambda: tar_bytes({"C:/evil": b"x"}), "C:/evil", "absolute"),
-    (lambda: tar_bytes({"manifest.json": b'{"complete": true}'}), "manifest.json", "bookkeeping"),
-    (lambda: tar_bytes({".archive.extracted": b""}), ".archive.extracted", "bookkeeping"),
-    (lambda: plain_tar(("a.txt", tarfile.REGTYPE, b"x"), ("a.txt", tarfile.REGTYPE, b"y")), "a.txt", "listed twice"),
-    (lambda: zip_bytes({".archive.partial/x": b""}), ".archive.partial/x", "bookkeeping"),
-], ids=["tar-inner-symlink", "tar-inner-hardlink", "tar-device", "tar-fifo", "tar-drive", "tar-manifest",
-        "tar-marker", "tar-duplicate", "zip-partial-folder"])
+@pytest.mark.parametrize(
+    ("archive", "member", "why"),
+    [
+        (lambda: tar_bytes({}, {"ok": (tarfile.SYMTYPE, "sub/inside.txt")}), "ok", "it is a link"),
+        (lambda: tar_bytes({"a.txt": b"x"}, {"hard": (tarfile.LNKTYPE, "a.txt")}), "hard", "it is a link"),
+        (lambda: plain_tar(("member", tarfile.CHRTYPE, b"")), "member", "device, fifo"),
+        (lambda: plain_tar(("member", tarfile.FIFOTYPE, b"")), "member", "device, fifo"),
+        (lambda: tar_bytes({"C:/evil": b"x"}), "C:/evil", "absolute"),
+        (lambda: tar_bytes({"manifest.json": b'{"complete": true}'}), "manifest.json", "bookkeeping"),
+        (lambda: tar_bytes({".archive.extracted": b""}), ".archive.extracted", "bookkeeping"),
+        (
+            lambda: plain_tar(("a.txt", tarfile.REGTYPE, b"x"), ("a.txt", tarfile.REGTYPE, b"y")),
+            "a.txt",
+            "listed twice",
+        ),
+        (lambda: zip_bytes({".archive.partial/x": b""}), ".archive.partial/x", "bookkeeping"),
+    ],
+    ids=[
+        "tar-inner-symlink",
+        "tar-inner-hardlink",
+        "tar-device",
+        "tar-fifo",
+        "tar-drive",
+        "tar-manifest",
+        "tar-marker",
+        "tar-duplicate",
+        "zip-partial-folder",
+    ],
+)
 def test_links_special_files_and_our_own_names_are_refused(tmp_path, archive, member, why):
     path = tmp_path / "archive"
     path.write_bytes(archive())
@@ -172,7 +190,7 @@ def test_the_expansion_ratio_is_measured_against_the_archive(tmp_path, monkeypat
 
 def test_a_truncated_archive_leaves_nothing_and_delete_and_run_again_works(server, tmp_path):
     good = tar_bytes(cub_files("CUB_200_2011/"))
-    server.files["CUB_200_2011.tgz"] = good[:len(good) * 2 // 3]
+    server.files["CUB_200_2011.tgz"] = good[: len(good) * 2 // 3]
     config = {"data_path": str(tmp_path), "urls": server.url("CUB_200_2011.tgz"), "md5": None}
     with pytest.raises(InputError, match="CUB_200_2011.tgz is damaged .*delete it and run again"):
         run(prepare_data.cub, **config)
@@ -190,7 +208,7 @@ def test_an_image_that_does_not_decode_stops_the_preparation(tmp_path, damage):
     for name, data in cub_files("").items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    (tmp_path / "images/200.Wren/w2.jpg").write_bytes(JPEG[:len(JPEG) // 2] if damage == "truncated" else b"")
+    (tmp_path / "images/200.Wren/w2.jpg").write_bytes(JPEG[: len(JPEG) // 2] if damage == "truncated" else b"")
     with pytest.raises(InputError, match=r"^1 of the 6 images do not decode \(first: image .*w2.jpg cannot be read"):
         run(prepare_data.cub, data_path=str(tmp_path), download=False)
     assert not (tmp_path / "train.txt").exists()
@@ -201,10 +219,15 @@ def test_split_counts_other_than_the_published_ones_are_refused(tmp_path):
     for name, data in cub_files("").items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    with pytest.raises(InputError, match="^train.txt would have 3 images / 2 classes, the published split 5,864 "
-                                         "images / 100 classes: .*set `expected`"):
-        prepare_data.cub.run(config_updates={"data_path": str(tmp_path), "download": False},
-                             options={"--loglevel": "CRITICAL", "--capture": "no"})
+    with pytest.raises(
+        InputError,
+        match="^train.txt would have 3 images / 2 classes, the published split 5,864 "
+        "images / 100 classes: .*set `expected`",
+    ):
+        prepare_data.cub.run(
+            config_updates={"data_path": str(tmp_path), "download": False},
+            options={"--loglevel": "CRITICAL", "--capture": "no"},
+        )
     assert not (tmp_path / "train.txt").exists()
 
 
@@ -229,8 +252,9 @@ def test_training_refuses_a_folder_marked_incomplete(experiment, dataset_copy):
     root = dataset_copy("cub")
     manifest.mark_incomplete(root, "cub", "interrupted")
     outcome = experiment("with dataset.cub model.small_cnn", f"dataset.data_path={root}", *SHRINK)
-    assert_input_error(outcome, f"data folder {root} is not completely prepared (interrupted): run "
-                                f"`python prepare_data.py cub`")
+    assert_input_error(
+        outcome, f"data folder {root} is not completely prepared (interrupted): run `python prepare_data.py cub`"
+    )
 
 
 @pytest.fixture
@@ -238,8 +262,12 @@ def small_disk(tmp_path):
     """A 64 KiB tmpfs (mounting needs root: skipped elsewhere)."""
     mount_point = tmp_path / "small_disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount_point
@@ -261,12 +289,30 @@ def test_prepare_data_refuses_a_hostile_archive_from_a_mirror(server, tmp_path):
     (outside / "victim").write_bytes(b"precious")
     server.files["CUB_200_2011.tgz"] = cve_2025_4517_tar(outside)
     data_path = tmp_path / "data/CUB_200_2011"
-    done = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), "cub", "with", f"data_path={data_path}",
-                           f"urls={server.url('CUB_200_2011.tgz')}", "md5=None"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env=os.environ | {"no_proxy": "127.0.0.1"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "prepare_data.py"),
+            "cub",
+            "with",
+            f"data_path={data_path}",
+            f"urls={server.url('CUB_200_2011.tgz')}",
+            "md5=None",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"no_proxy": "127.0.0.1"},
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        f"utils.errors.InputError: {data_path / 'CUB_200_2011.tgz'}: refusing to extract member 'a': it is a link")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"utils.errors.InputError: {data_path / 'CUB_200_2011.tgz'}: refusing to extract member 'a': it is a link"
+        )
+    )
     assert (outside / "victim").read_bytes() == b"precious" and [path.name for path in outside.iterdir()] == ["victim"]
     assert manifest.read(data_path)["complete"] is False
     assert sorted(path.name for path in data_path.iterdir()) == ["CUB_200_2011.tgz", "manifest.json"]

@@ -16,8 +16,9 @@ from utils.data.device_augment import build_split_pipeline, load_for_crop, load_
 from utils.data.image_dataset import ImageDataset
 from utils.errors import InputError
 
-SETTINGS = dict(crop_size=48, resize=64, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3), rotate=None, hflip=True,
-                color_jitter=None)
+SETTINGS = dict(
+    crop_size=48, resize=64, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3), rotate=None, hflip=True, color_jitter=None
+)
 
 
 @pytest.fixture(autouse=True)
@@ -34,10 +35,17 @@ def textured(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize(("size", "options"), [
-    ((500, 375), dict(subsampling="4:2:0")), ((333, 251), dict(subsampling="4:2:2")),
-    ((97, 61), dict(subsampling="4:4:4")), ((201, 150), dict(subsampling="4:2:0", progressive=True)),
-    ((121, 77), dict(mode="L")), ((64, 48), dict(subsampling="4:2:0", restart_marker_blocks=3))])
+@pytest.mark.parametrize(
+    ("size", "options"),
+    [
+        ((500, 375), dict(subsampling="4:2:0")),
+        ((333, 251), dict(subsampling="4:2:2")),
+        ((97, 61), dict(subsampling="4:4:4")),
+        ((201, 150), dict(subsampling="4:2:0", progressive=True)),
+        ((121, 77), dict(mode="L")),
+        ((64, 48), dict(subsampling="4:2:0", restart_marker_blocks=3)),
+    ],
+)
 def test_a_box_has_the_pixels_of_the_whole_decode(tmp_path: Path, size, options) -> None:
     image = textured(*size)
     if options.pop("mode", None) == "L":
@@ -50,9 +58,10 @@ def test_a_box_has_the_pixels_of_the_whole_decode(tmp_path: Path, size, options)
     width, height = size
     rng = np.random.default_rng(1)
     corners = [(0, 0, 1, 1), (height - 1, width - 1, height, width), (0, width - 17, height, width)]
-    boxes = corners + [tuple(int(v) for v in (top, left, rng.integers(top + 1, height + 1),
-                                             rng.integers(left + 1, width + 1)))
-                       for top, left in zip(rng.integers(0, height, 100), rng.integers(0, width, 100), strict=True)]
+    boxes = corners + [
+        tuple(int(v) for v in (top, left, rng.integers(top + 1, height + 1), rng.integers(left + 1, width + 1)))
+        for top, left in zip(rng.integers(0, height, 100), rng.integers(0, width, 100), strict=True)
+    ]
     for top, left, bottom, right in boxes:
         box = jpeg.box(top, left, bottom, right)
         assert torch.equal(box, whole[top:bottom, left:right]), (top, left, bottom, right)
@@ -90,16 +99,18 @@ def test_grey_levels_reach_every_worker_and_epoch(tmp_path: Path) -> None:
     second = torch.cat([batch[3] for batch, _ in loader])
     assert torch.equal(first, second) and torch.equal(measured.float(), first)
     expected = [torch.from_numpy(np.array(Image.open(path).convert("L"), dtype=np.float64)) for path in dataset.paths]
-    torch.testing.assert_close(first.double(), torch.stack([grey[::4].mean() / 255 for grey in expected]),
-                               atol=1 / 255, rtol=0)
+    torch.testing.assert_close(
+        first.double(), torch.stack([grey[::4].mean() / 255 for grey in expected]), atol=1 / 255, rtol=0
+    )
 
 
 @pytest.mark.parametrize("kind", ["cmyk", "png named .jpg", "png"])
 def test_what_the_kernel_does_not_read_goes_through_load_pixels(tmp_path: Path, kind: str) -> None:
     name = "x.png" if kind == "png" else "x.jpg"
     image = textured(50, 40)
-    image.convert("CMYK").save(tmp_path / name, format="JPEG") if kind == "cmyk" else image.save(tmp_path / name,
-                                                                                                 format="PNG")
+    image.convert("CMYK").save(tmp_path / name, format="JPEG") if kind == "cmyk" else image.save(
+        tmp_path / name, format="PNG"
+    )
     assert jpeg_box.open_jpeg(tmp_path / name) is None
     assert torch.equal(load_for_crop(tmp_path / name), load_pixels(tmp_path / name))
 
@@ -108,8 +119,11 @@ def test_what_the_kernel_does_not_read_goes_through_load_pixels(tmp_path: Path, 
 def test_an_unreadable_jpeg_is_named(tmp_path: Path, damage: str) -> None:
     textured(120, 90).save(tmp_path / "x.jpg", quality=90)
     data = (tmp_path / "x.jpg").read_bytes()
-    damaged = {"truncate": data[:len(data) // 2], "garbage after the header": data[:700] + b"\xff\x00" * 200,
-               "garbage": data[:2] + b"garbage" * 40}[damage]
+    damaged = {
+        "truncate": data[: len(data) // 2],
+        "garbage after the header": data[:700] + b"\xff\x00" * 200,
+        "garbage": data[:2] + b"garbage" * 40,
+    }[damage]
     (tmp_path / "x.jpg").write_bytes(damaged)
     worker, _ = build_split_pipeline(**SETTINGS)
     worker.share_grey_levels([tmp_path / "x.jpg"])

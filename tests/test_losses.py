@@ -139,8 +139,10 @@ def test_cross_entropy_matches_torch(layout: str, seed: int) -> None:
     ours, theirs, their_weight, their_bias = leaf(embeddings), leaf(embeddings), leaf(weight), leaf(bias)
     assert_same(
         value_and_grads(lambda: loss(ours, labels), [ours, weight, bias]),
-        value_and_grads(lambda: F.cross_entropy(F.linear(theirs, their_weight, their_bias), labels,
-                                                label_smoothing=0.1), [theirs, their_weight, their_bias]),
+        value_and_grads(
+            lambda: F.cross_entropy(F.linear(theirs, their_weight, their_bias), labels, label_smoothing=0.1),
+            [theirs, their_weight, their_bias],
+        ),
     )
 
 
@@ -234,8 +236,16 @@ def reference_contrastive(x: Tensor, y: list[int], c: Candidates, margin: float 
     return sum(pos_terms) / max(len(pos_terms), 1) + sum(neg_terms) / max(len(neg_terms), 1)
 
 
-def reference_multi_similarity(x: Tensor, y: list[int], c: Candidates, mining: bool, alpha: float = 2,
-                               beta: float = 50, base: float = 0.5, epsilon: float = 0.1) -> Tensor:
+def reference_multi_similarity(
+    x: Tensor,
+    y: list[int],
+    c: Candidates,
+    mining: bool,
+    alpha: float = 2,
+    beta: float = 50,
+    base: float = 0.5,
+    epsilon: float = 0.1,
+) -> Tensor:
     per_anchor = []
     for a in range(len(y)):
         seen = [v for v in range(len(c.lam)) if c.anchor_mask[a, v]]
@@ -252,8 +262,9 @@ def reference_multi_similarity(x: Tensor, y: list[int], c: Candidates, mining: b
             positives = [v for v in positives if s[v] - epsilon < hardest_neg]
             negatives = [v for v in negatives if s[v] + epsilon > hardest_pos]
         pos_sum = sum((w_pos[v] * torch.exp(-alpha * (s[v] - base)) for v in positives), torch.tensor(0.0, dtype=DTYPE))
-        neg_sum = sum(((1 - w_pos[v]) * torch.exp(beta * (s[v] - base)) for v in negatives),
-                      torch.tensor(0.0, dtype=DTYPE))
+        neg_sum = sum(
+            ((1 - w_pos[v]) * torch.exp(beta * (s[v] - base)) for v in negatives), torch.tensor(0.0, dtype=DTYPE)
+        )
         per_anchor.append(torch.log1p(pos_sum) / alpha + torch.log1p(neg_sum) / beta)
     return sum(per_anchor) / max(len(per_anchor), 1)
 
@@ -364,8 +375,7 @@ def test_no_positive_contrastive_is_its_negative_part() -> None:
     d = torch.cdist(F.normalize(embeddings, dim=1), F.normalize(embeddings, dim=1))
     neg = torch.relu(0.5 - d)[~torch.eye(len(labels), dtype=torch.bool)]
     expected = neg[neg > 0].mean() if (neg > 0).any() else torch.tensor(0.0, dtype=DTYPE)
-    torch.testing.assert_close(ContrastiveLoss(0.5)(embeddings, labels, Candidates.clean(embeddings, labels)),
-                               expected)
+    torch.testing.assert_close(ContrastiveLoss(0.5)(embeddings, labels, Candidates.clean(embeddings, labels)), expected)
 
 
 def test_sphere_distance_and_its_gradient_against_the_formula() -> None:
@@ -433,8 +443,9 @@ def test_candidate_equal_to_its_anchor_has_finite_gradients(name: str) -> None:
     embeddings, labels = make_batch("m_per_class", seed=0)
     x = leaf(embeddings)
     loss = all_losses(8)[name]
-    candidates = Candidates(x[:4], labels[:4], labels[4:8], torch.ones(4, dtype=DTYPE),
-                            torch.ones(len(labels), 4, dtype=torch.bool))
+    candidates = Candidates(
+        x[:4], labels[:4], labels[4:8], torch.ones(4, dtype=DTYPE), torch.ones(len(labels), 4, dtype=torch.bool)
+    )
     value, (grad,) = value_and_grads(lambda: loss(x, labels, candidates), [x])
     assert torch.isfinite(value) and torch.isfinite(grad).all()
 
@@ -503,8 +514,18 @@ def test_forward_and_backward_do_not_sync_on_cuda(name: str) -> None:
     loss = all_losses(4)[name].cuda()
     x, labels, candidates = fractional_inputs()
     x = x.detach().cuda().requires_grad_(True)
-    candidates = Candidates(*(t.cuda() for t in (candidates.embeddings.detach(), candidates.labels,
-                                                  candidates.other_labels, candidates.lam, candidates.anchor_mask)))
+    candidates = Candidates(
+        *(
+            t.cuda()
+            for t in (
+                candidates.embeddings.detach(),
+                candidates.labels,
+                candidates.other_labels,
+                candidates.lam,
+                candidates.anchor_mask,
+            )
+        )
+    )
     labels = labels.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from utils.knn import FaissSearcher, TorchSearcher, exact_knn, faiss_has_gpu, prepare
-from utils.metrics import evaluate_embeddings, kmeans_assignments
+from utils.evaluation.knn import FaissSearcher, TorchSearcher, exact_knn, faiss_has_gpu, prepare
+from utils.evaluation.metrics import evaluate_embeddings, kmeans_assignments
 
 BACKENDS = [
     "faiss",
@@ -308,22 +308,40 @@ def test_faiss_gpu_without_gpu_support_raises():
 # ---------------------------------------------------------------- strict inputs
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    ({"query": np.zeros((0, 4), np.float32), "query_labels": []}, "the query set is empty"),
-    ({"gallery": np.zeros((0, 4), np.float32), "gallery_labels": []}, "the gallery set is empty"),
-    ({"metrics": ["utilization"], "reference": np.zeros((0, 4), np.float32)}, "the reference set is empty"),
-    ({"metrics": ["nmi"], "query": np.zeros((0, 4), np.float32), "query_labels": []}, "the query set is empty"),
-    ({"ks": [1, 10]}, "R@10 asks for 10 neighbours but the gallery offers only 9 per query"),
-    ({"ks": [2], "gallery": np.ones((1, 4), np.float32), "gallery_labels": [0]},
-     "R@2 asks for 2 neighbours but the gallery offers only 1 per query"),
-    ({"query": np.full((10, 4), 1e19, np.float32)}, "the query embeddings reach 1e+19 in magnitude"),
-    ({"gallery": np.full((3, 4), -1e19), "gallery_labels": [0, 1, 2]}, "the gallery embeddings reach 1e+19"),
-], ids=["empty-query", "empty-gallery", "empty-reference", "empty-nmi", "k-self", "k-gallery", "overflow-query",
-        "overflow-gallery"])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"query": np.zeros((0, 4), np.float32), "query_labels": []}, "the query set is empty"),
+        ({"gallery": np.zeros((0, 4), np.float32), "gallery_labels": []}, "the gallery set is empty"),
+        ({"metrics": ["utilization"], "reference": np.zeros((0, 4), np.float32)}, "the reference set is empty"),
+        ({"metrics": ["nmi"], "query": np.zeros((0, 4), np.float32), "query_labels": []}, "the query set is empty"),
+        ({"ks": [1, 10]}, "R@10 asks for 10 neighbours but the gallery offers only 9 per query"),
+        (
+            {"ks": [2], "gallery": np.ones((1, 4), np.float32), "gallery_labels": [0]},
+            "R@2 asks for 2 neighbours but the gallery offers only 1 per query",
+        ),
+        ({"query": np.full((10, 4), 1e19, np.float32)}, "the query embeddings reach 1e+19 in magnitude"),
+        ({"gallery": np.full((3, 4), -1e19), "gallery_labels": [0, 1, 2]}, "the gallery embeddings reach 1e+19"),
+    ],
+    ids=[
+        "empty-query",
+        "empty-gallery",
+        "empty-reference",
+        "empty-nmi",
+        "k-self",
+        "k-gallery",
+        "overflow-query",
+        "overflow-gallery",
+    ],
+)
 def test_inputs_without_a_meaningful_answer_raise_one_value_error(arguments, message):
     rng = np.random.default_rng(0)
-    call = {"query": rng.normal(size=(10, 4)).astype(np.float32), "query_labels": np.arange(10) % 3, "ks": [1],
-            "metrics": ["recall", "map_at_r", "nmi"]} | arguments
+    call = {
+        "query": rng.normal(size=(10, 4)).astype(np.float32),
+        "query_labels": np.arange(10) % 3,
+        "ks": [1],
+        "metrics": ["recall", "map_at_r", "nmi"],
+    } | arguments
     with pytest.raises(ValueError) as error:
         evaluate_embeddings(**call)
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -331,15 +349,23 @@ def test_inputs_without_a_meaningful_answer_raise_one_value_error(arguments, mes
 
 def test_large_finite_embeddings_below_the_overflow_limit_are_accepted():
     x = np.random.default_rng(0).normal(size=(10, 4)) * 1e17
-    assert evaluate_embeddings(x, np.arange(10) % 2, ks=[1])["l2/R@1"] == evaluate_embeddings(
-        x / 1e17, np.arange(10) % 2, ks=[1])["l2/R@1"]
+    assert (
+        evaluate_embeddings(x, np.arange(10) % 2, ks=[1])["l2/R@1"]
+        == evaluate_embeddings(x / 1e17, np.arange(10) % 2, ks=[1])["l2/R@1"]
+    )
 
 
-@pytest.mark.parametrize(("rows", "columns", "layout"), [
-    (slice(None, None, -1), slice(None), np.asarray), (slice(None, None, 2), slice(None), np.asarray),
-    (slice(None), slice(None, None, 2), np.asarray), (slice(None), slice(None), np.asfortranarray),
-    (slice(None), slice(None), lambda x: readonly(x)),
-], ids=["reversed", "strided-rows", "strided-columns", "fortran", "read-only"])
+@pytest.mark.parametrize(
+    ("rows", "columns", "layout"),
+    [
+        (slice(None, None, -1), slice(None), np.asarray),
+        (slice(None, None, 2), slice(None), np.asarray),
+        (slice(None), slice(None, None, 2), np.asarray),
+        (slice(None), slice(None), np.asfortranarray),
+        (slice(None), slice(None), lambda x: readonly(x)),
+    ],
+    ids=["reversed", "strided-rows", "strided-columns", "fortran", "read-only"],
+)
 def test_any_numpy_view_is_accepted(rows, columns, layout):
     x = np.random.default_rng(3).normal(size=(40, 8)).astype(np.float32)
     labels = np.arange(40) % 5
@@ -347,7 +373,8 @@ def test_any_numpy_view_is_accepted(rows, columns, layout):
     copy, copy_labels = np.ascontiguousarray(seen), np.ascontiguousarray(seen_labels)
     metrics = ["recall", "map_at_r", "r_precision", "utilization"]
     assert evaluate_embeddings(seen, seen_labels, ks=[1, 4], metrics=metrics, reference=seen) == evaluate_embeddings(
-        copy, copy_labels, ks=[1, 4], metrics=metrics, reference=copy)
+        copy, copy_labels, ks=[1, 4], metrics=metrics, reference=copy
+    )
 
 
 def readonly(x: np.ndarray) -> np.ndarray:

@@ -56,8 +56,9 @@ def loop_pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(n) if i != j]
 
 
-def loop_anchor_mask(labels: list[int], pairs: list[tuple[int, int]], strategy: str,
-                     anchor_negative: str = "no_positive") -> Tensor:
+def loop_anchor_mask(
+    labels: list[int], pairs: list[tuple[int, int]], strategy: str, anchor_negative: str = "no_positive"
+) -> Tensor:
     """DESIGN.md's rules, one (anchor, pair) at a time; the paper's anchor-negative mixing only for an anchor
     without a positive."""
     mask = torch.zeros(len(labels), len(pairs), dtype=torch.bool)
@@ -89,12 +90,21 @@ def pair_of_each_candidate(candidates: Candidates, embeddings: Tensor, lam: floa
 # --- arguments, shapes and labels ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "pixels"}, {"mode": "embed", "strategy": "hard"},
-                                    {"mode": "embed", "alpha": 0}, {"mode": "embed", "max_pairs": 0},
-                                    {"mode": "embed", "lam": "per_anchor"}, {"mode": "embed", "anchor_negative": "all"},
-                                    {"mode": "embed", "weight": -1}, {"mode": "embed", "anchor_negative_weight": -1},
-                                    {"mode": "input", "selection": "hardest"},
-                                    {"mode": "input", "selection": "hardest_negative", "max_pairs": 10}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "pixels"},
+        {"mode": "embed", "strategy": "hard"},
+        {"mode": "embed", "alpha": 0},
+        {"mode": "embed", "max_pairs": 0},
+        {"mode": "embed", "lam": "per_anchor"},
+        {"mode": "embed", "anchor_negative": "all"},
+        {"mode": "embed", "weight": -1},
+        {"mode": "embed", "anchor_negative_weight": -1},
+        {"mode": "input", "selection": "hardest"},
+        {"mode": "input", "selection": "hardest_negative", "max_pairs": 10},
+    ],
+)
 def test_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         Metrix(**kwargs)
@@ -153,13 +163,15 @@ def test_feature_mode_equals_the_head_on_materialised_mixed_maps(lam: str, max_p
     metrix.mix = recording_mix
     candidates = metrix(model, images, feature_map, embeddings, LABELS)
     weights = candidates.lam.tolist()
-    mixed = torch.stack([weights[m] * feature_map[i] + (1 - weights[m]) * feature_map[j]
-                         for m, (i, j) in enumerate(picked)])
+    mixed = torch.stack(
+        [weights[m] * feature_map[i] + (1 - weights[m]) * feature_map[j] for m, (i, j) in enumerate(picked)]
+    )
     expected = model.head(mixed)
     torch.testing.assert_close(candidates.embeddings, expected)
     probe = torch.randn_like(expected)
-    fast = torch.autograd.grad((candidates.embeddings * probe).sum(), list(model.parameters()), allow_unused=True,
-                               retain_graph=True)  # the backbone part of the graph is shared
+    fast = torch.autograd.grad(
+        (candidates.embeddings * probe).sum(), list(model.parameters()), allow_unused=True, retain_graph=True
+    )  # the backbone part of the graph is shared
     slow = torch.autograd.grad((expected * probe).sum(), list(model.parameters()), allow_unused=True)
     for got, want in zip(fast, slow, strict=True):
         torch.testing.assert_close(got, want)
@@ -190,8 +202,9 @@ def test_input_mode_runs_the_model_on_mixed_images() -> None:
     candidates = Metrix("input")(model, images, feature_map, embeddings, LABELS)
     lam = candidates.lam.tolist()
     # In training mode the backbone's BatchNorm uses the statistics of the mixed batch: same images, same order.
-    mixed = torch.stack([lam[m] * images[i] + (1 - lam[m]) * images[j]
-                         for m, (i, j) in enumerate(loop_pairs(LABELS.shape[0]))])
+    mixed = torch.stack(
+        [lam[m] * images[i] + (1 - lam[m]) * images[j] for m, (i, j) in enumerate(loop_pairs(LABELS.shape[0]))]
+    )
     torch.testing.assert_close(candidates.embeddings, model.head(model.backbone(mixed)))
 
 
@@ -246,8 +259,9 @@ def released_input_pairs(labels: list[int], embeddings: Tensor, strategy: str) -
         return min(negatives, key=lambda n: distance[a, n].item())
 
     if strategy == PN:
-        return {(a, p, nearest_negative(a)) for a in range(count) for p in range(count)
-                if p != a and labels[p] == labels[a]}
+        return {
+            (a, p, nearest_negative(a)) for a in range(count) for p in range(count) if p != a and labels[p] == labels[a]
+        }
     return {(a, a, nearest_negative(a)) for a in range(count) if labels.count(labels[a]) == 1}
 
 
@@ -257,15 +271,17 @@ def test_hardest_negative_selection_is_the_released_input_mode(strategy: str, se
     labels = torch.tensor([0, 1, 0, 2, 1, 3, 3, 4, 2, 0, 5])
     model = make_model()
     images, feature_map, embeddings = make_batch(model, labels, seed)
-    candidates = Metrix("input", strategy=strategy, selection="hardest_negative")(model, images, feature_map,
-                                                                                  embeddings, labels)
+    candidates = Metrix("input", strategy=strategy, selection="hardest_negative")(
+        model, images, feature_map, embeddings, labels
+    )
     # Each mixture is seen by one anchor; recover (anchor, first, second) from the anchor mask and the labels.
     assert candidates.anchor_mask.sum(dim=0).tolist() == [1] * candidates.anchor_mask.shape[1]
     metrix = Metrix("input", strategy=strategy, selection="hardest_negative")
     torch.manual_seed(0)
     first, second, mask = metrix.hardest_negative_pairs(embeddings, labels, torch.tensor(strategy == PN))
-    got = {(a, i, j) for a, i, j in zip(mask.int().argmax(dim=0).tolist(), first.tolist(), second.tolist(),
-                                        strict=True)}
+    got = {
+        (a, i, j) for a, i, j in zip(mask.int().argmax(dim=0).tolist(), first.tolist(), second.tolist(), strict=True)
+    }
     assert got == released_input_pairs(labels.tolist(), embeddings.detach(), strategy)
     assert len(got) == first.shape[0] == candidates.lam.shape[0]
     torch.testing.assert_close(candidates.labels, labels[first])
@@ -275,8 +291,9 @@ def test_hardest_negative_selection_is_the_released_input_mode(strategy: str, se
 def test_hardest_negative_selection_under_every_anchor_trains_each_anchor_once() -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
-    first, second, mask = Metrix("input", selection="hardest_negative", anchor_negative="every_anchor"
-                                 ).hardest_negative_pairs(embeddings, LABELS, torch.tensor(False))
+    first, second, mask = Metrix(
+        "input", selection="hardest_negative", anchor_negative="every_anchor"
+    ).hardest_negative_pairs(embeddings, LABELS, torch.tensor(False))
     assert torch.equal(first, torch.arange(LABELS.shape[0])) and torch.equal(mask, torch.eye(LABELS.shape[0]) > 0)
     assert (LABELS[second] != LABELS).all()
 
@@ -310,8 +327,9 @@ def test_positive_negative_weights_are_lam_and_one_minus_lam() -> None:
 @pytest.mark.parametrize("max_pairs", [1, 7, 20, 66])
 @pytest.mark.parametrize("strategy", [PN, AN])
 @pytest.mark.parametrize("anchor_negative", ANCHOR_NEGATIVE)
-def test_cap_keeps_the_hardest_usable_pairs(strategy: str, max_pairs: int, anchor_negative: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cap_keeps_the_hardest_usable_pairs(
+    strategy: str, max_pairs: int, anchor_negative: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
     metrix = Metrix("embed", strategy=strategy, max_pairs=max_pairs, anchor_negative=anchor_negative)
@@ -358,8 +376,9 @@ def test_same_seed_same_candidates(max_pairs: int | None) -> None:
 def test_gradients_reach_the_backbone_through_the_mixtures(mode: str) -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
-    candidates = Metrix(mode, strategy=AN, anchor_negative="every_anchor")(model, images, feature_map, embeddings,
-                                                                           LABELS)
+    candidates = Metrix(mode, strategy=AN, anchor_negative="every_anchor")(
+        model, images, feature_map, embeddings, LABELS
+    )
     ContrastiveLoss()(embeddings.detach(), LABELS, candidates).backward()
     grads = [p.grad for p in model.backbone.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -368,8 +387,19 @@ def test_gradients_reach_the_backbone_through_the_mixtures(mode: str) -> None:
 # --- no host-device synchronisation ---------------------------------------------------------------------------------
 
 
-HOST_READS = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
-              "argwhere", "masked_select"]
+HOST_READS = [
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+]
 TORCH_SYNCS = ["nonzero", "argwhere", "masked_select"]
 
 
@@ -408,17 +438,21 @@ def test_the_trap_catches_host_reads() -> None:
 
 
 def all_losses() -> dict[str, tuple[float, nn.Module]]:
-    return {"contrastive": (1.0, ContrastiveLoss()), "multi_similarity": (1.0, MultiSimilarityLoss(mining=True)),
-            "proxy_anchor": (1.0, ProxyAnchorLoss(NUM_CLASSES, 16).to(DTYPE)),
-            "cross_entropy": (1.0, CrossEntropyLoss(16, NUM_CLASSES).to(DTYPE))}
+    return {
+        "contrastive": (1.0, ContrastiveLoss()),
+        "multi_similarity": (1.0, MultiSimilarityLoss(mining=True)),
+        "proxy_anchor": (1.0, ProxyAnchorLoss(NUM_CLASSES, 16).to(DTYPE)),
+        "cross_entropy": (1.0, CrossEntropyLoss(16, NUM_CLASSES).to(DTYPE)),
+    }
 
 
 @pytest.mark.parametrize("lam", LAMS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("max_pairs", [None, 15])
 @pytest.mark.parametrize("mode", MODES)
-def test_step_reads_no_tensor_value_on_the_host(mode: str, max_pairs: int | None, strategy: str, lam: str,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_reads_no_tensor_value_on_the_host(
+    mode: str, max_pairs: int | None, strategy: str, lam: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = make_model()
     criterion = Criterion(all_losses(), Metrix(mode, strategy=strategy, max_pairs=max_pairs, lam=lam))
     # The label check reads on the CPU only (documented there); on a GPU it is an asynchronous assert.

@@ -25,9 +25,11 @@ def observed_metrics(experiment: Callable[..., Outcome], words: str, observed: P
 def test_loss_and_mode_train_on_digits(loss, mode, digits_path, experiment, tmp_path):
     # Input mode mixes one pair per anchor and positive (the released selection); the others all pairs, capped.
     metrix = {None: "", "input": "metrix.input"}.get(mode, f"metrix.{mode} metrix.max_pairs=100")
-    words = (f"with loss.{loss} {metrix} epochs=1 dataset.num_iterations=30 scheduler=constant "
-             f"dataset.sampler=balanced dataset.images_per_class=4 dataset.batch_size=20 cpu=True "
-             f"dataset.data_path={digits_path} evaluation.final_metrics=['recall']")
+    words = (
+        f"with loss.{loss} {metrix} epochs=1 dataset.num_iterations=30 scheduler=constant "
+        f"dataset.sampler=balanced dataset.images_per_class=4 dataset.batch_size=20 cpu=True "
+        f"dataset.data_path={digits_path} evaluation.final_metrics=['recall']"
+    )
     metrics = observed_metrics(experiment, words, tmp_path / "runs")
     losses = metrics["train.loss"]["values"]
     assert len(losses) == 30

@@ -28,8 +28,9 @@ def grid_max(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 LAYOUTS = {"grid": (23, True), "few pairs": (5, True), "lam per pair": (23, False)}
 
 
-def random_case(layout: str = "lam per pair", batch: int = 7, channels: int = 5, seed: int = 0
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def random_case(
+    layout: str = "lam per pair", batch: int = 7, channels: int = 5, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Feature maps (B, C, 3, 4), arbitrary pairs (repeats and i == j included) and lam, (M,) or 0-d."""
     pairs, shared = LAYOUTS[layout]
     generator = torch.Generator().manual_seed(seed)
@@ -43,8 +44,12 @@ def random_case(layout: str = "lam per pair", batch: int = 7, channels: int = 5,
 def materialised(feature_map: Tensor, first: Tensor, second: Tensor, lam: Tensor) -> Tensor:
     """(M, C, H, W): every mixed map, one pair at a time."""
     lam = lam.expand(first.shape)
-    return torch.stack([lam[m] * feature_map[i] + (1 - lam[m]) * feature_map[j]
-                        for m, (i, j) in enumerate(zip(first.tolist(), second.tolist(), strict=True))])
+    return torch.stack(
+        [
+            lam[m] * feature_map[i] + (1 - lam[m]) * feature_map[j]
+            for m, (i, j) in enumerate(zip(first.tolist(), second.tolist(), strict=True))
+        ]
+    )
 
 
 def value_and_gradient(function, feature_map: Tensor, probe: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,15 +59,19 @@ def value_and_gradient(function, feature_map: Tensor, probe: Tensor) -> tuple[Te
     return value.detach(), leaf.grad
 
 
-POOLS = {"avg": lambda x: x.mean(dim=(2, 3)), "max": lambda x: x.amax(dim=(2, 3)),
-         "avg+max": lambda x: x.mean(dim=(2, 3)) + x.amax(dim=(2, 3))}
+POOLS = {
+    "avg": lambda x: x.mean(dim=(2, 3)),
+    "max": lambda x: x.amax(dim=(2, 3)),
+    "avg+max": lambda x: x.mean(dim=(2, 3)) + x.amax(dim=(2, 3)),
+}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("chunk_elements", [1, 24, 50, 2**22])
-def test_mixed_pool_equals_the_pooling_of_the_materialised_maps(chunk_elements: int, pooling: str, layout: str,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_pool_equals_the_pooling_of_the_materialised_maps(
+    chunk_elements: int, pooling: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With one pair (or grid row) per chunk, chunks cutting them unevenly, and a single chunk."""
     monkeypatch.setattr(models.mixing, "CHUNK_ELEMENTS", chunk_elements)
     feature_map, first, second, lam = random_case(layout)
@@ -92,8 +101,10 @@ def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str, lay
     head = EmbeddingHead(5, 3, pooling=pooling, norm_layer="batch", remap=True, normalize=True).to(DTYPE)
     probe = torch.randn(first.shape[0], 3, dtype=DTYPE)
     results = []
-    for function in (lambda x: head.embed(head.pool_mixtures(x, first, second, lam)),
-                     lambda x: head(materialised(x, first, second, lam))):
+    for function in (
+        lambda x: head.embed(head.pool_mixtures(x, first, second, lam)),
+        lambda x: head(materialised(x, first, second, lam)),
+    ):
         head.zero_grad()
         value, gradient = value_and_gradient(function, feature_map, probe)
         results.append((value, gradient, head.remap.weight.grad.clone()))
@@ -102,8 +113,9 @@ def test_head_on_pooled_mixtures_equals_the_head_on_mixed_maps(pooling: str, lay
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunk_elements", [1, 2**22])
-def test_ties_share_the_gradient_as_with_torch_amax(chunk_elements: int, layout: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ties_share_the_gradient_as_with_torch_amax(
+    chunk_elements: int, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Constant maps tie at every position; after a ReLU many positions tie at zero."""
     monkeypatch.setattr(models.mixing, "CHUNK_ELEMENTS", chunk_elements)
     feature_map, first, second, lam = random_case(layout, seed=3)
@@ -129,8 +141,11 @@ def test_the_grid_is_taken_with_a_shared_lam_and_many_pairs(monkeypatch: pytest.
     taken = []
     for name in ("GridMax", "MixedMax"):
         forward = getattr(models.mixing, name).forward
-        monkeypatch.setattr(getattr(models.mixing, name), "forward", staticmethod(
-            lambda ctx, *args, name=name, forward=forward: taken.append(name) or forward(ctx, *args)))
+        monkeypatch.setattr(
+            getattr(models.mixing, name),
+            "forward",
+            staticmethod(lambda ctx, *args, name=name, forward=forward: taken.append(name) or forward(ctx, *args)),
+        )
     for layout in LAYOUTS:
         mixed_pool(*random_case(layout), "max")
     assert taken == ["GridMax", "MixedMax", "MixedMax"]

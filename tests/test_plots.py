@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from utils.data.image_dataset import ImageDataset, load_image
-from utils.plots import (
+from utils.reporting.plots import (
     RIGHT,
     WRONG,
     curve_panels,
@@ -29,7 +29,7 @@ def open_png(path: Path) -> np.ndarray:
 
 
 def colour_pixels(pixels: np.ndarray, colour: str) -> int:
-    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
     return int((np.abs(pixels - rgb).sum(axis=-1) < 30).sum())
 
 
@@ -77,8 +77,9 @@ def test_set(digits_path) -> ImageDataset:
 
 def pixel_embeddings(dataset: ImageDataset) -> torch.Tensor:
     """Raw 8 x 8 thumbnails: a real, imperfect embedding, so the grid shows right and wrong neighbours."""
-    return torch.tensor(np.stack([np.asarray(load_image(path).resize((8, 8))).ravel() for path in dataset.paths]),
-                        dtype=torch.float32)
+    return torch.tensor(
+        np.stack([np.asarray(load_image(path).resize((8, 8))).ravel() for path in dataset.paths]), dtype=torch.float32
+    )
 
 
 def test_retrieval_examples_exclude_the_query_and_follow_the_seed():

@@ -72,7 +72,7 @@ def server():
                 self.send_response(200)
             self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
-            self.wfile.write(data[start:start + state.cut.pop(name, len(data))])
+            self.wfile.write(data[start : start + state.cut.pop(name, len(data))])
 
         def log_message(self, *args):
             pass
@@ -80,8 +80,9 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield SimpleNamespace(files=files, hits=hits, state=state,
-                          url=lambda name: f"http://127.0.0.1:{httpd.server_port}/{name}")
+    yield SimpleNamespace(
+        files=files, hits=hits, state=state, url=lambda name: f"http://127.0.0.1:{httpd.server_port}/{name}"
+    )
     httpd.shutdown()
     httpd.server_close()
 
@@ -166,27 +167,43 @@ def test_failed_download_says_where_to_put_the_file(server, tmp_path):
     url = server.url("missing.tgz")
     with pytest.raises(InputError) as error:
         download(url, tmp_path / "x.tgz", note="or ask a colleague")
-    assert str(error.value) == (f"x.tgz not found and download failed ({url}: HTTP 404 Not Found): download it from "
-                                f"{url} to {tmp_path / 'x.tgz'}; or ask a colleague")
+    assert str(error.value) == (
+        f"x.tgz not found and download failed ({url}: HTTP 404 Not Found): download it from "
+        f"{url} to {tmp_path / 'x.tgz'}; or ask a colleague"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- extraction
 
 
-@pytest.mark.parametrize(("archive", "member"), [
-    (lambda: tar_bytes({"../evil": b"x"}), "../evil"),
-    (lambda: tar_bytes({"ok/../../evil": b"x"}), "ok/../../evil"),
-    (lambda: tar_bytes({"/tmp/prepare_data_evil": b"x"}), "/tmp/prepare_data_evil"),
-    (lambda: tar_bytes({}, {"link": (tarfile.SYMTYPE, "../evil")}), "link"),
-    (lambda: tar_bytes({}, {"dir/link": (tarfile.SYMTYPE, "../../evil")}), "dir/link"),
-    (lambda: tar_bytes({}, {"link": (tarfile.SYMTYPE, "/etc")}), "link"),
-    (lambda: tar_bytes({}, {"hard": (tarfile.LNKTYPE, "../evil")}), "hard"),
-    (lambda: zip_bytes({"../evil": b"x"}), "../evil"),
-    (lambda: zip_bytes({"/tmp/prepare_data_evil": b"x"}), "/tmp/prepare_data_evil"),
-    (lambda: zip_bytes({}, {"link": "../evil"}), "link"),
-], ids=["tar-parent", "tar-nested-parent", "tar-absolute", "tar-symlink", "tar-nested-symlink",
-        "tar-absolute-symlink", "tar-hardlink", "zip-parent", "zip-absolute", "zip-symlink"])
+@pytest.mark.parametrize(
+    ("archive", "member"),
+    [
+        (lambda: tar_bytes({"../evil": b"x"}), "../evil"),
+        (lambda: tar_bytes({"ok/../../evil": b"x"}), "ok/../../evil"),
+        (lambda: tar_bytes({"/tmp/prepare_data_evil": b"x"}), "/tmp/prepare_data_evil"),
+        (lambda: tar_bytes({}, {"link": (tarfile.SYMTYPE, "../evil")}), "link"),
+        (lambda: tar_bytes({}, {"dir/link": (tarfile.SYMTYPE, "../../evil")}), "dir/link"),
+        (lambda: tar_bytes({}, {"link": (tarfile.SYMTYPE, "/etc")}), "link"),
+        (lambda: tar_bytes({}, {"hard": (tarfile.LNKTYPE, "../evil")}), "hard"),
+        (lambda: zip_bytes({"../evil": b"x"}), "../evil"),
+        (lambda: zip_bytes({"/tmp/prepare_data_evil": b"x"}), "/tmp/prepare_data_evil"),
+        (lambda: zip_bytes({}, {"link": "../evil"}), "link"),
+    ],
+    ids=[
+        "tar-parent",
+        "tar-nested-parent",
+        "tar-absolute",
+        "tar-symlink",
+        "tar-nested-symlink",
+        "tar-absolute-symlink",
+        "tar-hardlink",
+        "zip-parent",
+        "zip-absolute",
+        "zip-symlink",
+    ],
+)
 def test_extraction_refuses_members_escaping_the_target(tmp_path, archive, member):
     path = tmp_path / "archive"
     path.write_bytes(archive())
@@ -221,8 +238,14 @@ def test_damaged_archive_is_reported(tmp_path):
 
 # ---------------------------------------------------------------- stand-ins of the data sets
 
-CUB_IMAGES = [("001.Albatross/a1.jpg", 1), ("001.Albatross/a2.jpg", 1), ("100.Pelican/p1.jpg", 100),
-              ("101.Sparrow/s1.jpg", 101), ("200.Wren/w1.jpg", 200), ("200.Wren/w2.jpg", 200)]
+CUB_IMAGES = [
+    ("001.Albatross/a1.jpg", 1),
+    ("001.Albatross/a2.jpg", 1),
+    ("100.Pelican/p1.jpg", 100),
+    ("101.Sparrow/s1.jpg", 101),
+    ("200.Wren/w1.jpg", 200),
+    ("200.Wren/w2.jpg", 200),
+]
 
 
 def cub_files(prefix: str) -> dict[str, bytes]:
@@ -234,10 +257,16 @@ def cub_files(prefix: str) -> dict[str, bytes]:
     return files | {f"{prefix}images/{path}": JPEG for path, _ in CUB_IMAGES}
 
 
-CUB_TRAIN = ["CUB_200_2011/images/001.Albatross/a1.jpg,0", "CUB_200_2011/images/001.Albatross/a2.jpg,0",
-             "CUB_200_2011/images/100.Pelican/p1.jpg,1"]
-CUB_TEST = ["CUB_200_2011/images/101.Sparrow/s1.jpg,0", "CUB_200_2011/images/200.Wren/w1.jpg,1",
-            "CUB_200_2011/images/200.Wren/w2.jpg,1"]
+CUB_TRAIN = [
+    "CUB_200_2011/images/001.Albatross/a1.jpg,0",
+    "CUB_200_2011/images/001.Albatross/a2.jpg,0",
+    "CUB_200_2011/images/100.Pelican/p1.jpg,1",
+]
+CUB_TEST = [
+    "CUB_200_2011/images/101.Sparrow/s1.jpg,0",
+    "CUB_200_2011/images/200.Wren/w1.jpg,1",
+    "CUB_200_2011/images/200.Wren/w2.jpg,1",
+]
 
 
 @pytest.fixture
@@ -251,8 +280,9 @@ def test_cub_is_downloaded_once_and_split_by_class(server, tmp_path, cub_archive
     result = run(prepare_data.cub, data_path=str(tmp_path), expected={"train": [3, 2], "test": [3, 2]}, **cub_archive)
     assert lines(tmp_path / "train.txt") == CUB_TRAIN
     assert lines(tmp_path / "test.txt") == CUB_TEST
-    assert result == (f"ready in {tmp_path}: train.txt 3 images / 2 classes, test.txt 3 images / 2 classes; "
-                      f"every image decodes")
+    assert result == (
+        f"ready in {tmp_path}: train.txt 3 images / 2 classes, test.txt 3 images / 2 classes; every image decodes"
+    )
     assert manifest.read(tmp_path)["complete"] is True
     run(prepare_data.cub, data_path=str(tmp_path), **cub_archive)
     assert server.hits["CUB_200_2011.tgz"] == 1
@@ -282,8 +312,12 @@ def test_missing_images_are_reported(server, tmp_path):
 
 def test_download_off_names_the_url_and_path(tmp_path):
     url = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-    with pytest.raises(InputError, match=re.escape(f"CUB_200_2011.tgz not found and download=False: download {url} "
-                                                   f"to {tmp_path}/CUB_200_2011.tgz")):
+    with pytest.raises(
+        InputError,
+        match=re.escape(
+            f"CUB_200_2011.tgz not found and download=False: download {url} to {tmp_path}/CUB_200_2011.tgz"
+        ),
+    ):
         run(prepare_data.cub, data_path=str(tmp_path), download=False)
 
 
@@ -303,8 +337,12 @@ def cars_files(server):
     classes = [1, 98, 99, 196, 1]
     server.files["car_ims.tgz"] = tar_bytes({f"car_ims/{i:06d}.jpg": JPEG for i in range(1, len(classes) + 1)})
     server.files["cars_annos.mat"] = cars_annotations(classes)
-    return {"images_urls": server.url("car_ims.tgz"), "images_md5": md5(server.files["car_ims.tgz"]),
-            "annotations_urls": server.url("cars_annos.mat"), "annotations_md5": md5(server.files["cars_annos.mat"])}
+    return {
+        "images_urls": server.url("car_ims.tgz"),
+        "images_md5": md5(server.files["car_ims.tgz"]),
+        "annotations_urls": server.url("cars_annos.mat"),
+        "annotations_md5": md5(server.files["cars_annos.mat"]),
+    }
 
 
 def test_cars_split_by_class(server, tmp_path, cars_files):
@@ -326,10 +364,17 @@ def sop_archive(server):
     header = "image_id class_id super_class_id path\n"
     train = header + "1 1 1 bicycle_final/111_0.JPG\n2 1 1 bicycle_final/111_1.JPG\n3 5 2 chair_final/222_0.JPG\n"
     test = header + "4 11319 3 table_final/333_0.JPG\n5 11320 3 table_final/444_0.JPG\n"
-    images = ["bicycle_final/111_0.JPG", "bicycle_final/111_1.JPG", "chair_final/222_0.JPG", "table_final/333_0.JPG",
-              "table_final/444_0.JPG"]
-    files = {"Stanford_Online_Products/Ebay_train.txt": train.encode(),
-             "Stanford_Online_Products/Ebay_test.txt": test.encode()}
+    images = [
+        "bicycle_final/111_0.JPG",
+        "bicycle_final/111_1.JPG",
+        "chair_final/222_0.JPG",
+        "table_final/333_0.JPG",
+        "table_final/444_0.JPG",
+    ]
+    files = {
+        "Stanford_Online_Products/Ebay_train.txt": train.encode(),
+        "Stanford_Online_Products/Ebay_test.txt": test.encode(),
+    }
     server.files["sop.zip"] = zip_bytes(files | {f"Stanford_Online_Products/{path}": JPEG for path in images})
     return {"urls": server.url("sop.zip"), "md5": md5(server.files["sop.zip"])}
 
@@ -337,8 +382,11 @@ def sop_archive(server):
 def test_sop_follows_the_official_lists(tmp_path, sop_archive):
     run(prepare_data.sop, data_path=str(tmp_path), **sop_archive)
     prefix = "Stanford_Online_Products/"
-    assert lines(tmp_path / "train.txt") == [f"{prefix}bicycle_final/111_0.JPG,0", f"{prefix}bicycle_final/111_1.JPG,0",
-                                             f"{prefix}chair_final/222_0.JPG,1"]
+    assert lines(tmp_path / "train.txt") == [
+        f"{prefix}bicycle_final/111_0.JPG,0",
+        f"{prefix}bicycle_final/111_1.JPG,0",
+        f"{prefix}chair_final/222_0.JPG,1",
+    ]
     assert lines(tmp_path / "test.txt") == [f"{prefix}table_final/333_0.JPG,0", f"{prefix}table_final/444_0.JPG,1"]
     assert (tmp_path / "Stanford_Online_Products.zip").is_file()
 
@@ -364,11 +412,15 @@ def test_inshop_from_placed_files_shares_query_and_gallery_labels(tmp_path):
         (tmp_path / path).write_bytes(JPEG)
     run(prepare_data.inshop, data_path=str(tmp_path))
     assert [line[-2:] for line in lines(tmp_path / "train.txt")] == [",0", ",0", ",1"]
-    assert lines(tmp_path / "test_query.txt") == ["img/MEN/Denim/id_00000007/01_1_front.jpg,0",
-                                                  "img/WOMEN/Skirts/id_00000010/01_2_side.jpg,2",
-                                                  "img/MEN/Denim/id_00000009/01_1_front.jpg,1"]
-    assert lines(tmp_path / "test_gallery.txt") == ["img/MEN/Denim/id_00000007/01_2_side.jpg,0",
-                                                    "img/WOMEN/Skirts/id_00000010/01_1_front.jpg,2"]
+    assert lines(tmp_path / "test_query.txt") == [
+        "img/MEN/Denim/id_00000007/01_1_front.jpg,0",
+        "img/WOMEN/Skirts/id_00000010/01_2_side.jpg,2",
+        "img/MEN/Denim/id_00000009/01_1_front.jpg,1",
+    ]
+    assert lines(tmp_path / "test_gallery.txt") == [
+        "img/MEN/Denim/id_00000007/01_2_side.jpg,0",
+        "img/WOMEN/Skirts/id_00000010/01_1_front.jpg,2",
+    ]
 
 
 def test_inshop_in_the_deepfashion_layout_is_unzipped(tmp_path):
@@ -392,11 +444,13 @@ def test_missing_inshop_says_what_to_place(tmp_path):
 
 
 def test_prepare_all_reports_every_data_set(server, tmp_path, capsys, cub_archive, cars_files, sop_archive):
-    updates = {"cub": {"data_path": str(tmp_path / "cub"), "urls": server.url("gone.tgz")},
-               "cars": {"data_path": str(tmp_path / "cars"), **cars_files},
-               "sop": {"data_path": str(tmp_path / "sop"), **sop_archive},
-               "inshop": {"data_path": str(tmp_path / "inshop")},
-               "digits": {"data_path": str(tmp_path / "digits")}}
+    updates = {
+        "cub": {"data_path": str(tmp_path / "cub"), "urls": server.url("gone.tgz")},
+        "cars": {"data_path": str(tmp_path / "cars"), **cars_files},
+        "sop": {"data_path": str(tmp_path / "sop"), **sop_archive},
+        "inshop": {"data_path": str(tmp_path / "inshop")},
+        "digits": {"data_path": str(tmp_path / "digits")},
+    }
     updates = {name: {"expected": None} | update for name, update in updates.items()}
     del updates["digits"]["expected"]  # the published counts of the digits are the real ones
     assert prepare_data.prepare_all(updates) == 1  # cub and inshop are not ready
@@ -404,14 +458,22 @@ def test_prepare_all_reports_every_data_set(server, tmp_path, capsys, cub_archiv
     assert report[0].startswith("cub: CUB_200_2011.tgz not found and download failed (")
     assert report[1].startswith(f"cars: ready in {tmp_path / 'cars'}: train.txt 3 images / 2 classes")
     assert [line.split(":")[0] for line in report] == ["cub", "cars", "sop", "inshop", "digits"]
-    assert report[-1] == (f"digits: ready in {tmp_path / 'digits'}: train.txt 901 images / 5 classes, "
-                          f"test.txt 896 images / 5 classes; every image decodes")
+    assert report[-1] == (
+        f"digits: ready in {tmp_path / 'digits'}: train.txt 901 images / 5 classes, "
+        f"test.txt 896 images / 5 classes; every image decodes"
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cars", "digits", "sop"]  # no empty folders
 
 
 def command(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, env=os.environ | env, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "prepare_data.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=os.environ | env,
+        timeout=60,
+    )
 
 
 def test_without_arguments_every_data_set_is_prepared_or_explained(tmp_path):

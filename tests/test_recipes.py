@@ -19,7 +19,7 @@ from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 
 from models.backbones import resolve_weights
-from utils.checkpoint import flatten
+from utils.engine.checkpoint import flatten
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "tests" / "recipes.json"
@@ -77,10 +77,15 @@ def test_the_snapshot_has_exactly_the_readme_commands() -> None:
 def test_recipe_resolves_to_its_snapshot(command: str) -> None:
     expected = snapshot().get(command, {})
     resolved = resolve(command)
-    changed = {key: (expected.get(key, "<absent>"), resolved.get(key, "<absent>"))
-               for key in sorted(expected.keys() | resolved.keys()) if expected.get(key) != resolved.get(key)}
-    assert not changed, (f"{command}: (snapshot, now) {changed}; if deliberate, run "
-                         f"`.venv/bin/python -m tests.test_recipes --update` and review the diff")
+    changed = {
+        key: (expected.get(key, "<absent>"), resolved.get(key, "<absent>"))
+        for key in sorted(expected.keys() | resolved.keys())
+        if expected.get(key) != resolved.get(key)
+    }
+    assert not changed, (
+        f"{command}: (snapshot, now) {changed}; if deliberate, run "
+        f"`.venv/bin/python -m tests.test_recipes --update` and review the diff"
+    )
 
 
 def main() -> None:
@@ -88,8 +93,9 @@ def main() -> None:
     parser.add_argument("--update", action="store_true", required=True, help="regenerate the snapshot")
     parser.parse_args()
     commands = sorted(set(readme_commands()))
-    SNAPSHOT.write_text(json.dumps({command: resolve(command) for command in commands}, indent=1, sort_keys=True)
-                        + "\n")
+    SNAPSHOT.write_text(
+        json.dumps({command: resolve(command) for command in commands}, indent=1, sort_keys=True) + "\n"
+    )
     print(f"wrote {len(commands)} configurations to {SNAPSHOT.relative_to(REPO)}")
 
 

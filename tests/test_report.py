@@ -15,7 +15,7 @@ from PIL import Image
 
 from experiment import ex
 from tests.conftest import digits_updates
-from utils.report import CE_R1, main, published_recipes, resolve_config
+from utils.reporting.report import CE_R1, main, published_recipes, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "python experiment.py with dataset.cub metrix_recipe loss.contrastive metrix.feature"
@@ -26,8 +26,18 @@ def result_dir(digits_path, tmp_path_factory) -> Path:
     """Runs 1 and 2: the same configuration with seeds 1 and 2; run 3: another learning rate."""
     folder = tmp_path_factory.mktemp("results")
     for updates in (["seed=1"], ["seed=2"], ["seed=1", "lr=0.01"]):
-        ex.run_commandline(["experiment.py", "-F", str(folder), "with", *digits_updates(digits_path), "epochs=1",
-                            "evaluation.recalls=[1,2]", *updates])
+        ex.run_commandline(
+            [
+                "experiment.py",
+                "-F",
+                str(folder),
+                "with",
+                *digits_updates(digits_path),
+                "epochs=1",
+                "evaluation.recalls=[1,2]",
+                *updates,
+            ]
+        )
     return folder
 
 
@@ -89,15 +99,17 @@ def test_csv_and_chart(result_dir, tmp_path, capsys):
 
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "utils.report", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "utils.report", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_a_folder_without_runs_is_one_clear_line(tmp_path):
     done = run_report(str(tmp_path))
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [f"error: {tmp_path} holds no runs (no {tmp_path}/<id>/run.json); "
-                                                "give the folder passed to `-F` when training"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: {tmp_path} holds no runs (no {tmp_path}/<id>/run.json); give the folder passed to `-F` when training"
+    ]
 
 
 def test_a_corrupt_run_json_is_one_clear_line(result_dir, tmp_path):
@@ -111,13 +123,17 @@ def test_a_corrupt_run_json_is_one_clear_line(result_dir, tmp_path):
 
 def test_published_figures_are_the_readme_and_design_ones():
     readme = (REPO / "README.md").read_text()
-    table = dict(re.findall(r"^\| `main\.py [^`]*` \| `(python experiment\.py with [^`]*)` \| ([\d.]+) \|", readme,
-                            flags=re.MULTILINE))
+    table = dict(
+        re.findall(
+            r"^\| `main\.py [^`]*` \| `(python experiment\.py with [^`]*)` \| ([\d.]+) \|", readme, flags=re.MULTILINE
+        )
+    )
     metrix = {command: figure for command, (figure, paper) in published_recipes().items() if paper == "Metrix paper"}
     assert len(table) == 24 and {command: float(r1) for command, r1 in table.items()} == metrix
     assert all(f"python experiment.py with {updates}" in readme for updates in CE_R1)
     design = REPO.parent / "shared" / "DESIGN.md"
     if design.exists():
         assert "Cross-entropy (2048-d, CE paper): CUB 69.2, Cars 89.3, SOP 81.1, In-Shop 90.6 R@1" in " ".join(
-            design.read_text().split())
+            design.read_text().split()
+        )
         assert list(CE_R1.values()) == [69.2, 89.3, 81.1, 90.6]

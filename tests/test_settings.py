@@ -12,18 +12,58 @@ from utils.errors import InputError
 from utils.settings import CROSS_RULES, MISSING, RULES, check_settings, lookup, violations
 
 # Values of every family the issue names; each rule must refuse at least one and accept its defaults.
-CANDIDATES = [-2, -1, 0, 1, 2, 3, 8, 70_000, 2**32, 0.5, 1.5, -0.5, math.nan, math.inf, 180.5, True, "abc", "",
-              None, [], [0], [1, 2], [2, 1], [0.5, 1.0], [0.0, 1.0], [1.0, 2.0], [1, 2, 3, 4], [-1, 0, 0, 0],
-              ["recall"], ["accuracy"], "recall"]
-NAMED = {experiment.ex: [[], ["dataset.cub"], ["dataset.sop", "metrix_recipe", "loss.contrastive", "metrix.feature"],
-                         ["dataset.inshop", "model.bninception"], ["dataset.cars", "loss.proxyanchor", "metrix.input"]],
-         autoencoder_experiment.ex: [[], ["dataset.cub_vae", "vae.vae"], ["dataset.inshop_vae", "vae.ae"]]}
+CANDIDATES = [
+    -2,
+    -1,
+    0,
+    1,
+    2,
+    3,
+    8,
+    70_000,
+    2**32,
+    0.5,
+    1.5,
+    -0.5,
+    math.nan,
+    math.inf,
+    180.5,
+    True,
+    "abc",
+    "",
+    None,
+    [],
+    [0],
+    [1, 2],
+    [2, 1],
+    [0.5, 1.0],
+    [0.0, 1.0],
+    [1.0, 2.0],
+    [1, 2, 3, 4],
+    [-1, 0, 0, 0],
+    ["recall"],
+    ["accuracy"],
+    "recall",
+]
+NAMED = {
+    experiment.ex: [
+        [],
+        ["dataset.cub"],
+        ["dataset.sop", "metrix_recipe", "loss.contrastive", "metrix.feature"],
+        ["dataset.inshop", "model.bninception"],
+        ["dataset.cars", "loss.proxyanchor", "metrix.input"],
+    ],
+    autoencoder_experiment.ex: [[], ["dataset.cub_vae", "vae.vae"], ["dataset.inshop_vae", "vae.ae"]],
+}
 
 
 def configs() -> list[dict]:
     """The configs of both experiments, by default and under named configs (the seed command lines' ones)."""
-    return [ex._create_run(named_configs=named, options={"--loglevel": "ERROR"}).config
-            for ex, combinations in NAMED.items() for named in combinations]
+    return [
+        ex._create_run(named_configs=named, options={"--loglevel": "ERROR"}).config
+        for ex, combinations in NAMED.items()
+        for named in combinations
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,54 +100,74 @@ def test_each_rule_refuses_bad_values_with_the_key_value_and_range(key):
         assert str(error.value) == f"{key}={value!r} is invalid: expected {check.description}"
 
 
-@pytest.mark.parametrize(("key", "value", "description"), [
-    ("epochs", "abc", "an integer >= 0"),
-    ("epochs", -2, "an integer >= 0"),
-    ("epochs", 2.5, "an integer >= 0"),
-    ("seed", -1, "an integer >= 0 and <= 4,294,967,295"),
-    ("dataset.batch_size", 0, "an integer >= 1"),
-    ("dataset.crop_size", -32, "an integer >= 1"),
-    ("evaluation.recalls", [0], "a non-empty list, each an integer >= 1"),
-    ("evaluation.recalls", "[1,2]", "a non-empty list, each an integer >= 1"),
-    ("evaluation.recalls", [1, -4], "a non-empty list, each an integer >= 1"),
-    ("evaluation.metrics", ["recall", "accuracy"], "a non-empty list, each one of recall, map_at_r, r_precision, "
-                                                   "nmi, utilization"),
-    ("label_smoothing", 2, "a number in [0, 1)"),
-    ("label_smoothing", 1.0, "a number in [0, 1)"),
-    ("grad_clip", -1, "None or a number in (0, infinity)"),
-    ("grad_clip", 0, "None or a number in (0, infinity)"),
-    ("lr", math.nan, "a number in (0, infinity)"),
-    ("cpu", 1, "True or False"),
-    ("model.num_features", 0, "None or an integer >= 1"),
-    ("dataset.scale", [0.9, 0.1], "[a, b] with 0 < a <= b <= 1"),
-    ("dataset.resize", [256], "None or an integer >= 1 or a list of 2, each an integer >= 1"),
-    ("vae.hidden_dims", [], "None or a non-empty list, each an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "description"),
+    [
+        ("epochs", "abc", "an integer >= 0"),
+        ("epochs", -2, "an integer >= 0"),
+        ("epochs", 2.5, "an integer >= 0"),
+        ("seed", -1, "an integer >= 0 and <= 4,294,967,295"),
+        ("dataset.batch_size", 0, "an integer >= 1"),
+        ("dataset.crop_size", -32, "an integer >= 1"),
+        ("evaluation.recalls", [0], "a non-empty list, each an integer >= 1"),
+        ("evaluation.recalls", "[1,2]", "a non-empty list, each an integer >= 1"),
+        ("evaluation.recalls", [1, -4], "a non-empty list, each an integer >= 1"),
+        (
+            "evaluation.metrics",
+            ["recall", "accuracy"],
+            "a non-empty list, each one of recall, map_at_r, r_precision, nmi, utilization",
+        ),
+        ("label_smoothing", 2, "a number in [0, 1)"),
+        ("label_smoothing", 1.0, "a number in [0, 1)"),
+        ("grad_clip", -1, "None or a number in (0, infinity)"),
+        ("grad_clip", 0, "None or a number in (0, infinity)"),
+        ("lr", math.nan, "a number in (0, infinity)"),
+        ("cpu", 1, "True or False"),
+        ("model.num_features", 0, "None or an integer >= 1"),
+        ("dataset.scale", [0.9, 0.1], "[a, b] with 0 < a <= b <= 1"),
+        ("dataset.resize", [256], "None or an integer >= 1 or a list of 2, each an integer >= 1"),
+        ("vae.hidden_dims", [], "None or a non-empty list, each an integer >= 1"),
+    ],
+)
 def test_the_issues_examples(key, value, description):
     assert RULES[key].description == description
     assert not RULES[key].test(value)
 
 
-@pytest.mark.parametrize(("config", "line"), [
-    ({"dataset": {"crop_size": 300, "resize": 256}},
-     "dataset.crop_size=300, dataset.resize=256 are inconsistent: expected dataset.crop_size <= dataset.resize "
-     "(its shorter side)"),
-    ({"dataset": {"crop_size": 224, "resize": [256, 200]}}, "dataset.crop_size=224, dataset.resize=[256, 200]"),
-    ({"dataset": {"sampler": "balanced", "images_per_class": 5, "batch_size": 4}},
-     "expected dataset.images_per_class <= dataset.batch_size with a class sampler"),
-    ({"warm_epochs": 3, "epochs": 2}, "expected warm_epochs <= epochs"),
-    ({"scheduler": "step", "lr_step": None}, "expected lr_step set (epochs between decays) when scheduler is step"),
-    ({"nesterov": True, "momentum": 0.0}, "expected momentum > 0 when nesterov=True"),
-], ids=["crop-resize", "crop-resize-pair", "images-per-class", "warm", "lr-step", "nesterov"])
+@pytest.mark.parametrize(
+    ("config", "line"),
+    [
+        (
+            {"dataset": {"crop_size": 300, "resize": 256}},
+            "dataset.crop_size=300, dataset.resize=256 are inconsistent: expected dataset.crop_size <= dataset.resize "
+            "(its shorter side)",
+        ),
+        ({"dataset": {"crop_size": 224, "resize": [256, 200]}}, "dataset.crop_size=224, dataset.resize=[256, 200]"),
+        (
+            {"dataset": {"sampler": "balanced", "images_per_class": 5, "batch_size": 4}},
+            "expected dataset.images_per_class <= dataset.batch_size with a class sampler",
+        ),
+        ({"warm_epochs": 3, "epochs": 2}, "expected warm_epochs <= epochs"),
+        ({"scheduler": "step", "lr_step": None}, "expected lr_step set (epochs between decays) when scheduler is step"),
+        ({"nesterov": True, "momentum": 0.0}, "expected momentum > 0 when nesterov=True"),
+    ],
+    ids=["crop-resize", "crop-resize-pair", "images-per-class", "warm", "lr-step", "nesterov"],
+)
 def test_cross_key_rules(config, line):
     lines = violations(config)
     assert len(lines) == 1 and line in lines[0]
 
 
 def test_every_cross_rule_is_tested_and_passes_when_consistent():
-    consistent = {"dataset": {"crop_size": 224, "resize": 256, "sampler": "random", "images_per_class": 5,
-                              "batch_size": 2},
-                  "warm_epochs": 1, "epochs": 1, "scheduler": "step", "lr_step": 10, "nesterov": True, "momentum": 0.9}
+    consistent = {
+        "dataset": {"crop_size": 224, "resize": 256, "sampler": "random", "images_per_class": 5, "batch_size": 2},
+        "warm_epochs": 1,
+        "epochs": 1,
+        "scheduler": "step",
+        "lr_step": 10,
+        "nesterov": True,
+        "momentum": 0.9,
+    }
     assert violations(consistent) == []
     assert len(CROSS_RULES) == 5  # one parametrised case above per rule
 
@@ -118,12 +178,15 @@ def test_absent_keys_are_skipped_and_every_violation_gets_a_line():
     assert [line.split("=")[0] for line in lines] == ["epochs", "dataset.batch_size", "dataset.crop_size"]
 
 
-@pytest.mark.parametrize(("updates", "fragments"), [
-    (["epochs=abc"], ["epochs='abc' is invalid: expected an integer >= 0"]),
-    (["seed=-1"], ["seed=-1 is invalid"]),
-    (["dataset.crop_size=64", "dataset.resize=48"], ["dataset.crop_size=64, dataset.resize=48 are inconsistent"]),
-    (["label_smoothing=2"], ["label_smoothing=2 is invalid: expected a number in [0, 1)"]),
-])
+@pytest.mark.parametrize(
+    ("updates", "fragments"),
+    [
+        (["epochs=abc"], ["epochs='abc' is invalid: expected an integer >= 0"]),
+        (["seed=-1"], ["seed=-1 is invalid"]),
+        (["dataset.crop_size=64", "dataset.resize=48"], ["dataset.crop_size=64, dataset.resize=48 are inconsistent"]),
+        (["label_smoothing=2"], ["label_smoothing=2 is invalid: expected a number in [0, 1)"]),
+    ],
+)
 def test_the_command_line_refuses_before_reading_data(experiment, updates, fragments, tmp_path):
     # A data path that does not exist: the settings are refused first.
     outcome = experiment("with", f"dataset.data_path={tmp_path / 'absent'}", *updates)

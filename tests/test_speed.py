@@ -11,8 +11,8 @@ from losses.multi_similarity import MultiSimilarityLoss
 from models.backbones import small_cnn
 from models.metric_model import EmbeddingHead, MetricModel
 from tests.conftest import assert_input_error, digits_updates
+from utils.engine.speed import Precision, batch_mover, prepare_model
 from utils.errors import InputError
-from utils.speed import Precision, batch_mover, prepare_model
 
 CPU = torch.device("cpu")
 
@@ -33,8 +33,9 @@ def setup(device: torch.device = CPU) -> tuple[MetricModel, Criterion, torch.Ten
     return model, criterion, images, (torch.arange(8) % 4).to(device)
 
 
-def gradient(amp: str | None, channels_last: bool = False, device: torch.device = CPU
-             ) -> tuple[torch.Tensor, torch.Tensor, Criterion]:
+def gradient(
+    amp: str | None, channels_last: bool = False, device: torch.device = CPU
+) -> tuple[torch.Tensor, torch.Tensor, Criterion]:
     model, criterion, images, labels = setup(device)
     prepare_model(model, channels_last, compile=False)
     images = batch_mover(device, channels_last)(images)

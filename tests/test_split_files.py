@@ -25,18 +25,24 @@ def split_file(tmp_path, data: bytes):
 CRLF = LINES.replace("\n", "\r\n")
 
 
-@pytest.mark.parametrize("data", [LINES.encode(), b"\xef\xbb\xbf" + LINES.encode(), CRLF.encode(),
-                                  b"\xef\xbb\xbf" + CRLF.encode()],
-                         ids=["utf-8", "bom", "crlf", "bom-crlf"])
+@pytest.mark.parametrize(
+    "data",
+    [LINES.encode(), b"\xef\xbb\xbf" + LINES.encode(), CRLF.encode(), b"\xef\xbb\xbf" + CRLF.encode()],
+    ids=["utf-8", "bom", "crlf", "bom-crlf"],
+)
 def test_bom_and_crlf_are_read(tmp_path, data):
     assert read_split(split_file(tmp_path, data)) == [("a.png", 0), ("b.png", 1), ("c.png", 1)]
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (LINES.encode("utf-16"), "is UTF-16 or UTF-32 encoded: save it as UTF-8"),
-    (LINES.encode("utf-16-le"), "holds NUL characters (UTF-16 without a byte-order mark?): save it as UTF-8"),
-    ("é.png,0\nb.png,1\n".encode("latin-1"), "is not UTF-8 (byte 0 cannot be decoded): save it as UTF-8"),
-], ids=["utf-16", "utf-16-without-bom", "latin-1"])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (LINES.encode("utf-16"), "is UTF-16 or UTF-32 encoded: save it as UTF-8"),
+        (LINES.encode("utf-16-le"), "holds NUL characters (UTF-16 without a byte-order mark?): save it as UTF-8"),
+        ("é.png,0\nb.png,1\n".encode("latin-1"), "is not UTF-8 (byte 0 cannot be decoded): save it as UTF-8"),
+    ],
+    ids=["utf-16", "utf-16-without-bom", "latin-1"],
+)
 def test_other_encodings_are_refused(tmp_path, data, message):
     with pytest.raises(InputError) as error:
         read_split(split_file(tmp_path, data))
@@ -45,16 +51,19 @@ def test_other_encodings_are_refused(tmp_path, data, message):
 
 @pytest.mark.parametrize("label", ["-1", "²", "٣", "1.0", "0x1", ""])
 def test_labels_are_non_negative_ascii_integers(tmp_path, label):
-    with pytest.raises(InputError, match=f"line 2: expected 'relative/path,label' with a label 0, 1, 2, ..., got "
-                                         f"'b.png,{label}'"):
+    with pytest.raises(
+        InputError, match=f"line 2: expected 'relative/path,label' with a label 0, 1, 2, ..., got 'b.png,{label}'"
+    ):
         read_split(split_file(tmp_path, f"a.png,0\nb.png,{label}\n".encode()))
 
 
 def test_sparse_labels_name_the_largest_instead_of_allocating(tmp_path):
     with pytest.raises(InputError) as error:
         read_split(split_file(tmp_path, b"a.png,0\nb.png,100000000\n"))
-    assert str(error.value) == (f"{tmp_path / 'train.txt'}: largest label 100,000,000 but only 2 images: labels must "
-                                f"number the classes densely from 0 (0, 1, 2, ...); renumber them")
+    assert str(error.value) == (
+        f"{tmp_path / 'train.txt'}: largest label 100,000,000 but only 2 images: labels must "
+        f"number the classes densely from 0 (0, 1, 2, ...); renumber them"
+    )
 
 
 def test_a_test_split_of_one_class_is_refused(tmp_path):
@@ -97,8 +106,9 @@ def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
 def test_concurrent_runs_render_the_digits_once_and_completely(tmp_path):
     root = tmp_path / "digits"
     code = f"from utils.data.digits import prepare_digits; prepare_digits({str(root)!r})"
-    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
-            for _ in range(3)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(3)
+    ]
     for process in runs:
         assert process.wait(timeout=120) == 0, process.stderr.read()
     assert len(read_split(root / "train.txt")) == 901 and len(read_split(root / "test.txt")) == 896

@@ -49,8 +49,13 @@ def run_status(run_dir: Path) -> dict:
 @pytest.mark.parametrize(("script", "extra"), [("experiment.py", ()), ("autoencoder_experiment.py", ("vae.ae",))])
 def test_two_processes_leave_one_run_directory(script, extra, digits_path, tmp_path):
     observed = tmp_path / "runs"
-    done = run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                        *training(observed, digits_path, "epochs=1", *extra, script=script)))
+    done = run(
+        torchrun(
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            *training(observed, digits_path, "epochs=1", *extra, script=script),
+        )
+    )
     assert sorted(path.name for path in observed.iterdir() if path.name != "_sources") == ["1"]
     assert run_status(observed / "1")["status"] == "COMPLETED"
     assert done.stdout.count("Best epoch 1") + done.stdout.count("Best epoch 0") == 1  # rank 0 prints, alone
@@ -59,11 +64,24 @@ def test_two_processes_leave_one_run_directory(script, extra, digits_path, tmp_p
 
 def test_two_local_nodes_train_together(digits_path, tmp_path):
     observed, port = tmp_path / "runs", free_port()
-    nodes = [subprocess.Popen(torchrun("--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
-                                       "--master_addr=127.0.0.1", f"--master_port={port}",
-                                       *training(observed, digits_path, "epochs=1")),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ, cwd=REPO)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            torchrun(
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *training(observed, digits_path, "epochs=1"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ,
+            cwd=REPO,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert sorted(path.name for path in observed.iterdir() if path.name != "_sources") == ["1"]
@@ -74,8 +92,13 @@ def test_resume_under_another_number_of_processes(digits_path, tmp_path):
     observed = tmp_path / "runs"
     run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *training(observed, digits_path, "epochs=1")))
     run([sys.executable, *training(observed, digits_path, "epochs=2", f"resume={observed / '1'}")])
-    run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                 *training(observed, digits_path, "epochs=3", f"resume={observed / '2'}")))
+    run(
+        torchrun(
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            *training(observed, digits_path, "epochs=3", f"resume={observed / '2'}"),
+        )
+    )
     infos = [json.loads((observed / str(i) / "info.json").read_text()) for i in (2, 3)]
     assert all("metrics" in info for info in infos)
     metrics = json.loads((observed / "3" / "metrics.json").read_text())
@@ -83,18 +106,31 @@ def test_resume_under_another_number_of_processes(digits_path, tmp_path):
 
 
 # 40 class-balanced global batches of 16 per epoch (2 classes whole on each rank), Metrix in feature mode.
-LONG_EPOCHS = ("dataset.sampler=balanced", "dataset.images_per_class=4", "dataset.num_iterations=40", "epochs=2",
-               "loss.contrastive", "metrix.feature", "lr=0.01", "evaluation.final_metrics=['recall','map_at_r']")
+LONG_EPOCHS = (
+    "dataset.sampler=balanced",
+    "dataset.images_per_class=4",
+    "dataset.num_iterations=40",
+    "epochs=2",
+    "loss.contrastive",
+    "metrix.feature",
+    "lr=0.01",
+    "evaluation.final_metrics=['recall','map_at_r']",
+)
 
 
 def test_sigterm_to_torchrun_stops_every_rank_and_resuming_ends_like_the_uninterrupted_run(digits_path, tmp_path):
     left_alone, stopped = tmp_path / "left_alone", tmp_path / "stopped"
-    run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                 *training(left_alone, digits_path, *LONG_EPOCHS)))
+    run(
+        torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *training(left_alone, digits_path, *LONG_EPOCHS))
+    )
     log = (tmp_path / "stopped.txt").open("w")
-    launcher = subprocess.Popen(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                                         *training(stopped, digits_path, *LONG_EPOCHS)),
-                                stdout=log, stderr=subprocess.STDOUT, env=os.environ, cwd=REPO)
+    launcher = subprocess.Popen(
+        torchrun("--nproc_per_node=2", f"--master_port={free_port()}", *training(stopped, digits_path, *LONG_EPOCHS)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ,
+        cwd=REPO,
+    )
     checkpoint = stopped / "1" / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while not (checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] == 2):  # in epoch 2
@@ -105,14 +141,20 @@ def test_sigterm_to_torchrun_stops_every_rank_and_resuming_ends_like_the_uninter
     output = (tmp_path / "stopped.txt").read_text()
     assert run_status(stopped / "1")["status"] == "INTERRUPTED", output[-3000:]
     assert re.search(r"stopped by SIGTERM at epoch 2, iteration \d+; the checkpoint is", output), output[-3000:]
-    run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                 *training(stopped, digits_path, *LONG_EPOCHS, f"resume={stopped / '1'}")))
+    run(
+        torchrun(
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            *training(stopped, digits_path, *LONG_EPOCHS, f"resume={stopped / '1'}"),
+        )
+    )
     final = [torch.load(run_dir / "checkpoint.pt", weights_only=True) for run_dir in (left_alone / "1", stopped / "2")]
     assert final[0]["epoch"] == final[1]["epoch"] == 3
     for name, weight in final[0]["model"].items():
         assert torch.equal(weight, final[1]["model"][name]), name
-    assert [(f["best"]["epoch"], f["best"]["metrics"]) for f in final] == [(final[0]["best"]["epoch"],
-                                                                             final[0]["best"]["metrics"])] * 2
+    assert [(f["best"]["epoch"], f["best"]["metrics"]) for f in final] == [
+        (final[0]["best"]["epoch"], final[0]["best"]["metrics"])
+    ] * 2
     infos = [json.loads((run_dir / "info.json").read_text()) for run_dir in (left_alone / "1", stopped / "2")]
     assert infos[0]["metrics"] == infos[1]["metrics"]
 
@@ -127,9 +169,18 @@ def test_a_corrupt_image_on_one_rank_ends_every_rank_with_its_message(split, dig
     image = data / lines[-1 if split == "test_small.txt" else len(lines) // 2].split(",", 1)[0]
     image.write_bytes(b"not an image")
     observed = tmp_path / "runs"
-    done = subprocess.run(torchrun("--nproc_per_node=2", f"--master_port={free_port()}",
-                                   *training(observed, data, "epochs=1", "dataset.preload=False")),
-                          capture_output=True, text=True, timeout=300, env=os.environ, cwd=REPO)
+    done = subprocess.run(
+        torchrun(
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            *training(observed, data, "epochs=1", "dataset.preload=False"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+        cwd=REPO,
+    )
     assert done.returncode != 0
     message = f"InputError: image {image} cannot be read"
     failed_rank = "1" if split == "test_small.txt" else "[01]"

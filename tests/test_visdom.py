@@ -21,8 +21,8 @@ from PIL import Image
 
 from tests.conftest import assert_input_error, digits_updates
 from utils.errors import InputError
-from utils.visdom_logger import VisdomLogger, server_answers
-from utils.visdom_server import USER_STYLE, USER_STYLE_LINK, asset_sources, install_assets
+from utils.reporting.visdom_logger import VisdomLogger, server_answers
+from utils.reporting.visdom_server import USER_STYLE, USER_STYLE_LINK, asset_sources, install_assets
 
 START_TIMEOUT = 60  # seconds; importing tornado and visdom on two busy cores can be slow
 
@@ -38,8 +38,18 @@ def server(tmp_path_factory) -> Iterator[int]:
     """A visdom server on a free local port, its environments in a temporary folder; yields the port."""
     folder = tmp_path_factory.mktemp("visdom")
     port = free_port()
-    command = [sys.executable, "-m", "utils.visdom_server", "-port", str(port),
-               "-bind_local", "-env_path", f"{folder / 'envs'}/", "-logging_level", "WARNING"]
+    command = [
+        sys.executable,
+        "-m",
+        "utils.visdom_server",
+        "-port",
+        str(port),
+        "-bind_local",
+        "-env_path",
+        f"{folder / 'envs'}/",
+        "-logging_level",
+        "WARNING",
+    ]
     with open(folder / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -76,8 +86,10 @@ def test_logger_appends_to_named_curves(server):
     plot("cosine/R@1", "Recall@1", 0, 0.5)
     found = windows(server, "test_logger")
     assert set(found) == {"Training", "Recall@1"}
-    assert traces(found["Training"]) == {"loss": ([1, 2, 3], [1, 1 / 2, 1 / 3]),
-                                         "accuracy": ([1, 2, 3], [0.1, 0.2, 0.3])}
+    assert traces(found["Training"]) == {
+        "loss": ([1, 2, 3], [1, 1 / 2, 1 / 3]),
+        "accuracy": ([1, 2, 3], [0.1, 0.2, 0.3]),
+    }
     assert traces(found["Recall@1"]) == {"cosine/R@1": ([0], [0.5])}
 
 
@@ -123,7 +135,6 @@ def test_experiment_without_server(digits_path, experiment):
     assert_input_error(outcome, "no visdom server answers", "python -m visdom.server", "leave visdom_port unset")
 
 
-
 PLOTLY_BLUE = np.array([31, 119, 180])  # plotly's first trace colour, #1f77b4
 
 
@@ -133,10 +144,23 @@ def screenshot(url: str, path: Path) -> np.ndarray:
     if browser is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
     # A profile of its own: a shared one would clash with other browsers; --no-sandbox: CI runs as root.
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={path.parent / 'profile'}", "--window-size=1000,700",
-                    "--virtual-time-budget=5000", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={path.parent / 'profile'}",
+            "--window-size=1000,700",
+            "--virtual-time-budget=5000",
+            f"--screenshot={path}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 

@@ -47,14 +47,15 @@ def load(source: Path, libraries: tuple[str, ...] = (), **macros: str) -> ctypes
     compiler = os.environ.get("CC", "cc")
     command = [compiler, *FLAGS, *(f"-D{name}={value}" for name, value in sorted(macros.items()))]
     links = [f"-l{name}" for name in libraries]
-    key = hashlib.sha256("\0".join([source.read_text(), *command, *links, platform.machine(), cpu_features()])
-                         .encode())
+    key = hashlib.sha256("\0".join([source.read_text(), *command, *links, platform.machine(), cpu_features()]).encode())
     library = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     fallback = "the slower code it replaces runs instead"
     if not library.exists():
         if shutil.which(compiler) is None:
-            warnings.warn(f"no C compiler ({compiler!r}): {source.name} is not built, and {fallback}; install gcc "
-                          f"or set CC", stacklevel=2)
+            warnings.warn(
+                f"no C compiler ({compiler!r}): {source.name} is not built, and {fallback}; install gcc or set CC",
+                stacklevel=2,
+            )
             return None
         try:
             error = build(command, source, library, links)

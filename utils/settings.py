@@ -18,13 +18,13 @@ from models.backbones import BACKBONES
 from models.metric_model import NORM_LAYERS, POOLINGS
 from models.vae_ingredient import ARCHS as VAE_ARCHS
 from utils.data.ingredient import DATASETS, SAMPLERS
-from utils.driver import CUDNN_FLAGS, NONFINITE
+from utils.engine.driver import CUDNN_FLAGS, NONFINITE
+from utils.engine.speed import AMP_DTYPES
+from utils.engine.training import OPTIMIZERS, SCHEDULERS
 from utils.errors import InputError
-from utils.inference import BAD_IMAGES
-from utils.knn import BACKENDS
-from utils.metrics import METRICS
-from utils.speed import AMP_DTYPES
-from utils.training import OPTIMIZERS, SCHEDULERS
+from utils.evaluation.inference import BAD_IMAGES
+from utils.evaluation.knn import BACKENDS
+from utils.evaluation.metrics import METRICS
 
 MISSING = object()
 SEED_LIMIT = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
@@ -40,8 +40,10 @@ class Check:
 
 def integer(minimum: int = 0, maximum: int | None = None) -> Check:
     upper = f" and <= {maximum:,}" if maximum is not None else ""
-    return Check(lambda v: type(v) is int and v >= minimum and (maximum is None or v <= maximum),
-                 f"an integer >= {minimum}{upper}")
+    return Check(
+        lambda v: type(v) is int and v >= minimum and (maximum is None or v <= maximum),
+        f"an integer >= {minimum}{upper}",
+    )
 
 
 def _real(value: Any) -> bool:
@@ -50,8 +52,10 @@ def _real(value: Any) -> bool:
 
 def number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Check:
     left, right = ("(" if low_open else "["), (")" if high_open or high == math.inf else "]")
-    return Check(lambda v: _real(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high),
-                 f"a number in {left}{low:g}, {high:g}{right}".replace("inf", "infinity"))
+    return Check(
+        lambda v: _real(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high),
+        f"a number in {left}{low:g}, {high:g}{right}".replace("inf", "infinity"),
+    )
 
 
 def boolean() -> Check:
@@ -64,8 +68,10 @@ def text() -> Check:
 
 def choice(options: Sequence) -> Check:
     """One of options: strings, and None when it is one of them."""
-    return Check(lambda v: v is None and None in options or type(v) is str and v in options,
-                 "one of " + ", ".join(map(str, options)))
+    return Check(
+        lambda v: v is None and None in options or type(v) is str and v in options,
+        "one of " + ", ".join(map(str, options)),
+    )
 
 
 def optional(check: Check) -> Check:
@@ -75,8 +81,15 @@ def optional(check: Check) -> Check:
 def items(check: Check, length: int | None = None) -> Check:
     """A non-empty list (of the given length) of values passing check."""
     size = f"a list of {length}" if length else "a non-empty list"
-    return Check(lambda v: type(v) in (list, tuple) and len(v) > 0 and (length is None or len(v) == length)
-                 and all(check.test(item) for item in v), f"{size}, each {check.description}")
+    return Check(
+        lambda v: (
+            type(v) in (list, tuple)
+            and len(v) > 0
+            and (length is None or len(v) == length)
+            and all(check.test(item) for item in v)
+        ),
+        f"{size}, each {check.description}",
+    )
 
 
 def either(*checks: Check) -> Check:
@@ -85,8 +98,10 @@ def either(*checks: Check) -> Check:
 
 def ordered_pair(low: float, high: float = math.inf) -> Check:
     """[a, b] with low < a <= b <= high (RandomResizedCrop's scale and ratio)."""
-    return Check(lambda v: type(v) in (list, tuple) and len(v) == 2 and all(_real(x) for x in v)
-                 and low < v[0] <= v[1] <= high, f"[a, b] with {low:g} < a <= b <= {high:g}".replace("inf", "infinity"))
+    return Check(
+        lambda v: type(v) in (list, tuple) and len(v) == 2 and all(_real(x) for x in v) and low < v[0] <= v[1] <= high,
+        f"[a, b] with {low:g} < a <= b <= {high:g}".replace("inf", "infinity"),
+    )
 
 
 POSITIVE = number(0, low_open=True)
@@ -213,16 +228,27 @@ class CrossRule:
 
 
 CROSS_RULES = (
-    CrossRule(("dataset.crop_size", "dataset.resize"), lambda crop, resize: resize is None
-              or crop <= _shorter_side(resize), "dataset.crop_size <= dataset.resize (its shorter side)"),
-    CrossRule(("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
-              lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
-              "dataset.images_per_class <= dataset.batch_size with a class sampler"),
+    CrossRule(
+        ("dataset.crop_size", "dataset.resize"),
+        lambda crop, resize: resize is None or crop <= _shorter_side(resize),
+        "dataset.crop_size <= dataset.resize (its shorter side)",
+    ),
+    CrossRule(
+        ("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
+        lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
+        "dataset.images_per_class <= dataset.batch_size with a class sampler",
+    ),
     CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs"),
-    CrossRule(("scheduler", "lr_step"), lambda scheduler, step: scheduler not in ("step", "warmstep")
-              or step is not None, "lr_step set (epochs between decays) when scheduler is step or warmstep"),
-    CrossRule(("nesterov", "momentum"), lambda nesterov, momentum: not nesterov or momentum > 0,
-              "momentum > 0 when nesterov=True"),
+    CrossRule(
+        ("scheduler", "lr_step"),
+        lambda scheduler, step: scheduler not in ("step", "warmstep") or step is not None,
+        "lr_step set (epochs between decays) when scheduler is step or warmstep",
+    ),
+    CrossRule(
+        ("nesterov", "momentum"),
+        lambda nesterov, momentum: not nesterov or momentum > 0,
+        "momentum > 0 when nesterov=True",
+    ),
 )
 
 
@@ -236,8 +262,9 @@ def lookup(config: Mapping, key: str) -> Any:
     return value
 
 
-def violations(config: Mapping, rules: Mapping[str, Check] = RULES,
-               cross_rules: Sequence[CrossRule] = CROSS_RULES) -> list[str]:
+def violations(
+    config: Mapping, rules: Mapping[str, Check] = RULES, cross_rules: Sequence[CrossRule] = CROSS_RULES
+) -> list[str]:
     """One line per broken rule: the key, the value and what is valid."""
     lines, broken = [], set()
     for key, check in rules.items():
@@ -245,8 +272,7 @@ def violations(config: Mapping, rules: Mapping[str, Check] = RULES,
         if value is not MISSING and not check.test(value):
             broken.add(key)
             # Sacred reads `[recall,nmi]` (unquoted names) as one string.
-            hint = (f", quote them as in \"{key}=['a','b']\"" if isinstance(value, str) and value.startswith("[")
-                    else "")
+            hint = f", quote them as in \"{key}=['a','b']\"" if isinstance(value, str) and value.startswith("[") else ""
             lines.append(f"{key}={value!r} is invalid: expected {check.description}{hint}")
     for rule in cross_rules:
         values = [lookup(config, key) for key in rule.keys]
@@ -256,8 +282,9 @@ def violations(config: Mapping, rules: Mapping[str, Check] = RULES,
     return lines
 
 
-def check_settings(config: Mapping, rules: Mapping[str, Check] = RULES,
-                   cross_rules: Sequence[CrossRule] = CROSS_RULES) -> None:
+def check_settings(
+    config: Mapping, rules: Mapping[str, Check] = RULES, cross_rules: Sequence[CrossRule] = CROSS_RULES
+) -> None:
     """Raise InputError listing every setting outside its valid range, one line each."""
     if lines := violations(config, rules, cross_rules):
         raise InputError("\n".join(lines))

@@ -15,13 +15,13 @@ import torch
 from sacred import Ingredient
 from torch.utils.data import DataLoader, Subset
 
-from utils import distributed
 from utils.data.ingredient import DATASETS, MetricLoaders, data_ingredient
+from utils.engine import distributed
+from utils.engine.training import progress
 from utils.errors import InputError
-from utils.knn import resolve_backend
-from utils.metrics import evaluate_embeddings
-from utils.plots import draw_dataset_retrieval
-from utils.training import progress
+from utils.evaluation.knn import resolve_backend
+from utils.evaluation.metrics import evaluate_embeddings
+from utils.reporting.plots import draw_dataset_retrieval
 
 evaluation_ingredient = Ingredient("evaluation", ingredients=[data_ingredient])
 
@@ -42,13 +42,18 @@ def shard_loader(loader: DataLoader) -> DataLoader:
     if distributed.world_size() == 1:
         return loader
     shard = distributed.shard(len(loader.dataset))
-    return DataLoader(Subset(loader.dataset, range(shard.start, shard.stop)), batch_size=loader.batch_size,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    return DataLoader(
+        Subset(loader.dataset, range(shard.start, shard.stop)),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
 
 
 @torch.no_grad()
-def extract_embeddings(embed: Embed, loader: DataLoader, device: torch.device, desc: str = "Extracting features"
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_embeddings(
+    embed: Embed, loader: DataLoader, device: torch.device, desc: str = "Extracting features"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and labels of a whole loader, in loader order, on the device (every rank embeds its shard).
     A rank that fails (a corrupt image) fails every rank with its message, before the gather would wait for it."""
     embeddings, labels = [], []
@@ -61,16 +66,22 @@ def extract_embeddings(embed: Embed, loader: DataLoader, device: torch.device, d
         failure = error
     distributed.raise_if_any(failure)
     sizes = distributed.split_sizes(len(loader.dataset))
-    return (distributed.gather(torch.cat(embeddings), sizes),
-            distributed.gather(torch.cat(labels).to(device), sizes))
+    return (distributed.gather(torch.cat(embeddings), sizes), distributed.gather(torch.cat(labels).to(device), sizes))
 
 
 class Evaluator:
     """Embeds the test images (and for utilization the training images) and computes the metrics; the test
     embeddings of the last call stay in `last` (query, gallery or None), for pictures."""
 
-    def __init__(self, loaders: MetricLoaders, device: torch.device, recalls: Sequence[int], metrics: Sequence[str],
-                 final_metrics: Sequence[str], backend: str) -> None:
+    def __init__(
+        self,
+        loaders: MetricLoaders,
+        device: torch.device,
+        recalls: Sequence[int],
+        metrics: Sequence[str],
+        final_metrics: Sequence[str],
+        backend: str,
+    ) -> None:
         self.loaders, self.device = loaders, device
         self.recalls, self.metrics, self.final_metrics, self.backend = list(recalls), metrics, final_metrics, backend
         self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -86,8 +97,16 @@ class Evaluator:
             reference, _ = extract_embeddings(embed, loaders.reference, device, "Extracting training features")
         results = None
         if distributed.is_main():
-            results = evaluate_embeddings(query, query_labels, gallery, gallery_labels, ks=self.recalls,
-                                          metrics=metrics, backend=self.backend, reference=reference)
+            results = evaluate_embeddings(
+                query,
+                query_labels,
+                gallery,
+                gallery_labels,
+                ks=self.recalls,
+                metrics=metrics,
+                backend=self.backend,
+                reference=reference,
+            )
         results = distributed.broadcast_object(results)
         # Every query of the prepared data sets has a positive; the count is only news when it is not zero.
         if results.get("queries_without_positive") == 0:
@@ -101,8 +120,9 @@ def check_evaluation(device: torch.device, metrics: list[str], final_metrics: li
     a GPU and a faiss built for it."""
     for key, names in (("metrics", metrics), ("final_metrics", final_metrics)):
         if "recall" not in names:
-            raise InputError(f"evaluation.{key}={list(names)} lacks 'recall': the best epoch and the run's result "
-                             f"are its cosine R@1")
+            raise InputError(
+                f"evaluation.{key}={list(names)} lacks 'recall': the best epoch and the run's result are its cosine R@1"
+            )
     try:
         resolve_backend(backend, on_cuda=device.type == "cuda")
     except ValueError as error:
@@ -110,14 +130,22 @@ def check_evaluation(device: torch.device, metrics: list[str], final_metrics: li
 
 
 @evaluation_ingredient.capture
-def get_evaluator(loaders: MetricLoaders, device: torch.device, recalls: list[int], metrics: list[str],
-                  final_metrics: list[str], backend: str) -> Evaluator:
+def get_evaluator(
+    loaders: MetricLoaders,
+    device: torch.device,
+    recalls: list[int],
+    metrics: list[str],
+    final_metrics: list[str],
+    backend: str,
+) -> Evaluator:
     # A query is never its own neighbour, so a self-searched set offers one candidate less.
     query, gallery = loaders.query.dataset, loaders.gallery.dataset if loaders.gallery is not None else None
     candidates = len(gallery) if gallery is not None else len(query) - 1
     if max(recalls) > candidates:
-        raise InputError(f"evaluation.recalls asks for R@{max(recalls)} but the gallery offers only {candidates} "
-                         f"neighbours per query: lower evaluation.recalls")
+        raise InputError(
+            f"evaluation.recalls asks for R@{max(recalls)} but the gallery offers only {candidates} "
+            f"neighbours per query: lower evaluation.recalls"
+        )
     return Evaluator(loaders, device, recalls, list(metrics), list(final_metrics), backend)
 
 
@@ -125,6 +153,11 @@ def draw_retrieval(evaluator: Evaluator, path: Path, seed: int) -> None:
     """The retrieval grid of the last evaluation's embeddings: seeded test queries and their nearest neighbours."""
     query, gallery = evaluator.last
     loaders = evaluator.loaders
-    draw_dataset_retrieval(loaders.query.dataset, query.cpu(), path,
-                           loaders.gallery.dataset if loaders.gallery is not None else None,
-                           gallery.cpu() if gallery is not None else None, seed=seed)
+    draw_dataset_retrieval(
+        loaders.query.dataset,
+        query.cpu(),
+        path,
+        loaders.gallery.dataset if loaders.gallery is not None else None,
+        gallery.cpu() if gallery is not None else None,
+        seed=seed,
+    )

@@ -2,7 +2,7 @@
 
 In training mode a BatchNorm layer normalises with the statistics of the batch it sees; under DDP that is the
 rank's share, so the step differs from the single-process step of the global batch. GlobalBatchNorm sums the
-per-channel count, sum and sum of squares over the ranks with utils.distributed.gather_with_grad, so the forward
+per-channel count, sum and sum of squares over the ranks with utils.engine.distributed.gather_with_grad, so the forward
 uses the global statistics and the backward carries their gradient to every rank (with the gather's factor of
 the world size, which DDP's averaging removes, as for the embeddings). torch.nn.SyncBatchNorm does the same on
 GPUs only. Outside training, or in a single process, it is a plain BatchNorm.
@@ -11,7 +11,7 @@ GPUs only. Outside training, or in a single process, it is a plain BatchNorm.
 import torch
 from torch import Tensor, nn
 
-from utils import distributed
+from utils.engine import distributed
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -51,8 +51,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 def convert(module: nn.Module) -> nn.Module:
     """module with every BatchNorm layer replaced by a GlobalBatchNorm with its parameters, buffers and mode."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
+        converted = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         converted.load_state_dict(module.state_dict())
         converted.requires_grad_(any(p.requires_grad for p in module.parameters()))
         converted.train(module.training)

@@ -20,14 +20,21 @@ class VisdomLogger:
     def __init__(self, port: int, server: str = "http://127.0.0.1", env: str = "main") -> None:
         # Ask first: without a server, visdom's client prints tracebacks and polls for seconds before failing.
         if not server_answers(f"{server}:{port}"):
-            raise InputError(f"no visdom server answers at {server}:{port}: start one with "
-                             f"`python -m visdom.server -port {port}`, or leave visdom_port unset")
+            raise InputError(
+                f"no visdom server answers at {server}:{port}: start one with "
+                f"`python -m visdom.server -port {port}`, or leave visdom_port unset"
+            )
         self.vis = visdom.Visdom(server=server, port=port, env=env, raise_exceptions=False)
         self.env = env
         self.windows: dict[str, str] = {}
 
     def __call__(self, name: str, title: str, x: float, y: float) -> None:
         window = self.windows.get(title)
-        self.windows[title] = self.vis.line(X=[x], Y=[y], win=window, name=name,
-                                            update="append" if window else None,
-                                            opts={"title": title, "showlegend": True})
+        self.windows[title] = self.vis.line(
+            X=[x],
+            Y=[y],
+            win=window,
+            name=name,
+            update="append" if window else None,
+            opts={"title": title, "showlegend": True},
+        )

@@ -22,19 +22,38 @@ FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
 # Settings a resumed run may change: where and how it is observed, evaluated and loaded, and epochs (to extend
 # a run). Every other setting changes the training, and a resumed run must keep the checkpoint's.
-RESUMABLE = ("epochs", "resume", "output_dir", "checkpoint_every", "visdom_port", "visdom_freq", "eval_every", "cpu",
-             "cudnn_flag", "evaluation.", "dataset.data_path", "dataset.num_workers", "dataset.pin_memory",
-             "dataset.test_batch_size", "checkpoint", "images", "out", "bad_images")
+RESUMABLE = (
+    "epochs",
+    "resume",
+    "output_dir",
+    "checkpoint_every",
+    "visdom_port",
+    "visdom_freq",
+    "eval_every",
+    "cpu",
+    "cudnn_flag",
+    "evaluation.",
+    "dataset.data_path",
+    "dataset.num_workers",
+    "dataset.pin_memory",
+    "dataset.test_batch_size",
+    "checkpoint",
+    "images",
+    "out",
+    "bad_images",
+)
 
 
 def rng_state() -> dict:
     """Python's, numpy's, torch's and every CUDA device's random state, in types torch.load reads safely."""
     version, keys, gauss = random.getstate()
     kind, np_keys, position, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(keys), gauss],
-            "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), position, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -63,13 +82,17 @@ def prepare_directory(directory: Path, needed: int) -> None:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as error:
-        raise InputError(f"cannot write in the output folder {directory} ({error.strerror or error}): make it "
-                         f"writable or choose another with output_dir=... (or -F another folder)") from None
+        raise InputError(
+            f"cannot write in the output folder {directory} ({error.strerror or error}): make it "
+            f"writable or choose another with output_dir=... (or -F another folder)"
+        ) from None
     free = shutil.disk_usage(directory).free
     if free < 3 * needed:
-        raise InputError(f"the output folder {directory} has {free / 2**20:,.0f} MiB free, but a checkpoint takes "
-                         f"about {needed / 2**20:,.0f} MiB and the run needs room for 3: free some space or choose "
-                         f"another folder with output_dir=... (or -F)")
+        raise InputError(
+            f"the output folder {directory} has {free / 2**20:,.0f} MiB free, but a checkpoint takes "
+            f"about {needed / 2**20:,.0f} MiB and the run needs room for 3: free some space or choose "
+            f"another folder with output_dir=... (or -F)"
+        )
 
 
 def save_json_atomically(directory: str, obj: object, filename: str) -> None:
@@ -91,8 +114,10 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
                 raise OSError("the file read back differs from what was written")
     except (OSError, RuntimeError) as error:
         kept = f"the previous checkpoint {path} is kept" if path.exists() else "no checkpoint was written"
-        raise RunFailed(f"could not write the checkpoint {path} ({error}): {kept}; free some space or fix the "
-                        f"folder, then resume with resume={path.parent}") from None
+        raise RunFailed(
+            f"could not write the checkpoint {path} ({error}): {kept}; free some space or fix the "
+            f"folder, then resume with resume={path.parent}"
+        ) from None
 
 
 def checkpoint_file(path: str, key: str) -> Path:
@@ -101,8 +126,9 @@ def checkpoint_file(path: str, key: str) -> Path:
     if file.is_dir():
         file = file / CHECKPOINT
     if not file.is_file():
-        raise InputError(f"{key}={path}: no checkpoint there (expected a run directory holding {CHECKPOINT}, or a "
-                         f"checkpoint file)")
+        raise InputError(
+            f"{key}={path}: no checkpoint there (expected a run directory holding {CHECKPOINT}, or a checkpoint file)"
+        )
     return file
 
 
@@ -113,11 +139,14 @@ def load_checkpoint(path: str, key: str = "resume") -> dict:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged or foreign file
         reason = str(error).splitlines()[0].split(". ")[0] if str(error) else ""
-        raise InputError(f"{file} cannot be read as a checkpoint ({type(error).__name__}: {reason}); point {key}= "
-                         f"at another one") from None
+        raise InputError(
+            f"{file} cannot be read as a checkpoint ({type(error).__name__}: {reason}); point {key}= at another one"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise InputError(f"{file} holds only weights (written before runs kept full checkpoints) or is not one of "
-                         f"our checkpoints: {key}= cannot use it; train again to get one")
+        raise InputError(
+            f"{file} holds only weights (written before runs kept full checkpoints) or is not one of "
+            f"our checkpoints: {key}= cannot use it; train again to get one"
+        )
     return checkpoint
 
 
@@ -134,12 +163,17 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def check_resumable(saved: dict, current: dict, done_epochs: int) -> None:
     """Refuse, in one line, settings that change the training, and fewer epochs than were already done."""
     old, new = flatten(saved), flatten(current)
-    changed = sorted(key for key in old.keys() | new.keys()
-                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE))
+    changed = sorted(
+        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and not key.startswith(RESUMABLE)
+    )
     if changed:
         listing = ", ".join(f"{key}={new.get(key)!r} (checkpoint: {old.get(key)!r})" for key in changed)
-        raise InputError(f"resume: these settings differ from the checkpoint's and would change the training: "
-                         f"{listing}; drop them (only {', '.join(RESUMABLE)} may change)")
+        raise InputError(
+            f"resume: these settings differ from the checkpoint's and would change the training: "
+            f"{listing}; drop them (only {', '.join(RESUMABLE)} may change)"
+        )
     if new["epochs"] < done_epochs:
-        raise InputError(f"resume: epochs={new['epochs']} but the checkpoint has done {done_epochs}; "
-                         f"set epochs to at least {done_epochs}")
+        raise InputError(
+            f"resume: epochs={new['epochs']} but the checkpoint has done {done_epochs}; "
+            f"set epochs to at least {done_epochs}"
+        )

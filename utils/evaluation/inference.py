@@ -16,14 +16,14 @@ import torch
 from sacred.run import Run
 from torch.utils.data import DataLoader, Dataset
 
-from utils.checkpoint import flatten, load_checkpoint
 from utils.data.images import load_image, read_split
 from utils.data.ingredient import MetricLoaders, get_datasets, test_loaders
 from utils.data.transforms import build_transforms
-from utils.driver import report_final, select_device
+from utils.engine.checkpoint import flatten, load_checkpoint
+from utils.engine.driver import report_final, select_device
+from utils.engine.training import progress
 from utils.errors import InputError, check_choice
-from utils.evaluation import Evaluator, check_evaluation, get_evaluator
-from utils.training import progress
+from utils.evaluation.ingredient import Evaluator, check_evaluation, get_evaluator
 
 OVERRIDABLE = ("dataset.", "evaluation.", "cpu", "cudnn_flag")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what embed finds in a folder
@@ -68,8 +68,9 @@ def evaluation_data(config: dict, device: torch.device) -> tuple[MetricLoaders, 
     return loaders, call_with(get_evaluator, config["evaluation"], loaders=loaders, device=device)
 
 
-def evaluate_checkpoint(evaluate: Callable[[list[str]], dict[str, float]], metrics: list[str], checkpoint: dict,
-                        run: Run) -> dict[str, float]:
+def evaluate_checkpoint(
+    evaluate: Callable[[list[str]], dict[str, float]], metrics: list[str], checkpoint: dict, run: Run
+) -> dict[str, float]:
     """The metrics of the checkpoint's best weights (already in the model), printed and kept in the run's info."""
     results = evaluate(metrics)
     report_final(run, checkpoint["best"]["epoch"], results)
@@ -108,8 +109,14 @@ class ImageFiles(Dataset):
             return torch.empty(0), index
 
 
-def embed_images(embed: Callable[[torch.Tensor], torch.Tensor], config: dict, device: torch.device, images: str | None,
-                 out: str | None, bad_images: str) -> Path:
+def embed_images(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    config: dict,
+    device: torch.device,
+    images: str | None,
+    out: str | None,
+    bad_images: str,
+) -> Path:
     """Embed every image of `images` with the test transform of the run's data set; write out.npz with
     embeddings (float32, N x D), paths and labels (-1 without), and the skipped images' paths."""
     check_choice("bad_images", bad_images, BAD_IMAGES)
@@ -120,8 +127,9 @@ def embed_images(embed: Callable[[torch.Tensor], torch.Tensor], config: dict, de
     data = config["dataset"]
     _, transform = build_transforms(data["crop_size"], data["resize"], data["scale"], data["ratio"], None, None, False)
     files = ImageFiles(images, transform, skip=bad_images == "skip")
-    loader = DataLoader(files, batch_size=data["test_batch_size"], num_workers=data["num_workers"],
-                        collate_fn=list)  # unreadable images are empty tensors: no stacking here
+    loader = DataLoader(
+        files, batch_size=data["test_batch_size"], num_workers=data["num_workers"], collate_fn=list
+    )  # unreadable images are empty tensors: no stacking here
     embeddings, kept, skipped = [], [], []
     for batch in progress(loader, "Embedding images"):
         good = [(image, index) for image, index in batch if image.numel()]
@@ -135,9 +143,15 @@ def embed_images(embed: Callable[[torch.Tensor], torch.Tensor], config: dict, de
     target = Path(out).expanduser()
     target = target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
     target.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(target, embeddings=torch.cat(embeddings).numpy(), paths=np.array([str(files.paths[i]) for i in kept]),
-             labels=np.array([files.labels[i] for i in kept], dtype=np.int64), skipped=np.array(skipped, dtype=str))
-    print(f"Embedded {len(kept):,} images into {target}" + (f"; skipped {len(skipped)} unreadable: "
-                                                           f"{', '.join(skipped)}" if skipped else ""))
+    np.savez(
+        target,
+        embeddings=torch.cat(embeddings).numpy(),
+        paths=np.array([str(files.paths[i]) for i in kept]),
+        labels=np.array([files.labels[i] for i in kept], dtype=np.int64),
+        skipped=np.array(skipped, dtype=str),
+    )
+    print(
+        f"Embedded {len(kept):,} images into {target}"
+        + (f"; skipped {len(skipped)} unreadable: {', '.join(skipped)}" if skipped else "")
+    )
     return target
-

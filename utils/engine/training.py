@@ -17,15 +17,15 @@ from torch.optim import SGD, Adam, AdamW, Optimizer, lr_scheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import distributed
+from utils.engine import distributed
+from utils.engine.speed import Precision, batch_mover
 from utils.errors import InputError, check_choice
-from utils.speed import Precision, batch_mover
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("warmcos", "cos", "step", "warmstep", "constant")
 WARMUP_ITERATIONS = 100  # linear warm-up of the warm* schedules, as in the CE paper's code
 
-# A logger receives (curve name, plot title, x, y) for live plots; see utils.visdom_logger.
+# A logger receives (curve name, plot title, x, y) for live plots; see utils.reporting.visdom_logger.
 PlotFunction = Callable[[str, str, float, float], None]
 
 
@@ -33,8 +33,15 @@ def progress(iterable: Iterable, desc: str, **options) -> tqdm:
     """A progress bar as wide as the terminal that disappears when done, on the terminal only: sacred captures
     sys.stderr for its observers, and its file observer only appends to cout.txt, so a bar redrawing its line
     would leave fragments there. Under torchrun only rank 0 draws one."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=sys.__stderr__,
-                disable=not distributed.is_main(), **options)
+    return tqdm(
+        iterable,
+        desc=desc,
+        dynamic_ncols=True,
+        leave=False,
+        file=sys.__stderr__,
+        disable=not distributed.is_main(),
+        **options,
+    )
 
 
 def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
@@ -42,21 +49,26 @@ def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not no_bias_decay:
         return [{"params": parameters}]
-    return [{"params": [p for p in parameters if p.dim() > 1]},
-            {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in parameters if p.dim() > 1]},
+        {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0},
+    ]
 
 
-def build_optimizer(param_groups: list[dict], optimizer: str, lr: float, momentum: float, nesterov: bool,
-                    weight_decay: float) -> Optimizer:
+def build_optimizer(
+    param_groups: list[dict], optimizer: str, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> Optimizer:
     check_choice("optimizer", optimizer, OPTIMIZERS)
     if optimizer == "sgd":
-        return SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                   nesterov=bool(nesterov and momentum))
+        return SGD(
+            param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=bool(nesterov and momentum)
+        )
     return (Adam if optimizer == "adam" else AdamW)(param_groups, lr=lr, weight_decay=weight_decay)
 
 
-def build_scheduler(optimizer: Optimizer, iterations_per_epoch: int, epochs: int, scheduler: str,
-                    lr_step: int | None, lr_gamma: float) -> lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: Optimizer, iterations_per_epoch: int, epochs: int, scheduler: str, lr_step: int | None, lr_gamma: float
+) -> lr_scheduler.LambdaLR:
     """A per-iteration learning-rate factor. lr_step is in epochs; lr_gamma is the step decay."""
     check_choice("scheduler", scheduler, SCHEDULERS)
     total = max(1, epochs * iterations_per_epoch)
@@ -91,22 +103,32 @@ def all_finite(loss: torch.Tensor, parameters: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(loss) & torch.isfinite(norm))
 
 
-def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, optimizer: Optimizer,
-                    scheduler: lr_scheduler.LRScheduler, device: torch.device, epoch: int,
-                    grad_clip: float | None = None, log_every: int = 20, plot: PlotFunction | None = None,
-                    start: int = 0, after_step: Callable[[int], bool] | None = None,
-                    skip_nonfinite: bool = False, precision: Precision | None = None,
-                    move_images: Callable[[Any], torch.Tensor] | None = None
-                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
+def train_one_epoch(
+    model: nn.Module,
+    objective: Callable,
+    loader: DataLoader,
+    optimizer: Optimizer,
+    scheduler: lr_scheduler.LRScheduler,
+    device: torch.device,
+    epoch: int,
+    grad_clip: float | None = None,
+    log_every: int = 20,
+    plot: PlotFunction | None = None,
+    start: int = 0,
+    after_step: Callable[[int], bool] | None = None,
+    skip_nonfinite: bool = False,
+    precision: Precision | None = None,
+    move_images: Callable[[Any], torch.Tensor] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """One pass over loader, whose first `start` batches of the epoch were done before (a resumed epoch).
 
     Returns every logged value of every iteration, and the epoch's counters: its first iteration here, its
     length, the iterations done in all, the steps skipped for a non-finite loss or gradient, and the seconds
     spent waiting for data and in steps. after_step(i) is called with the number of iterations done so far;
     True stops the epoch there. A non-finite step raises NonFiniteStep before the update, or with
-    skip_nonfinite is skipped and counted. precision: autocast and gradient scaling (utils.speed; default
+    skip_nonfinite is skipped and counted. precision: autocast and gradient scaling (utils.engine.speed; default
     float32), under which an fp16 gradient overflow is the scaler's to handle (only the loss is checked).
-    move_images: the loader's images -> the model's input on the device (utils.speed.batch_mover).
+    move_images: the loader's images -> the model's input on the device (utils.engine.speed.batch_mover).
     """
     precision = precision or Precision(None, device)
     move_images = move_images or batch_mover(device, channels_last=False)
@@ -114,8 +136,14 @@ def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, o
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     history: dict[str, list[torch.Tensor]] = {}
     total = start + len(loader)
-    counters = {"start": start, "total": total, "iterations": start, "skipped": 0, "data_seconds": 0.0,
-                "step_seconds": 0.0}
+    counters = {
+        "start": start,
+        "total": total,
+        "iterations": start,
+        "skipped": 0,
+        "data_seconds": 0.0,
+        "step_seconds": 0.0,
+    }
     bar = progress(distributed.agreed_batches(loader), f"Training   [{epoch:03d}]", initial=start, total=total)
     ready = time.perf_counter()
     for i, (images, labels) in enumerate(bar, start=start):
@@ -145,9 +173,13 @@ def train_one_epoch(model: nn.Module, objective: Callable, loader: DataLoader, o
         ready = done
         if (i + 1) % log_every == 0 and history:
             recent = {key: torch.stack(values[-log_every:]).mean().item() for key, values in history.items()}
-            bar.set_postfix({**{key: f"{value:.3f}" for key, value in recent.items()},
-                             "data": f"{counters['data_seconds'] / (i + 1 - start):.3f}s",
-                             "step": f"{counters['step_seconds'] / (i + 1 - start):.3f}s"})
+            bar.set_postfix(
+                {
+                    **{key: f"{value:.3f}" for key, value in recent.items()},
+                    "data": f"{counters['data_seconds'] / (i + 1 - start):.3f}s",
+                    "step": f"{counters['step_seconds'] / (i + 1 - start):.3f}s",
+                }
+            )
             if plot is not None:
                 for key, value in recent.items():
                     plot(key, "Training", epoch - 1 + (i + 1) / total, value)  # epoch 1 spans (0, 1]

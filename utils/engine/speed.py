@@ -24,8 +24,10 @@ class Precision:
     def __init__(self, amp: str | None, device: torch.device) -> None:
         check_choice("amp", amp, AMP_DTYPES)
         if amp == "fp16" and device.type != "cuda":
-            raise InputError("amp='fp16' needs a GPU (its gradient scaler and fast half kernels are CUDA's): use "
-                             "amp='bf16' on the CPU, or amp=None")
+            raise InputError(
+                "amp='fp16' needs a GPU (its gradient scaler and fast half kernels are CUDA's): use "
+                "amp='bf16' on the CPU, or amp=None"
+            )
         self.device_type, self.dtype = device.type, AMP_DTYPES[amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
@@ -57,8 +59,9 @@ def prepare_model(model: nn.Module, channels_last: bool, compile: bool) -> nn.Mo
     return model
 
 
-def batch_mover(device: torch.device, channels_last: bool,
-                device_augment: Callable[[Any, torch.device], Tensor] | None = None) -> Callable[[Any], Tensor]:
+def batch_mover(
+    device: torch.device, channels_last: bool, device_augment: Callable[[Any, torch.device], Tensor] | None = None
+) -> Callable[[Any], Tensor]:
     """images of a loader batch -> the model's input on the device: copied (asynchronously from pinned memory),
     augmented there when the workers left photometric augmentation to the device, in the model's memory format."""
 

@@ -34,8 +34,11 @@ def setup(cpu: bool = False, timeout_minutes: float = 30.0) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=device if use_cuda else None,
+        )
     return device
 
 
@@ -97,7 +100,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # the sum over ranks: see the module docstring
         start = sum(ctx.sizes[: rank()])
-        return grad[start: start + ctx.sizes[rank()]], None
+        return grad[start : start + ctx.sizes[rank()]], None
 
 
 def gather_with_grad(tensor: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
@@ -199,8 +202,9 @@ class TrainingStep(nn.Module):
         return self.objective(self.model, images, labels)
 
 
-def data_parallel(model: nn.Module, objective: nn.Module, device: torch.device
-                  ) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
+def data_parallel(
+    model: nn.Module, objective: nn.Module, device: torch.device
+) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]:
     """The objective, called as train_one_epoch calls it, with DDP's gradient averaging when world_size() > 1.
 
     DDP fixes the set of trained parameters when it is built: build it again after changing which parameters
@@ -208,8 +212,9 @@ def data_parallel(model: nn.Module, objective: nn.Module, device: torch.device
     """
     if world_size() == 1:
         return objective
-    step = nn.parallel.DistributedDataParallel(TrainingStep(model, objective),
-                                               device_ids=[device.index] if device.type == "cuda" else None)
+    step = nn.parallel.DistributedDataParallel(
+        TrainingStep(model, objective), device_ids=[device.index] if device.type == "cuda" else None
+    )
     return lambda _model, images, labels: step(images, labels)
 
 
@@ -218,12 +223,16 @@ def check_batch(batch_size: int, images_per_class: int | None = None) -> int:
     batches, into whole classes)."""
     ranks = world_size()
     if batch_size % ranks:
-        raise InputError(f"dataset.batch_size={batch_size} is the global batch and must split evenly over the "
-                         f"{ranks} processes: make it a multiple of {ranks}")
+        raise InputError(
+            f"dataset.batch_size={batch_size} is the global batch and must split evenly over the "
+            f"{ranks} processes: make it a multiple of {ranks}"
+        )
     local = batch_size // ranks
     # In one process the class sampler's own check speaks (the batch must be a multiple of images_per_class).
     if ranks > 1 and images_per_class and local % images_per_class:
-        raise InputError(f"dataset.batch_size={batch_size} over {ranks} processes gives {local} images per process, "
-                         f"not whole classes of dataset.images_per_class={images_per_class}: make the batch a "
-                         f"multiple of {ranks * images_per_class}")
+        raise InputError(
+            f"dataset.batch_size={batch_size} over {ranks} processes gives {local} images per process, "
+            f"not whole classes of dataset.images_per_class={images_per_class}: make the batch a "
+            f"multiple of {ranks * images_per_class}"
+        )
     return local

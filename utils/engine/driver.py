@@ -3,7 +3,7 @@
 An experiment builds its model, its objective and its evaluation (a `Task`) and hands them to `fit`,
 which evaluates before training, trains, evaluates every `eval_every` epochs and after the last one,
 keeps the best epoch's weights and evaluates them with every final metric. A run is durable: a full
-checkpoint (utils/checkpoint.py) is written at the end of every epoch (and every `checkpoint_every`
+checkpoint (utils/engine/checkpoint.py) is written at the end of every epoch (and every `checkpoint_every`
 iterations), `resume=PATH` continues one, SIGINT, SIGTERM and SIGHUP stop it cleanly after the current
 step, and a non-finite loss stops it with the last good checkpoint kept. The shared configuration keys
 are defined once, in `training_config`, which both experiments add to their own.
@@ -29,8 +29,8 @@ from torch import nn
 from torch.backends import cudnn
 from torch.utils.data import DataLoader
 
-from utils import distributed, sync_batchnorm
-from utils.checkpoint import (
+from utils.engine import distributed, sync_batchnorm
+from utils.engine.checkpoint import (
     CHECKPOINT,
     FORMAT,
     check_resumable,
@@ -42,10 +42,8 @@ from utils.checkpoint import (
     save_json_atomically,
     set_rng_state,
 )
-from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
-from utils.plots import draw_curves
-from utils.speed import Precision, batch_mover, prepare_model
-from utils.training import (
+from utils.engine.speed import Precision, batch_mover, prepare_model
+from utils.engine.training import (
     NonFiniteStep,
     PlotFunction,
     build_optimizer,
@@ -54,7 +52,9 @@ from utils.training import (
     parameter_groups,
     train_one_epoch,
 )
-from utils.visdom_logger import VisdomLogger
+from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
+from utils.reporting.plots import draw_curves
+from utils.reporting.visdom_logger import VisdomLogger
 
 CUDNN_FLAGS = ("benchmark", "deterministic")
 NONFINITE = ("stop", "skip")
@@ -86,7 +86,7 @@ def training_config():
     resume = None  # a -F run directory or a checkpoint file to continue (same settings; epochs may be raised)
     seed = 0
 
-    # Speed options (utils/speed.py), off by default: they change the numbers or help on GPUs only.
+    # Speed options (utils/engine/speed.py), off by default: they change the numbers or help on GPUs only.
     amp = None  # None | bf16 | fp16 (with a gradient scaler): autocast the model; the losses stay in float32
     channels_last = False  # NHWC images and convolution weights (faster convolutions on tensor cores)
     compile = False  # torch.compile the model's parts (slow first steps, fused kernels afterwards)
@@ -156,8 +156,15 @@ def output_directory(run: Run, output_dir: str, name: str) -> Path:
     return (Path(output_dir) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}").resolve()
 
 
-def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[str]], device: torch.device,
-        config: dict, run: Run, device_augment: Callable | None = None) -> Outcome:
+def fit(
+    task: Task,
+    train_loader: DataLoader,
+    evaluation: tuple[list[str], list[str]],
+    device: torch.device,
+    config: dict,
+    run: Run,
+    device_augment: Callable | None = None,
+) -> Outcome:
     """Train task.model. evaluation: the metrics of every evaluated epoch, and the final metrics of the best
     epoch's weights. device_augment: the photometric augmentation of the training batches on the device
     (dataset.gpu_augment). The settings' types and ranges were checked before (utils/settings.py).
@@ -171,21 +178,24 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
     if resumed is not None:
         check_resumable(resumed["config"], plain(config), resumed["epoch"] - 1)
     model, objective = task.model.to(device), task.objective.to(device)
-    # Speed options (utils/speed.py) and BatchNorm over the global batch (utils/sync_batchnorm.py).
+    # Speed options (utils/engine/speed.py) and BatchNorm over the global batch (utils/engine/sync_batchnorm.py).
     if config["sync_bn"]:
         sync_batchnorm.convert(model)
     precision = Precision(config["amp"], device)
     prepare_model(model, config["channels_last"], config["compile"])
     move_images = batch_mover(device, config["channels_last"], device_augment)
     groups = parameter_groups(model, no_bias_decay) + objective.parameter_groups(lr, no_bias_decay)
-    optimizer = build_optimizer(groups, config["optimizer"], lr, config["momentum"], config["nesterov"],
-                                config["weight_decay"])
-    schedule = build_scheduler(optimizer, len(train_loader), epochs, config["scheduler"], config["lr_step"],
-                               config["lr_gamma"])
+    optimizer = build_optimizer(
+        groups, config["optimizer"], lr, config["momentum"], config["nesterov"], config["weight_decay"]
+    )
+    schedule = build_scheduler(
+        optimizer, len(train_loader), epochs, config["scheduler"], config["lr_step"], config["lr_gamma"]
+    )
     main = distributed.is_main()
     directory = distributed.broadcast_object(output_directory(run, config["output_dir"], task.name) if main else None)
-    distributed.raise_if_any(capture(lambda: prepare_directory(directory, checkpoint_bytes(model, objective)))
-                             if main else None)
+    distributed.raise_if_any(
+        capture(lambda: prepare_directory(directory, checkpoint_bytes(model, objective))) if main else None
+    )
     path = directory / CHECKPOINT
     run.info["checkpoint"] = str(path)
     plot = VisdomLogger(config["visdom_port"]) if config["visdom_port"] and main else None
@@ -200,14 +210,32 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
 
     def write(epoch: int, iteration: int) -> None:
         """The checkpoint after `iteration` iterations of epoch (0: the epoch is complete), by rank 0."""
-        distributed.raise_if_any(capture(lambda: save_checkpoint({
-            "format": FORMAT, "epoch": epoch, "iteration": iteration, "iterations": schedule.last_epoch,
-            "model": model.state_dict(), "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "scaler": precision.scaler.state_dict(),
-            "best": {"epoch": best.epoch, "metrics": best.metrics, "model": best.state},
-            "rng": rng_state(), "config": plain(config), "code": plain(run.experiment_info),
-            "rebuild": plain(task.rebuild), "curves": curves,
-        }, path)) if main else None)
+        distributed.raise_if_any(
+            capture(
+                lambda: save_checkpoint(
+                    {
+                        "format": FORMAT,
+                        "epoch": epoch,
+                        "iteration": iteration,
+                        "iterations": schedule.last_epoch,
+                        "model": model.state_dict(),
+                        "objective": objective.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": schedule.state_dict(),
+                        "scaler": precision.scaler.state_dict(),
+                        "best": {"epoch": best.epoch, "metrics": best.metrics, "model": best.state},
+                        "rng": rng_state(),
+                        "config": plain(config),
+                        "code": plain(run.experiment_info),
+                        "rebuild": plain(task.rebuild),
+                        "curves": curves,
+                    },
+                    path,
+                )
+            )
+            if main
+            else None
+        )
 
     if resumed is None:
         best.update(0, evaluate_and_log(0), model)
@@ -220,6 +248,7 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
         print(f"Resumed from {config['resume']}: epoch {start_epoch}, iteration {start_iteration}")
 
     with stop_requests() as stop_signal:
+
         def after_step(iteration: int) -> bool:
             if checkpoint_every and schedule.last_epoch % checkpoint_every == 0:
                 write(epoch, iteration)
@@ -236,26 +265,43 @@ def fit(task: Task, train_loader: DataLoader, evaluation: tuple[list[str], list[
             with cudnn_benchmark(config["cudnn_flag"]):
                 try:
                     history, counters = train_one_epoch(
-                        model, step_objective, train_loader, optimizer, schedule, device, epoch, config["grad_clip"],
-                        config["visdom_freq"], plot, start, after_step, config["nonfinite"] == "skip", precision,
-                        move_images)
+                        model,
+                        step_objective,
+                        train_loader,
+                        optimizer,
+                        schedule,
+                        device,
+                        epoch,
+                        config["grad_clip"],
+                        config["visdom_freq"],
+                        plot,
+                        start,
+                        after_step,
+                        config["nonfinite"] == "skip",
+                        precision,
+                        move_images,
+                    )
                 except NonFiniteStep as step:
                     raise RunFailed(nonfinite_message(epoch, step, path)) from None
             log_training(run, curves, epoch, history, counters)
             if counters["iterations"] < start + len(train_loader):
                 write(epoch, counters["iterations"])
-                raise RunInterrupted(f"stopped by {stop_signal() or 'another rank'} at epoch {epoch}, iteration "
-                                     f"{counters['iterations']}; the checkpoint is {path}: continue with "
-                                     f"`resume={directory}`")
+                raise RunInterrupted(
+                    f"stopped by {stop_signal() or 'another rank'} at epoch {epoch}, iteration "
+                    f"{counters['iterations']}; the checkpoint is {path}: continue with "
+                    f"`resume={directory}`"
+                )
             if task.after_epoch is not None:
                 task.after_epoch(epoch)
             if epoch in evaluate_after:
                 best.update(epoch, evaluate_and_log(epoch), model)
             write(epoch + 1, 0)
             if distributed.any_rank(stop_signal() is not None):
-                raise RunInterrupted(f"stopped by {stop_signal() or 'another rank'} after epoch {epoch}; the "
-                                     f"checkpoint is {path}: "
-                                     f"continue with `resume={directory}`")
+                raise RunInterrupted(
+                    f"stopped by {stop_signal() or 'another rank'} after epoch {epoch}; the "
+                    f"checkpoint is {path}: "
+                    f"continue with `resume={directory}`"
+                )
 
         # Still under stop_requests: a first signal now lets the final evaluation finish (a second stops at once),
         # where the default action would end the process without marking the run.
@@ -282,8 +328,14 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def restore(checkpoint: dict, model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
-            schedule: torch.optim.lr_scheduler.LRScheduler, best: "BestEpoch") -> tuple[int, int]:
+def restore(
+    checkpoint: dict,
+    model: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    best: "BestEpoch",
+) -> tuple[int, int]:
     """Load a checkpoint's state; returns the epoch and iteration to go on from."""
     model.load_state_dict(checkpoint["model"])
     objective.load_state_dict(checkpoint["objective"])
@@ -297,8 +349,10 @@ def restore(checkpoint: dict, model: nn.Module, objective: nn.Module, optimizer:
 def nonfinite_message(epoch: int, step: NonFiniteStep, checkpoint: Path) -> str:
     terms = " ".join(f"{key}={value:.4g}" for key, value in step.logs.items())
     kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
-    return (f"non-finite loss or gradient at epoch {epoch}, iteration {step.iteration + 1} ({terms}); {kept}: "
-            f"lower lr or set grad_clip, then resume=..., or skip such steps with nonfinite=skip")
+    return (
+        f"non-finite loss or gradient at epoch {epoch}, iteration {step.iteration + 1} ({terms}); {kept}: "
+        f"lower lr or set grad_clip, then resume=..., or skip such steps with nonfinite=skip"
+    )
 
 
 @contextmanager
@@ -339,8 +393,9 @@ def log_scalar(run: Run, curves: dict[str, dict[str, list]], name: str, value: f
     series["values"].append(value)
 
 
-def log_training(run: Run, curves: dict, epoch: int, history: dict[str, list[float]], counters: dict[str, float]
-                 ) -> None:
+def log_training(
+    run: Run, curves: dict, epoch: int, history: dict[str, list[float]], counters: dict[str, float]
+) -> None:
     """Every iteration's logged values as train.<key>, at fractional epochs, and one line for the epoch: the mean
     of each term, the steps skipped, and where the time went (waiting for data or in steps)."""
     for key, values in history.items():
@@ -348,12 +403,20 @@ def log_training(run: Run, curves: dict, epoch: int, history: dict[str, list[flo
             log_scalar(run, curves, f"train.{key}", value, epoch - 1 + (counters["start"] + i) / counters["total"])
     means = " ".join(f"{key} {sum(values) / len(values):.4f}" for key, values in history.items() if values)
     skipped = f", {counters['skipped']} non-finite steps skipped" if counters["skipped"] else ""
-    print(f"Train {epoch:3d} | {means} | {counters['data_seconds']:.1f} s waiting for data, "
-          f"{counters['step_seconds']:.1f} s in steps{skipped}")
+    print(
+        f"Train {epoch:3d} | {means} | {counters['data_seconds']:.1f} s waiting for data, "
+        f"{counters['step_seconds']:.1f} s in steps{skipped}"
+    )
 
 
-def log_evaluation(run: Run, curves: dict, epoch: int, metrics: dict[str, float], plot: PlotFunction | None,
-                   plot_titles: dict[str, str]) -> None:
+def log_evaluation(
+    run: Run,
+    curves: dict,
+    epoch: int,
+    metrics: dict[str, float],
+    plot: PlotFunction | None,
+    plot_titles: dict[str, str],
+) -> None:
     """Print the metrics, log them as eval.<key> and plot those whose key ends with a suffix of plot_titles
     in that plot."""
     print(format_metrics(f"Epoch {epoch:3d}", metrics))

@@ -2,7 +2,7 @@
 
 Queries are processed in chunks and the metrics are accumulated chunk by chunk, so memory stays
 bounded: no N x N matrix, and no N x K neighbour matrix beyond one chunk. Neighbours come from
-utils.knn in its deterministic (distance, gallery index) order, whichever backend searches.
+utils.evaluation.knn in its deterministic (distance, gallery index) order, whichever backend searches.
 """
 
 import math
@@ -15,7 +15,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
 from utils.errors import check_choice
-from utils.knn import DISTANCES, Searcher, exact_knn, make_searcher, prepare, resolve_backend
+from utils.evaluation.knn import DISTANCES, Searcher, exact_knn, make_searcher, prepare, resolve_backend
 
 METRICS = ("recall", "map_at_r", "r_precision", "nmi", "utilization")
 RETRIEVAL_METRICS = ("recall", "map_at_r", "r_precision")
@@ -244,8 +244,12 @@ def _check_request(
         raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
 
 
-def _check_contents(query: Tensor | np.ndarray, gallery: Tensor | np.ndarray | None,
-                    reference: Tensor | np.ndarray | None, ks: Sequence[int]) -> None:
+def _check_contents(
+    query: Tensor | np.ndarray,
+    gallery: Tensor | np.ndarray | None,
+    reference: Tensor | np.ndarray | None,
+    ks: Sequence[int],
+) -> None:
     """Refuse empty sets, a K beyond the gallery and magnitudes whose float32 distances would overflow."""
     sets = {"query": query, "gallery": gallery, "reference": reference}
     for name, embeddings in sets.items():
@@ -256,8 +260,9 @@ def _check_contents(query: Tensor | np.ndarray, gallery: Tensor | np.ndarray | N
     # A query is never its own neighbour, so a self-searched set offers one candidate less.
     candidates = gallery.shape[0] if gallery is not None else query.shape[0] - 1
     if ks and max(ks) > candidates:
-        raise ValueError(f"R@{max(ks)} asks for {max(ks)} neighbours but the gallery offers only {candidates} per "
-                         f"query: lower ks")
+        raise ValueError(
+            f"R@{max(ks)} asks for {max(ks)} neighbours but the gallery offers only {candidates} per query: lower ks"
+        )
 
 
 def _check_magnitude(name: str, embeddings: Tensor | np.ndarray) -> None:
@@ -265,8 +270,10 @@ def _check_magnitude(name: str, embeddings: Tensor | np.ndarray) -> None:
     largest = float(max(embeddings.max(), -embeddings.min()))  # no copy of the array, unlike abs()
     limit = math.sqrt(FLOAT32_MAX / (4 * max(1, embeddings.shape[1])))  # bounds (|q| + |g|)^2
     if math.isfinite(largest) and largest > limit:
-        raise ValueError(f"the {name} embeddings reach {largest:.3g} in magnitude, beyond {limit:.3g}, where their "
-                         f"squared float32 distances overflow in dimension {embeddings.shape[1]}: rescale them")
+        raise ValueError(
+            f"the {name} embeddings reach {largest:.3g} in magnitude, beyond {limit:.3g}, where their "
+            f"squared float32 distances overflow in dimension {embeddings.shape[1]}: rescale them"
+        )
 
 
 def _check_shapes(

@@ -16,8 +16,8 @@ from PIL import Image
 from torch import Tensor
 
 from utils.data.image_dataset import ImageDataset, load_image
-from utils.knn import exact_knn, make_searcher, prepare
-from utils.metrics import CHUNK_BYTES
+from utils.evaluation.knn import exact_knn, make_searcher, prepare
+from utils.evaluation.metrics import CHUNK_BYTES
 
 Embeddings = Tensor | np.ndarray  # one row per image
 Series = dict[str, list]  # sacred's metrics.json entry: {"steps": [...], "values": [...]}
@@ -38,14 +38,19 @@ def draw_curves(metrics: dict[str, Series], path: str | Path, title: str = "") -
     for ax, (panel, lines) in zip(axes, panels.items(), strict=False):
         x_label = "epoch" if panel.startswith("eval ") else "epoch (per iteration)"
         for name in lines:
-            ax.plot(metrics[name]["steps"], metrics[name]["values"], label=curve_label(name),
-                    marker="o" if panel.startswith("eval ") else None, markersize=3)
+            ax.plot(
+                metrics[name]["steps"],
+                metrics[name]["values"],
+                label=curve_label(name),
+                marker="o" if panel.startswith("eval ") else None,
+                markersize=3,
+            )
         ax.set(title=panel, xlabel=x_label)
         ax.ticklabel_format(axis="y", useOffset=False)  # a loss near 1.609 reads as 1.609, not +1.609
         ax.grid(alpha=0.3)
         if lines:
             ax.legend(fontsize="small")
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_axis_off()
     if title:
         figure.suptitle(title)
@@ -72,8 +77,14 @@ def curve_label(name: str) -> str:
     return metric if split == "train" or "/" not in metric else metric.rpartition("/")[0]
 
 
-def retrieval_examples(query: Embeddings, gallery: Embeddings | None = None, count: int = 8, k: int = 5,
-                       seed: int = 0, distance: str = "cosine") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def retrieval_examples(
+    query: Embeddings,
+    gallery: Embeddings | None = None,
+    count: int = 8,
+    k: int = 5,
+    seed: int = 0,
+    distance: str = "cosine",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A seeded choice of count queries and their k nearest gallery items by the project's exact k-NN.
 
     gallery None searches the query set itself, the query excluded by index (as the evaluation does).
@@ -95,9 +106,15 @@ def retrieval_examples(query: Embeddings, gallery: Embeddings | None = None, cou
     return chosen, idx, 1 + dist if distance == "cosine" else np.sqrt(np.maximum(dist, 0))
 
 
-def draw_retrieval_grid(query_images: Sequence[Image.Image], query_labels: Sequence[int],
-                        neighbour_images: Sequence[Sequence[Image.Image]], neighbour_labels: Sequence[Sequence[int]],
-                        distances: np.ndarray, path: str | Path, title: str = "") -> None:
+def draw_retrieval_grid(
+    query_images: Sequence[Image.Image],
+    query_labels: Sequence[int],
+    neighbour_images: Sequence[Sequence[Image.Image]],
+    neighbour_labels: Sequence[Sequence[int]],
+    distances: np.ndarray,
+    path: str | Path,
+    title: str = "",
+) -> None:
     """A row per query: the query (its label above) and its neighbours, framed green when their
     label is the query's and red otherwise, with label and distance under each."""
     rows, k = len(query_images), len(neighbour_images[0])
@@ -113,18 +130,31 @@ def draw_retrieval_grid(query_images: Sequence[Image.Image], query_labels: Seque
     figure.savefig(path)
 
 
-def draw_dataset_retrieval(query_set: ImageDataset, query: Embeddings, path: str | Path,
-                           gallery_set: ImageDataset | None = None, gallery: Embeddings | None = None,
-                           count: int = 8, k: int = 5, seed: int = 0, distance: str = "cosine") -> None:
+def draw_dataset_retrieval(
+    query_set: ImageDataset,
+    query: Embeddings,
+    path: str | Path,
+    gallery_set: ImageDataset | None = None,
+    gallery: Embeddings | None = None,
+    count: int = 8,
+    k: int = 5,
+    seed: int = 0,
+    distance: str = "cosine",
+) -> None:
     """The retrieval grid of a seeded choice of query_set's images, from their embeddings (rows in the
     data set's order); without a gallery the query set searches itself."""
     gallery_set = query_set if gallery_set is None else gallery_set
     chosen, idx, dist = retrieval_examples(query, gallery, count, k, seed, distance)
-    draw_retrieval_grid([load_image(query_set.paths[i]) for i in chosen], [query_set.targets[i] for i in chosen],
-                        [[load_image(gallery_set.paths[j]) for j in row] for row in idx],
-                        [[gallery_set.targets[j] for j in row] for row in idx], dist, path,
-                        title=f"{distance} top-{k} neighbours of {len(chosen)} test queries (seed {seed}): "
-                              "green = same class, red = another class")
+    draw_retrieval_grid(
+        [load_image(query_set.paths[i]) for i in chosen],
+        [query_set.targets[i] for i in chosen],
+        [[load_image(gallery_set.paths[j]) for j in row] for row in idx],
+        [[gallery_set.targets[j] for j in row] for row in idx],
+        dist,
+        path,
+        title=f"{distance} top-{k} neighbours of {len(chosen)} test queries (seed {seed}): "
+        "green = same class, red = another class",
+    )
 
 
 def show_tile(ax: Axes, image: Image.Image, caption: str, colour: str, above: bool = False) -> None:
@@ -139,8 +169,9 @@ def show_tile(ax: Axes, image: Image.Image, caption: str, colour: str, above: bo
         ax.set_xlabel(caption, fontsize=9, color=colour)
 
 
-def draw_reconstructions(images: Tensor, reconstructions: Tensor, path: str | Path, title: str = "",
-                         first_epoch: Tensor | None = None) -> None:
+def draw_reconstructions(
+    images: Tensor, reconstructions: Tensor, path: str | Path, title: str = "", first_epoch: Tensor | None = None
+) -> None:
     """Rows of inputs above rows of their reconstructions (and, given first_epoch, the first epoch's
     reconstructions of the same inputs below them), labelled; tiles scaled up to at least TILE_PX.
 
@@ -154,8 +185,11 @@ def draw_reconstructions(images: Tensor, reconstructions: Tensor, path: str | Pa
     blocks = -(-len(images) // per_row)
     scale = max(1.0, TILE_PX / images.shape[-1])
     tile_inches = images.shape[-1] * scale / DPI
-    figure = Figure(figsize=(per_row * tile_inches + 1.6, blocks * len(rows) * (tile_inches + 0.1) + 0.6),
-                    dpi=DPI, layout="constrained")
+    figure = Figure(
+        figsize=(per_row * tile_inches + 1.6, blocks * len(rows) * (tile_inches + 0.1) + 0.6),
+        dpi=DPI,
+        layout="constrained",
+    )
     axes = figure.subplots(blocks * len(rows), per_row, squeeze=False)
     for block in range(blocks):
         for offset, (label, batch) in enumerate(rows.items()):
@@ -174,5 +208,6 @@ def draw_image(ax: Axes, batch: Tensor, index: int) -> None:
         ax.set_axis_off()
         return
     pixels = batch[index].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    ax.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
+    ax.imshow(
+        pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest"
+    )
