@@ -227,7 +227,7 @@ class CrossRule:
     description: str
 
 
-CROSS_RULES = (
+CROSS_RULES = [
     CrossRule(
         ("dataset.crop_size", "dataset.resize"),
         lambda crop, resize: resize is None or crop <= _shorter_side(resize),
@@ -249,7 +249,14 @@ CROSS_RULES = (
         lambda nesterov, momentum: not nesterov or momentum > 0,
         "momentum > 0 when nesterov=True",
     ),
-)
+]
+
+
+def register(rules: Mapping[str, Check], cross_rules: Sequence[CrossRule] = ()) -> None:
+    """Add the rules of the keys a module owns (full key paths: "epochs", "dataset.batch_size"), written next to
+    their defaults; the module registers them when it is imported, before any command runs."""
+    RULES.update(rules)
+    CROSS_RULES.extend(cross_rules)
 
 
 def lookup(config: Mapping, key: str) -> Any:
