@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from losses.autoencoder import AutoencoderLoss
 from models.vae import Autoencoder
 from models.vae_ingredient import get_vae, vae_ingredient
+from utils import distributed
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
-from utils.engine import distributed
 from utils.engine.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
 from utils.engine.training import progress
 from utils.errors import InputError, check_choice

@@ -17,8 +17,8 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
 from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
+from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.engine import distributed
 from utils.engine.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
 from utils.evaluation.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator

@@ -39,11 +39,11 @@ from losses.criterion import Criterion  # noqa: E402
 from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
+from utils import distributed  # noqa: E402
 from utils.data.device_augment import build_split_pipeline, load_for_crop, load_pixels, pack_crops  # noqa: E402
 from utils.data.image_dataset import ImageDataset  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.data.transforms import build_transforms  # noqa: E402
-from utils.engine import distributed  # noqa: E402
 from utils.engine.speed import Precision, batch_mover, prepare_model  # noqa: E402
 
 CUB_RECIPE = dict(

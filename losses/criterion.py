@@ -1,7 +1,7 @@
 """The objective the training loop calls: weighted losses on clean and mixed candidates.
 
 Under torchrun the losses see the global batch: every rank gathers the embeddings and labels of all ranks
-(utils.engine.distributed.gather_with_grad), so that a DDP step has the single-process gradient of the global batch.
+(utils.distributed.gather_with_grad), so that a DDP step has the single-process gradient of the global batch.
 The losses run in float32 (or float64) whatever the autocast around the model.
 """
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from losses.candidates import Candidates, loss_precision
-from utils.engine import distributed
+from utils import distributed
 from utils.engine.training import parameter_groups
 
 # (model, images, feature_map, embeddings, labels) -> mixed candidates; see losses.metrix.

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from losses.candidates import Candidates, loss_precision
 from models.mixing import interpolate
-from utils.engine import distributed
+from utils import distributed
 
 MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")

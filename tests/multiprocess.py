@@ -17,12 +17,12 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, out: Path, fn: Callable, args: tuple) -> None:
-    # torchrun's environment, so that utils.engine.distributed.setup is what joins the group.
+    # torchrun's environment, so that utils.distributed.setup is what joins the group.
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)  # two processes on two cores
-    from utils.engine import distributed
+    from utils import distributed
 
     distributed.setup(cpu=True)
     try:

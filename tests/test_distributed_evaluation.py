@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.multiprocess import run_ranks
+from utils import distributed
 from utils.data.ingredient import MetricLoaders
-from utils.engine import distributed
 from utils.evaluation.ingredient import Evaluator
 
 METRICS = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]

@@ -17,7 +17,8 @@ from losses.proxy_anchor import ProxyAnchorLoss
 from models.backbones import small_cnn
 from models.metric_model import EmbeddingHead, MetricModel
 from tests.multiprocess import run_ranks
-from utils.engine import distributed, sync_batchnorm
+from utils import distributed
+from utils.engine import sync_batchnorm
 
 CLASSES, EMBEDDING = 4, 16
 LOSSES = {

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
 
+from utils import distributed
 from utils.data.samplers import ClassBatchSampler, EpochBatches
-from utils.engine import distributed
 from utils.errors import InputError
 
 LABELS = [i % 20 for i in range(200)]  # 20 classes of 10 images

@@ -7,7 +7,7 @@ from typing import NamedTuple
 from sacred import Ingredient
 from torch.utils.data import DataLoader
 
-from utils.engine import distributed
+from utils import distributed
 from utils.data.device_augment import DeviceAugment, build_split_pipeline, load_for_crop, pack_crops
 from utils.data.digits import prepare_digits
 from utils.data.image_dataset import ImageDataset

@@ -67,7 +67,7 @@ class EpochBatches(Sampler[list[int]]):
     batches draws from `generator`; the DataLoader draws its workers' seeds from `worker_seeds`. Under torchrun
     every rank draws the same global batches and keeps its contiguous part of each (`rank` of `world_size`): the
     parts never overlap, and a class-balanced batch, whose classes come in contiguous runs of images_per_class,
-    keeps each class on one rank when the part is a whole number of classes (utils.engine.distributed.check_batch).
+    keeps each class on one rank when the part is a whole number of classes (utils.distributed.check_batch).
     """
 
     def __init__(self, batches: BatchSampler | ClassBatchSampler, generator: torch.Generator, seed: int,

@@ -29,7 +29,8 @@ from torch import nn
 from torch.backends import cudnn
 from torch.utils.data import DataLoader
 
-from utils.engine import distributed, sync_batchnorm
+from utils import distributed
+from utils.engine import sync_batchnorm
 from utils.engine.checkpoint import (
     CHECKPOINT,
     FORMAT,

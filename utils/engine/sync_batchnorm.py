@@ -2,7 +2,7 @@
 
 In training mode a BatchNorm layer normalises with the statistics of the batch it sees; under DDP that is the
 rank's share, so the step differs from the single-process step of the global batch. GlobalBatchNorm sums the
-per-channel count, sum and sum of squares over the ranks with utils.engine.distributed.gather_with_grad, so the forward
+per-channel count, sum and sum of squares over the ranks with utils.distributed.gather_with_grad, so the forward
 uses the global statistics and the backward carries their gradient to every rank (with the gather's factor of
 the world size, which DDP's averaging removes, as for the embeddings). torch.nn.SyncBatchNorm does the same on
 GPUs only. Outside training, or in a single process, it is a plain BatchNorm.
@@ -11,7 +11,7 @@ GPUs only. Outside training, or in a single process, it is a plain BatchNorm.
 import torch
 from torch import Tensor, nn
 
-from utils.engine import distributed
+from utils import distributed
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

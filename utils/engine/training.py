@@ -17,7 +17,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer, lr_scheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.engine import distributed
+from utils import distributed
 from utils.engine.speed import Precision, batch_mover
 from utils.errors import InputError, check_choice
 

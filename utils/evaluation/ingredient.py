@@ -15,8 +15,8 @@ import torch
 from sacred import Ingredient
 from torch.utils.data import DataLoader, Subset
 
+from utils import distributed
 from utils.data.ingredient import DATASETS, MetricLoaders, data_ingredient
-from utils.engine import distributed
 from utils.engine.training import progress
 from utils.errors import InputError
 from utils.evaluation.knn import resolve_backend
