@@ -27,6 +27,7 @@ from utils.data import datasets, manifest
 from utils.data.datasets import Samples
 from utils.data.download import disk_full
 from utils.data.images import read_split
+from utils.data.specs import DATASETS
 from utils.errors import InputError
 
 cub = Experiment("prepare_cub")
@@ -39,79 +40,55 @@ for _experiment in EXPERIMENTS.values():
     _experiment.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 
 
-# Mirrors are tried in order; one checksum covers them all. None of them could be reached from the machines this
-# code was written on, so each is a plausible public address, not a verified one (see data/README.md).
-CUB_URLS = [
-    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
-    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
-    "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz",
-]
-# ai.stanford.edu/~jkrause/car196/ has been reported dead since 2023; imagenet.stanford.edu held a copy.
-CARS_DIRECTORIES = [
-    "http://ai.stanford.edu/~jkrause/car196/",
-    "https://ai.stanford.edu/~jkrause/car196/",
-    "http://imagenet.stanford.edu/internal/car196/",
-]
-SOP_URLS = [
-    "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-    "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-    "ftp://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-]
-# The published (images, classes) of each split; a mismatch is refused. In-Shop's 3,985 test items are shared by
-# query and gallery, whose per-file class counts are not published (None: not checked).
-EXPECTED = {
-    "cub": {"train": (5_864, 100), "test": (5_924, 100)},
-    "cars": {"train": (8_054, 98), "test": (8_131, 98)},
-    "sop": {"train": (59_551, 11_318), "test": (60_502, 11_316)},
-    "inshop": {"train": (25_882, 3_997), "test_query": (14_218, None), "test_gallery": (12_612, None)},
-    "digits": {"train": (901, 5), "test": (896, 5)},
-}
+# The facts of each data set (folder, mirrors tried in order under one checksum, published split counts) are its
+# specification in utils/data/specs.py; the configs below only expose them as settings.
+CUB, CARS, SOP, INSHOP, DIGITS = (DATASETS[name] for name in ("cub", "cars", "sop", "inshop", "digits"))
 
 
 @cub.config
 def cub_config():
-    data_path = "data/CUB_200_2011"  # the archive is downloaded and extracted here; the split files go here
-    urls = CUB_URLS  # mirrors of the archive, tried in order
-    md5 = "97eceeb196236b17998738112f37df78"  # None: accept the archive unchecked
+    data_path = CUB.folder  # the archive is downloaded and extracted here; the split files go here
+    urls = list(CUB.downloads[0].mirrors)  # mirrors of the archive, tried in order
+    md5 = CUB.downloads[0].md5  # None: accept the archive unchecked
     download = True  # False: use only what is already in data_path
-    expected = EXPECTED["cub"]  # split -> (images, classes) to insist on; None: no check
+    expected = CUB.expected  # split -> (images, classes) to insist on; None: no check
     workers = os.cpu_count()  # threads decoding the images
 
 
 @cars.config
 def cars_config():
-    data_path = "data/CARS_196"  # car_ims.tgz and cars_annos.mat are downloaded (or placed by hand) here
-    images_urls = [directory + "car_ims.tgz" for directory in CARS_DIRECTORIES]  # mirrors, tried in order
-    images_md5 = "d5c8f0aa497503f355e17dc7886c3f14"  # None: accept the archive unchecked
-    annotations_urls = [directory + "cars_annos.mat" for directory in CARS_DIRECTORIES]
-    annotations_md5 = "b407c6086d669747186bd1d764ff9dbc"  # None: accept the file unchecked
+    data_path = CARS.folder  # car_ims.tgz and cars_annos.mat are downloaded (or placed by hand) here
+    images_urls = list(CARS.downloads[0].mirrors)  # mirrors, tried in order
+    images_md5 = CARS.downloads[0].md5  # None: accept the archive unchecked
+    annotations_urls = list(CARS.downloads[1].mirrors)
+    annotations_md5 = CARS.downloads[1].md5  # None: accept the file unchecked
     download = True  # False: use only what is already in data_path
-    expected = EXPECTED["cars"]  # split -> (images, classes) to insist on; None: no check
+    expected = CARS.expected  # split -> (images, classes) to insist on; None: no check
     workers = os.cpu_count()  # threads decoding the images
 
 
 @sop.config
 def sop_config():
-    data_path = "data/Stanford_Online_Products"  # the archive is downloaded and extracted here
-    urls = SOP_URLS  # mirrors of the archive, tried in order
-    md5 = "7f73d41a2f44250d4779881525aea32e"  # None: accept the archive unchecked
+    data_path = SOP.folder  # the archive is downloaded and extracted here
+    urls = list(SOP.downloads[0].mirrors)  # mirrors of the archive, tried in order
+    md5 = SOP.downloads[0].md5  # None: accept the archive unchecked
     download = True  # False: use only what is already in data_path
-    expected = EXPECTED["sop"]  # split -> (images, classes) to insist on; None: no check
+    expected = SOP.expected  # split -> (images, classes) to insist on; None: no check
     workers = os.cpu_count()  # threads decoding the images
 
 
 @inshop.config
 def inshop_config():
-    data_path = "data/InShop"  # holds list_eval_partition.txt and img/ (or img.zip), placed by hand
-    expected = EXPECTED["inshop"]  # split -> (images, classes) to insist on; None: no check
+    data_path = INSHOP.folder  # holds list_eval_partition.txt and img/ (or img.zip), placed by hand
+    expected = INSHOP.expected  # split -> (images, classes) to insist on; None: no check
     workers = os.cpu_count()  # threads decoding the images
 
 
 @digits.config
 def digits_config():
-    data_path = "data/digits"
+    data_path = DIGITS.folder
     seed = 0  # of the random rendering
-    expected = EXPECTED["digits"]  # split -> (images, classes) to insist on; None: no check
+    expected = DIGITS.expected  # split -> (images, classes) to insist on; None: no check
     workers = os.cpu_count()  # threads decoding the images
 
 

@@ -1,4 +1,5 @@
-"""The four real data sets: how each is fetched and how its official lists become split files.
+"""The four real data sets: how each is fetched and how its official lists become split files (the facts of
+each, its mirrors, checksums and counts, are its specification in utils/data/specs.py).
 
 Archives are downloaded into the data set's folder and extracted there unchanged, so a copy extracted
 by hand (into that folder or into the archive's own sub-folder) is used as it is. Split paths are
@@ -13,15 +14,16 @@ from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
 from utils.data.download import download, extract, is_extracted
+from utils.data.specs import DATASETS, INSHOP_PAGE
 from utils.errors import InputError
 from utils.files import atomic_write
 
 Samples = list[tuple[str, int]]
 Urls = str | Sequence[str]  # one URL, or mirrors of one file in the order to try them
 
-CUB_TRAIN_CLASSES = 100  # class ids 1-100 train, 101-200 test
-CARS_TRAIN_CLASSES = 98  # class ids 1-98 train, 99-196 test
-INSHOP_PAGE = "http://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
+# CUB and Cars: the first classes (by id) train, the rest test, as many as their specifications publish.
+CUB_TRAIN_CLASSES = DATASETS["cub"].expected["train"][1]
+CARS_TRAIN_CLASSES = DATASETS["cars"].expected["train"][1]
 
 def relabel(*splits: list[tuple[str, Hashable]]) -> list[Samples]:
     """Number the classes found in the given splits 0, 1, ... in sorted order, one numbering for all."""

@@ -1,6 +1,5 @@
 """The `dataset` ingredient: where the data lives, how it is sampled and transformed."""
 
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,6 +13,7 @@ from utils.data.image_dataset import ImageDataset
 from utils.data.images import load_image
 from utils.data.manifest import check_prepared
 from utils.data.samplers import EpochBatches, epoch_batches
+from utils.data.specs import DATASETS, named_configs
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
 
@@ -24,7 +24,8 @@ data_ingredient = Ingredient("dataset")
 
 @data_ingredient.config
 def config():
-    # The defaults are the embedded digits set; the named configs below set the real data sets.
+    # The defaults are the embedded digits set; the named configs `dataset.<name>` (utils/data/specs.py) set the
+    # real data sets.
     name = "digits"  # digits | cub | cars | sop | inshop
     data_path = "data/digits"  # the prepared folder (split files and images)
     train_file = "train.txt"  # split file of `relative/path,label` lines
@@ -33,7 +34,11 @@ def config():
 
     batch_size = 32  # training images per step
     test_batch_size = 256  # images per step when embedding test images
-    sampler = "random"  # random | random_id | balanced
+    # The pair_sampler of a data set's specification (utils/data/specs.py) gives pairwise losses positives in a
+    # batch: random on digits, CUB and Cars, whose classes hold dozens of images, balanced on SOP and In-Shop.
+    pair_batches = False  # True: sampler defaults to the data set's pair_sampler
+    # random | random_id | balanced
+    sampler = DATASETS[name].pair_sampler if pair_batches and name in DATASETS else "random"
     images_per_class = 2  # random_id, balanced: images of each class in a batch
     num_iterations = None  # batches per epoch (None: as many as one pass over the training set)
 
@@ -54,35 +59,8 @@ def config():
     hflip = False  # random horizontal flips (mirrored digits are other symbols)
 
 
-# The CE paper's settings for the real data sets (224 px crops of ImageNet-sized images).
-_IMAGENET_SIZED = dict(batch_size=128, preload=False, num_workers=min(8, os.cpu_count() or 1), crop_size=224,
-                       scale=(0.16, 1.0), hflip=True)
-
-
-class DatasetSpec(NamedTuple):
-    settings: dict  # its named config
-    recalls: tuple[int, ...]  # the Recall@K its papers report
-
-
-# The one list of data sets: the named configs (and their 64 px *_vae variants) and the evaluation's
-# default recall Ks come from here.
-DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec(dict(name="digits"), (1, 2, 4, 8)),
-    "cub": DatasetSpec(dict(_IMAGENET_SIZED, name="cub", data_path="data/CUB_200_2011", resize=256,
-                            color_jitter=(0.25, 0.25, 0.25, 0)), (1, 2, 4, 8, 16, 32)),
-    "cars": DatasetSpec(dict(_IMAGENET_SIZED, name="cars", data_path="data/CARS_196", resize=(256, 256),
-                             color_jitter=(0.3, 0.3, 0.3, 0.1), ratio=(1, 1)), (1, 2, 4, 8, 16, 32)),
-    "sop": DatasetSpec(dict(_IMAGENET_SIZED, name="sop", data_path="data/Stanford_Online_Products",
-                            resize=(256, 256)), (1, 10, 100, 1000)),
-    "inshop": DatasetSpec(dict(_IMAGENET_SIZED, name="inshop", data_path="data/InShop", test_file="test_query.txt",
-                               gallery_file="test_gallery.txt"), (1, 10, 20, 30, 40, 50)),
-}
-for _name, _spec in DATASETS.items():
-    data_ingredient.add_named_config(_name, _spec.settings)
-    if _name != "digits":
-        # 64 px images with light augmentation for the autoencoder baselines.
-        data_ingredient.add_named_config(f"{_name}_vae", dict(_spec.settings, resize=(64, 64), crop_size=64,
-                                                              scale=(0.8, 1.0), color_jitter=None, batch_size=64))
+for _name, _settings in named_configs().items():
+    data_ingredient.add_named_config(_name, _settings)
 
 
 class MetricLoaders(NamedTuple):
