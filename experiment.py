@@ -51,8 +51,9 @@ def config(dataset):
 @ex.named_config
 def metrix_recipe():
     """The Metrix paper's training recipe (ResNet-50, 512-d); add a loss and a mixing mode, e.g.
-    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1);
-    on SOP and In-Shop also dataset.sampler=balanced, as the released code."""
+    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1).
+    Batches are random on CUB and Cars and balanced (5 images per class) on SOP and In-Shop, as the released code
+    draws them."""
     epochs = 60
     optimizer = "adam"
     lr = 1e-4
@@ -72,10 +73,9 @@ def metrix_recipe():
         freeze_bn=True,
         dropout=0.0,
     )
-    # The released code draws random batches on CUB and Cars and balanced ones (5 images per class) on SOP and
-    # In-Shop. A named config cannot read the data set's name (sacred runs it before the dataset ingredient's), so
-    # the README's SOP and In-Shop commands add dataset.sampler=balanced.
-    dataset = dict(batch_size=100, sampler="random", images_per_class=5)
+    # A named config cannot read the data set's name (sacred runs it before the dataset ingredient's config), so
+    # pair_batches lets the dataset ingredient pick the sampler from the data set's specification.
+    dataset = dict(batch_size=100, pair_batches=True, images_per_class=5)
 
 
 @ex.main

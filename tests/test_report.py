@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from sacred.initialize import create_run
 
 from experiment import ex
 from tests.conftest import digits_updates
-from utils.reporting.report import CE_R1, main, published_recipes, resolve_config
+from utils.reporting.report import main, read_run
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = "python experiment.py with dataset.cub metrix_recipe loss.contrastive metrix.feature"
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +65,49 @@ def test_seeds_fold_into_mean_and_std(result_dir, capsys):
     assert by_runs["3"]["published R@1"] == "-"
 
 
-def fake_recipe_run(source: Path, target: Path, command: str, **changes: object) -> None:
-    """A copy of a real run folder whose config.json is what command resolves to (seed and data path
-    changed as a user's would be), with changes applied on top."""
+def fake_recipe_run(source: Path, target: Path, named_configs: list[str], updates: dict) -> None:
+    """A copy of a real run folder as if started with `python experiment.py -F ... with <named_configs> <updates>`:
+    sacred's run.json records the named configs and the updates as given, config.json the resolved config."""
     shutil.copytree(source, target)
-    config = json.loads(json.dumps(resolve_config(command)))
-    config.update(seed=7, **changes)
-    config["dataset"]["data_path"] = "/elsewhere/CUB_200_2011"
+    run = json.loads((target / "run.json").read_text())
+    run["meta"].update(named_configs=named_configs, config_updates=updates)
+    (target / "run.json").write_text(json.dumps(run))
+    config = create_run(ex, "main", json.loads(json.dumps(updates)), named_configs, log_level="ERROR").config
     (target / "config.json").write_text(json.dumps(config))
 
 
+def test_a_run_records_its_command_line(result_dir):
+    # What the report matches recipes on: sacred's record of the command line, in the real runs of the fixture.
+    third, first = read_run(result_dir / "3"), read_run(result_dir / "1")
+    assert {"epochs": 1, "evaluation.recalls": "[1, 2]", "lr": 0.01}.items() <= third.updates.items()
+    assert "lr" not in first.updates and "seed" not in first.updates  # the seed does not define a recipe
+    assert first.named_configs == third.named_configs == ()
+
+
 def test_a_recipe_run_gets_the_published_r1(result_dir, tmp_path, capsys):
-    fake_recipe_run(result_dir / "1", tmp_path / "recipes" / "1", RECIPE)
-    fake_recipe_run(result_dir / "2", tmp_path / "recipes" / "2", RECIPE, epochs=5)  # not the recipe any more
+    recipe = ["dataset.cub", "metrix_recipe", "loss.contrastive", "metrix.feature"]
+    elsewhere = {"seed": 7, "dataset": {"data_path": "/elsewhere/CUB_200_2011", "num_workers": 2}}
+    fake_recipe_run(result_dir / "1", tmp_path / "recipes" / "1", recipe, elsewhere)
+    # Not the recipe any more: another number of epochs, or the named configs in another order.
+    fake_recipe_run(result_dir / "2", tmp_path / "recipes" / "2", recipe, {**elsewhere, "epochs": 5})
+    fake_recipe_run(result_dir / "3", tmp_path / "recipes" / "3", [*recipe[1:], recipe[0]], elsewhere)
+    # The CE paper's SOP line, as a user types it.
+    sop = ["dataset.sop", "model.resnet50"]
+    sgd = {"epochs": 100, "lr": 0.003, "momentum": 0.99, "nesterov": True, "model": {"norm_layer": "batch"}}
+    fake_recipe_run(result_dir / "1", tmp_path / "recipes" / "4", sop, {**sgd, "seed": 3})
     header, *rows = report(capsys, str(tmp_path / "recipes"))
     published = {row[0]: row[-1] for row in rows}
-    assert published == {"1": "0.674 (Metrix paper)", "2": "-"}
+    assert published == {"1": "0.674 (Metrix paper)", "2": "-", "3": "-", "4": "0.811 (CE paper)"}
     assert "epochs" in header
+    # The recipes come from their registry: the report never builds the experiment (nor imports torch) for them.
+    check = (
+        "import sys; from utils.reporting.report import main; main([sys.argv[1]]); "
+        "print(sorted({'experiment', 'torch'} & sys.modules.keys()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "recipes")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "[]", done.stderr
 
 
 def test_csv_and_chart(result_dir, tmp_path, capsys):
@@ -119,21 +145,3 @@ def test_a_corrupt_run_json_is_one_clear_line(result_dir, tmp_path):
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith(f"error: {tmp_path / '1' / 'run.json'} is not valid JSON")
     assert f"delete {tmp_path / '1'} or restore the file" in done.stderr
-
-
-def test_published_figures_are_the_readme_and_design_ones():
-    readme = (REPO / "README.md").read_text()
-    table = dict(
-        re.findall(
-            r"^\| `main\.py [^`]*` \| `(python experiment\.py with [^`]*)` \| ([\d.]+) \|", readme, flags=re.MULTILINE
-        )
-    )
-    metrix = {command: figure for command, (figure, paper) in published_recipes().items() if paper == "Metrix paper"}
-    assert len(table) == 24 and {command: float(r1) for command, r1 in table.items()} == metrix
-    assert all(f"python experiment.py with {updates}" in readme for updates in CE_R1)
-    design = REPO.parent / "shared" / "DESIGN.md"
-    if design.exists():
-        assert "Cross-entropy (2048-d, CE paper): CUB 69.2, Cars 89.3, SOP 81.1, In-Shop 90.6 R@1" in " ".join(
-            design.read_text().split()
-        )
-        assert list(CE_R1.values()) == [69.2, 89.3, 81.1, 90.6]

@@ -153,6 +153,7 @@ RULES: dict[str, Check] = {
     "dataset.gallery_file": optional(text()),
     "dataset.batch_size": SIZE,
     "dataset.test_batch_size": SIZE,
+    "dataset.pair_batches": boolean(),
     "dataset.sampler": choice(SAMPLERS),
     "dataset.images_per_class": SIZE,
     "dataset.num_iterations": optional(SIZE),

@@ -3,8 +3,8 @@
 Reads the run folders sacred's `-F RESULT_DIR` wrote (RESULT_DIR/<id>/ with config.json, run.json,
 info.json), prints one row per group of runs whose configurations are equal but for the seed and
 the settings that do not change results (IGNORED), with the settings that differ between groups,
-the final metrics (mean +- sample std over the seeds, with their count) and, for a configuration
-that is one of the README's paper recipes, the published R@1.
+the final metrics (mean +- sample std over the seeds, with their count) and, for runs started with the command
+line of a paper recipe (utils/recipes.py), the published R@1.
 """
 
 import argparse
@@ -13,13 +13,15 @@ import json
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from sacred.arg_parser import get_config_updates
 
 from utils.errors import InputError
+from utils.recipes import RECIPES
 
 # Where the data lives, how fast it is read, where temporary files and live curves go, and the seed
 # (the grouping key): settings that do not change what a run measures.
@@ -46,36 +48,6 @@ IGNORED = {
 }
 METRIC_COLUMNS = ("cosine/R@1", "l2/R@1", "cosine/MAP@R", "NMI", "test/reconstruction")
 
-LOSSES = ("contrastive", "multisimilarity", "proxyanchor")
-# The README's table of Metrix-paper commands (ResNet-50, 512-d): published R@1 in % of each loss in
-# LOSSES, without and with metrix.feature; and the seed commands of the cross-entropy paper with its
-# 2048-d figures (DESIGN.md). tests/test_report.py checks both against README.md.
-METRIX_R1 = {
-    "cub": (64.7, 67.4, 67.8, 71.4, 69.5, 71.0),
-    "cars": (81.6, 85.1, 87.8, 89.6, 87.6, 89.1),
-    "sop": (74.9, 77.5, 76.9, 81.0, 79.1, 81.3),
-    "inshop": (86.4, 89.1, 90.1, 92.2, 90.0, 91.9),
-}
-CE_R1 = {
-    "dataset.cub model.resnet50 epochs=30 lr=0.02": 69.2,
-    "dataset.cars model.resnet50 epochs=100 lr=0.05 model.norm_layer=batch": 89.3,
-    "dataset.sop model.resnet50 epochs=100 lr=0.003 momentum=0.99 nesterov=True model.norm_layer=batch": 81.1,
-    "dataset.inshop model.resnet50 epochs=100 lr=0.003 momentum=0.99 nesterov=True model.norm_layer=batch": 90.6,
-}
-
-
-def published_recipes() -> dict[str, tuple[float, str]]:
-    """Command line -> (published R@1 in %, the paper)."""
-    recipes = {f"python experiment.py with {updates}": (r1, "CE paper") for updates, r1 in CE_R1.items()}
-    for data, figures in METRIX_R1.items():
-        variants = [(loss, mixing) for loss in LOSSES for mixing in ("", " metrix.feature")]
-        for (loss, mixing), r1 in zip(variants, figures, strict=True):
-            # The released code samples balanced batches on SOP and In-Shop only (the README's lines say so).
-            sampler = " dataset.sampler=balanced" if data in ("sop", "inshop") else ""
-            command = f"python experiment.py with dataset.{data} metrix_recipe loss.{loss}{mixing}{sampler}"
-            recipes[command] = (r1, "Metrix paper")
-    return recipes
-
 
 @dataclass
 class Run:
@@ -84,6 +56,10 @@ class Run:
     experiment: str
     config: dict[str, object]  # flattened: {"dataset.name": "cub", ...}
     metrics: dict[str, float]
+    # The sacred command line it was started with (run.json's meta): named configs in order, and the updates
+    # (flattened) that are not IGNORED.
+    named_configs: tuple[str, ...] = ()
+    updates: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,12 +101,15 @@ def read_run(folder: Path) -> Run:
     metrics = dict(info.get("metrics", {}))
     if "cosine/R@1" not in metrics and isinstance(run.get("result"), float):
         metrics["cosine/R@1"] = run["result"]
+    meta = run.get("meta", {})
     return Run(
         folder,
         run["status"],
         run.get("experiment", {}).get("name", "?"),
         flatten(read_json(folder / "config.json", fix)),
         metrics,
+        tuple(meta.get("named_configs", ())),
+        relevant(meta.get("config_updates", {})),
     )
 
 
@@ -157,30 +136,26 @@ def find_runs(result_dirs: Iterable[str | Path]) -> list[Run]:
     return runs
 
 
-def resolve_config(command: str) -> dict:
-    """The configuration `python experiment.py with ...` runs with, built by sacred without running it."""
-    from sacred.arg_parser import get_config_updates
-    from sacred.initialize import create_run
-
-    from experiment import ex  # imports torch: only when a metric-learning run is to be matched
-
-    updates, named = get_config_updates(command.split(" with ", 1)[1].split())
-    return create_run(ex, "main", updates, named, log_level="ERROR").config
+def relevant(updates: dict) -> dict[str, object]:
+    """Config updates, flattened, without the IGNORED settings."""
+    return {key: value for key, value in flatten(updates).items() if key not in IGNORED}
 
 
 @cache
-def recipe_config(command: str) -> tuple[tuple[str, object], ...]:
-    """The settings that define a recipe: its whole configuration but the IGNORED settings."""
-    return tuple(sorted((key, value) for key, value in flatten(resolve_config(command)).items() if key not in IGNORED))
+def recipe_command(command: str) -> tuple[tuple[str, ...], dict[str, object]]:
+    """The named configs and relevant updates of a recipe's `python experiment.py with ...` line."""
+    updates, named_configs = get_config_updates(command.split(" with ", 1)[1].split())
+    return tuple(named_configs), relevant(updates)
 
 
 def published_for(run: Run) -> tuple[float, str] | None:
-    """The published R@1 (%) and its paper when the run's configuration is a recipe's, else None."""
+    """The published R@1 (%) and its paper when the run was started with a recipe's command line (give or take
+    IGNORED settings: seed, data path, workers, resume, ...), else None."""
     if run.experiment != "metric_learning":
         return None
-    for command, figure in published_recipes().items():
-        if all(run.config.get(key, object()) == value for key, value in recipe_config(command)):
-            return figure
+    for recipe in RECIPES:
+        if recipe_command(recipe.command) == (run.named_configs, run.updates):
+            return recipe.published_r1, recipe.paper
     return None
 
 
