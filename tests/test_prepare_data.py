@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from sacred.initialize import create_run
 from scipy.io import savemat
 
 import prepare_data
@@ -500,3 +501,15 @@ def test_one_data_set_runs_its_sacred_command_line(tmp_path):
     assert done.returncode == 1 and "CUB_200_2011.tgz not found and download=False" in done.stderr
     done = command("mnist", cwd=tmp_path)
     assert done.returncode == 2 and "choose one of cub, cars, sop, inshop, digits" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["cub", "cars", "sop", "inshop", "digits"])
+def test_prepare_data_writes_where_training_reads(name):
+    # Both read the data set's one specification: a folder or a split changed there moves both.
+    from experiment import ex  # torch: only for this test
+
+    prepared = create_run(prepare_data.EXPERIMENTS[name], "print_config", log_level="ERROR").config
+    dataset = create_run(ex, "main", None, [f"dataset.{name}"], log_level="ERROR").config["dataset"]
+    assert prepared["data_path"] == dataset["data_path"]
+    split_files = {dataset["train_file"], dataset["test_file"], dataset["gallery_file"] or dataset["test_file"]}
+    assert {f"{split}.txt" for split in prepared["expected"]} == split_files

@@ -191,3 +191,15 @@ def markdown_table() -> str:
         ks = " ".join(map(str, spec.recalls))
         lines.append(f"| `dataset.{name}` | {spec.folder} | {counts} | {spec.split_rule} | {ks} |")
     return "\n".join(lines) + "\n"
+
+
+def mirrors_table() -> str:
+    """Each file's mirrors and checksum as a markdown table (data/README.md shows it)."""
+    lines = ["| data set | file | md5 | mirrors, in the order tried |", "|---|---|---|---|"]
+    for spec in DATASETS.values():
+        for download in spec.downloads:
+            mirrors = "<br>".join(download.mirrors)
+            lines.append(f"| {spec.title} | {download.file} | {download.md5} | {mirrors} |")
+        if not spec.downloads and spec.name != "digits":
+            lines.append(f"| {spec.title} | - | - | {spec.source} |")
+    return "\n".join(lines) + "\n"
