@@ -215,6 +215,18 @@ def test_an_image_that_does_not_decode_stops_the_preparation(tmp_path, damage):
     assert manifest.read(tmp_path)["reason"].startswith("failed: 1 of the 6 images do not decode")
 
 
+def test_an_image_claiming_too_many_pixels_stops_the_preparation(tmp_path):
+    from tests.test_image_limits import claiming_jpeg
+
+    for name, data in cub_files("").items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    claiming_jpeg(tmp_path / "images/200.Wren/w2.jpg", 65_000, 65_000)
+    with pytest.raises(InputError, match=r"^1 of the 6 images do not decode \(first: image .*w2.jpg claims 4,225,"):
+        run(prepare_data.cub, data_path=str(tmp_path), download=False)
+    assert not (tmp_path / "train.txt").exists()
+
+
 def test_split_counts_other_than_the_published_ones_are_refused(tmp_path):
     for name, data in cub_files("").items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
