@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -183,6 +184,29 @@ def test_the_expansion_ratio_is_measured_against_the_archive(tmp_path, monkeypat
     archive.write_bytes(tar_bytes({"zeros": bytes(5 << 20)}))
     with pytest.raises(InputError, match=f"expands beyond {100 * archive.stat().st_size:,} bytes"):
         extract(archive, tmp_path / "target", max_ratio=100)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_huge_extended_header_counts_against_the_limit_before_it_is_read(tmp_path, tar_format):
+    """64 MiB of PAX record (or GNU long name) gzipped to a fraction of that: tarfile would read it whole into
+    memory, and none of it is member data, which is all the limit counted."""
+    archive = tmp_path / "header.tgz"
+    huge = "x" * (64 << 20)
+    with tarfile.open(archive, "w:gz", format=tar_format) as tar:
+        member = tarfile.TarInfo("a" * 99 + huge if tar_format == tarfile.GNU_FORMAT else "small.txt")
+        member.pax_headers = {"comment": huge} if tar_format == tarfile.PAX_FORMAT else {}
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"hello"))
+    del huge
+    assert archive.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"header.tgz expands beyond 16,777,216 bytes .*an extended header"):
+            extract(archive, tmp_path / "target")
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20  # the header was never read into memory
+    finally:
+        tracemalloc.stop()
+    assert list((tmp_path / "target").iterdir()) == []
 
 
 # ---------------------------------------------------------------- recovery
