@@ -85,7 +85,8 @@ def listening_addresses(port: int) -> set[str]:
     tcp6 (hexadecimal, each 32-bit word in host byte order)."""
     found = set()
     for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for row in Path(table).read_text().splitlines()[1:]:
+        rows = Path(table).read_text().splitlines()[1:] if Path(table).exists() else []  # tcp6: without IPv6
+        for row in rows:
             local, state = row.split()[1], row.split()[3]
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
