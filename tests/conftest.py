@@ -129,8 +129,8 @@ def weights_filename(arch: str) -> str:
 def torch_home(tmp_path_factory) -> Iterator[Path]:
     """TORCH_HOME with randomly initialised resnet18/resnet50 weights under torchvision's file names.
 
-    pretrained=True then loads them offline; the variable is set in os.environ so that it also
-    reaches experiment subprocesses.
+    pretrained=True then loads them offline; the variables are set in os.environ so that they also
+    reach experiment subprocesses. Their hashes cannot match the published ones, so DML_SKIP_WEIGHT_HASH=1.
     """
     home = tmp_path_factory.mktemp("torch_home")
     checkpoints = home / "hub" / "checkpoints"
@@ -139,13 +139,15 @@ def torch_home(tmp_path_factory) -> Iterator[Path]:
     for arch in ("resnet18", "resnet50"):
         model = getattr(torchvision.models, arch)(weights=None)
         torch.save(model.state_dict(), checkpoints / weights_filename(arch))
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(home)
+    settings = {"TORCH_HOME": str(home), "DML_SKIP_WEIGHT_HASH": "1"}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield home
-    if previous is None:
-        del os.environ["TORCH_HOME"]
-    else:
-        os.environ["TORCH_HOME"] = previous
+    for name, value in previous.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
 
 
 # Appended to a seed command line (sacred's last update wins): one epoch of 32 px crops in batches of 8.

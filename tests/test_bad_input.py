@@ -178,6 +178,38 @@ def test_unreadable_image(damage, workers, cub_run, dataset_copy):
     assert "DataLoader worker" not in line
 
 
+@pytest.mark.parametrize("gpu_augment", [False, True])
+def test_an_image_claiming_too_many_pixels(gpu_augment, cub_run, dataset_copy):
+    """A JPEG under a kilobyte whose header claims 20,000 x 20,000 pixels: refused by name, nothing decoded."""
+    from tests.test_image_limits import claiming_jpeg
+
+    root = dataset_copy("cub")
+    image = claiming_jpeg(root / (root / "train.txt").read_text().split(",", 1)[0], 20_000, 20_000)
+    outcome = cub_run(f"dataset.gpu_augment={gpu_augment}", root=root)
+    assert_input_error(outcome, f"image {image} claims 400,000,000 pixels", "replace the file")
+
+
+def test_a_split_path_leaving_the_data_folder(cub_run, dataset_copy):
+    root = dataset_copy("cub")
+    with open(root / "train.txt", "a") as split:
+        split.write("../../outside.jpg,3\n")
+    assert_input_error(cub_run(root=root), f"{root / 'train.txt'}, line 17", "leads outside the data folder")
+
+
+def test_a_planted_pickle_in_the_torch_cache(datasets, experiment, monkeypatch, tmp_path):
+    """A pickle that would run code, under the default weights' name: the run stops before unpickling it."""
+    from tests.test_weights import plant
+
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    plant(checkpoints / weights_filename("resnet18"), tmp_path / "code-ran")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DML_SKIP_WEIGHT_HASH")
+    outcome = experiment("with dataset.cub", *SHRINK, data_path(datasets["cub"]))
+    assert_input_error(outcome, f"weight file {checkpoints / weights_filename('resnet18')} is not the published one")
+    assert not (tmp_path / "code-ran").exists()
+
+
 def test_pretrained_weights_unavailable(datasets, experiment, monkeypatch, tmp_path):
     """An empty torch cache and no network: the message names the file and where to put it."""
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -185,6 +186,29 @@ def test_the_expansion_ratio_is_measured_against_the_archive(tmp_path, monkeypat
         extract(archive, tmp_path / "target", max_ratio=100)
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_a_huge_extended_header_counts_against_the_limit_before_it_is_read(tmp_path, tar_format):
+    """64 MiB of PAX record (or GNU long name) gzipped to a fraction of that: tarfile would read it whole into
+    memory, and none of it is member data, which is all the limit counted."""
+    archive = tmp_path / "header.tgz"
+    huge = "x" * (64 << 20)
+    with tarfile.open(archive, "w:gz", format=tar_format) as tar:
+        member = tarfile.TarInfo("a" * 99 + huge if tar_format == tarfile.GNU_FORMAT else "small.txt")
+        member.pax_headers = {"comment": huge} if tar_format == tarfile.PAX_FORMAT else {}
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"hello"))
+    del huge
+    assert archive.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"header.tgz expands beyond 16,777,216 bytes .*an extended header"):
+            extract(archive, tmp_path / "target")
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20  # the header was never read into memory
+    finally:
+        tracemalloc.stop()
+    assert list((tmp_path / "target").iterdir()) == []
+
+
 # ---------------------------------------------------------------- recovery
 
 
@@ -213,6 +237,18 @@ def test_an_image_that_does_not_decode_stops_the_preparation(tmp_path, damage):
         run(prepare_data.cub, data_path=str(tmp_path), download=False)
     assert not (tmp_path / "train.txt").exists()
     assert manifest.read(tmp_path)["reason"].startswith("failed: 1 of the 6 images do not decode")
+
+
+def test_an_image_claiming_too_many_pixels_stops_the_preparation(tmp_path):
+    from tests.test_image_limits import claiming_jpeg
+
+    for name, data in cub_files("").items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    claiming_jpeg(tmp_path / "images/200.Wren/w2.jpg", 65_000, 65_000)
+    with pytest.raises(InputError, match=r"^1 of the 6 images do not decode \(first: image .*w2.jpg claims 4,225,"):
+        run(prepare_data.cub, data_path=str(tmp_path), download=False)
+    assert not (tmp_path / "train.txt").exists()
 
 
 def test_split_counts_other_than_the_published_ones_are_refused(tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from PIL import Image
 from tests.conftest import assert_input_error, digits_updates
 from utils.errors import InputError
 from utils.reporting.visdom_logger import VisdomLogger, server_answers
-from utils.reporting.visdom_server import USER_STYLE, USER_STYLE_LINK, asset_sources, install_assets
+from utils.reporting.visdom_server import MAX_BODY, USER_STYLE, USER_STYLE_LINK, asset_sources, install_assets
 
 START_TIMEOUT = 60  # seconds; importing tornado and visdom on two busy cores can be slow
 
@@ -33,10 +34,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[int]:
-    """A visdom server on a free local port, its environments in a temporary folder; yields the port."""
-    folder = tmp_path_factory.mktemp("visdom")
+@contextmanager
+def running_server(folder: Path, *options: str) -> Iterator[int]:
+    """`python -m utils.visdom_server` on a free port with options, its environments and log in folder."""
     port = free_port()
     command = [
         sys.executable,
@@ -44,11 +44,11 @@ def server(tmp_path_factory) -> Iterator[int]:
         "utils.visdom_server",
         "-port",
         str(port),
-        "-bind_local",
         "-env_path",
         f"{folder / 'envs'}/",
         "-logging_level",
         "WARNING",
+        *options,
     ]
     with open(folder / "server.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -66,6 +66,67 @@ def server(tmp_path_factory) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("visdom")
+
+
+@pytest.fixture(scope="module")
+def server(server_folder) -> Iterator[int]:
+    """A visdom server with the default options on a free port; yields the port."""
+    with running_server(server_folder) as port:
+        yield port
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets that listen on port, as the kernel lists them in /proc/net/tcp and
+    tcp6 (hexadecimal, each 32-bit word in host byte order)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        rows = Path(table).read_text().splitlines()[1:] if Path(table).exists() else []  # tcp6: without IPv6
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
+def test_the_server_listens_on_the_loopback_address_only(server, server_folder):
+    assert listening_addresses(server) == {"127.0.0.1"}
+    assert "WARNING" not in (server_folder / "server.log").read_text()
+
+
+def test_a_wider_address_is_an_explicit_option_with_a_warning(tmp_path):
+    with running_server(tmp_path, "--host", "0.0.0.0") as port:
+        assert listening_addresses(port) == {"0.0.0.0"}
+    log = (tmp_path / "server.log").read_text()
+    assert "WARNING: the visdom server listens on 0.0.0.0: anyone who reaches its port" in log
+
+
+def test_bind_local_with_a_wider_host_is_refused(tmp_path):
+    command = [sys.executable, "-m", "utils.visdom_server", "--host", "0.0.0.0", "-bind_local"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "-bind_local contradicts --host 0.0.0.0: drop one of them"
+
+
+def request_with_body_length(port: int, length: int) -> bytes:
+    """The first bytes of the server's answer to a POST announcing a body of length bytes (none sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(f"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        connection.shutdown(socket.SHUT_WR)
+        return connection.recv(64)
+
+
+def test_request_bodies_over_the_cap_are_refused(server):
+    assert request_with_body_length(server, MAX_BODY + 1).startswith(b"HTTP/1.1 400")
+    assert not request_with_body_length(server, MAX_BODY).startswith(b"HTTP/1.1 400")
+    assert server_answers(f"http://127.0.0.1:{server}", timeout=5)
 
 
 def windows(port: int, env: str) -> dict[str, dict]:

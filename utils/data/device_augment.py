@@ -41,7 +41,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from utils.data.images import load_image
+from utils.data.images import check_image_size, load_image
 from utils.data.jpeg_box import JpegFile, open_jpeg
 from utils.errors import InputError
 
@@ -148,6 +148,7 @@ class GreyLevels:
 
 def load_for_crop(path: Path) -> JpegFile | Tensor:
     """What WorkerCrop takes from a file: a JpegFile where the box decoder reads it, else load_pixels' pixels."""
+    check_image_size(path)  # before the decoders allocate whatever the header claims
     return open_jpeg(path) or load_pixels(path)
 
 

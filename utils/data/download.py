@@ -167,8 +167,8 @@ def extract(archive: str | Path, target: str | Path, force: bool = False, *, max
     Members go to a temporary folder in target, whose top-level entries are moved into place (replacing
     any older copy) only once every member is written; then a marker makes the next call a no-op, unless
     force. Refuses, with an InputError naming the member, absolute paths, `..`, links of any kind (the
-    data sets' archives hold none), special files, our own bookkeeping names, and expansion beyond
-    max(max_ratio x the archive's size, RATIO_FLOOR) or max_bytes.
+    data sets' archives hold none), special files, our own bookkeeping names, and expansion (members and
+    tar's extended headers together) beyond max(max_ratio x the archive's size, RATIO_FLOOR) or max_bytes.
     """
     archive, target = Path(archive), Path(target)
     if is_extracted(archive, target) and not force:
@@ -201,7 +201,7 @@ def _extract_members(archive: Path, partial: Path, limit: int) -> None:
     try:
         if zipfile.is_zipfile(archive):
             _extract_zip(archive, partial, limit)
-        elif tarfile.is_tarfile(archive):
+        elif _is_tar(archive, limit):
             _extract_tar(archive, partial, limit)
         else:
             raise InputError(f"{archive} is neither a tar nor a zip archive: delete it and run again")
@@ -250,6 +250,34 @@ class _Budget:
                              f"the data set's archive or is a decompression bomb; get a trustworthy copy")
 
 
+# Extended headers (PAX records, GNU long names) describe the member after them, and tarfile reads each one
+# whole into memory: they count against the archive's budget, checked before tarfile reads them.
+EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+
+
+def _budgeted_members(budget: _Budget) -> type[tarfile.TarInfo]:
+    """A TarInfo class for tarfile.open(tarinfo=...) that takes every extended header's size from budget."""
+
+    class BudgetedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            # tarfile's hook for each header it parses, called before an extended header's data is read.
+            if self.type in EXTENDED_HEADERS:
+                budget.take(f"{self.name} (an extended header)", self.size)
+            return super()._proc_member(tar)
+
+    return BudgetedTarInfo
+
+
+def _is_tar(archive: Path, limit: int) -> bool:
+    """tarfile.is_tarfile, whose opening reads the first member's extended headers, within the budget."""
+    try:
+        with tarfile.open(archive, tarinfo=_budgeted_members(_Budget(archive, limit))):
+            return True
+    except tarfile.TarError:
+        return False
+
+
 def _write(archive: Path, root: Path, name: str, source: IO[bytes], budget: _Budget) -> None:
     path = _member_path(archive, root, name)
     if path is None:
@@ -283,7 +311,7 @@ def _progress(archive: Path, total: int | None = None) -> Iterator[tqdm]:
 def _extract_tar(archive: Path, partial: Path, limit: int) -> None:
     root, budget = partial.resolve(strict=True), _Budget(archive, limit)
     # Member by member in one pass: listing a compressed archive first would decompress it twice.
-    with tarfile.open(archive) as tar, _progress(archive) as bar:
+    with tarfile.open(archive, tarinfo=_budgeted_members(budget)) as tar, _progress(archive) as bar:
         for member in tar:
             if member.issym() or member.islnk():
                 raise _refuse(archive, member.name, f"it is a link (to {member.linkname!r}); the data sets' "

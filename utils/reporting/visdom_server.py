@@ -7,14 +7,23 @@ plotly package), then runs visdom's own server, which takes the same options (-p
 It also mends the page's template for tornado >= 6.6, whose static_url refuses the template's link
 to the user's style sheet outside the static folder (the page answered 403). The page's optional
 extras (MathJax for LaTeX text, d3 for network graphs) are left out.
+
+The server listens on 127.0.0.1 only: whoever reaches its port reads every curve and writes, replaces and
+deletes environments, so `--host ADDRESS` (e.g. 0.0.0.0) widens it only on request, with a warning; an SSH
+tunnel to 127.0.0.1 is the safer way to watch from another machine. Request bodies are capped at MAX_BODY
+(visdom's own server takes up to 1 GiB).
 """
 
+import argparse
 import filecmp
+import ipaddress
 import shutil
+import sys
 from pathlib import Path
 
 import plotly
 from visdom.server import run_server
+from visdom.server.app import Application
 from visdom.utils.shared_utils import get_visdom_path
 
 from utils.errors import InputError
@@ -50,11 +59,53 @@ def install_assets(static: Path) -> None:
         ) from error
 
 
+LOOPBACK = "127.0.0.1"
+# A logged window (a figure, a grid of images) is a few megabytes: a bigger body is a mistake or an attack.
+MAX_BODY = 64 << 20
+
+
+def split_host(argv: list[str]) -> tuple[str, list[str]]:
+    """Our --host option, and the rest of argv for visdom's own parser."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--host", default=LOOPBACK)
+    known, rest = parser.parse_known_args(argv)
+    if "-bind_local" in rest and not is_loopback(known.host):
+        raise InputError(f"-bind_local contradicts --host {known.host}: drop one of them")
+    return known.host, rest
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
+def bound_to(host: str) -> type[Application]:
+    """visdom's Application, listening on host only and refusing bodies over MAX_BODY."""
+
+    class BoundApplication(Application):
+        def listen(self, port: int, address: str | None = None, **kwargs) -> None:
+            # visdom's start_server asks for every interface (without -bind_local) and 1 GiB bodies.
+            super().listen(port, address=host, max_buffer_size=MAX_BODY, max_body_size=MAX_BODY)
+
+    return BoundApplication
+
+
 def main() -> None:
     try:
+        host, visdom_argv = split_host(sys.argv[1:])
         install_assets(Path(get_visdom_path("static")))
     except InputError as error:
         raise SystemExit(str(error)) from None
+    if not is_loopback(host):
+        print(
+            f"WARNING: the visdom server listens on {host}: anyone who reaches its port reads every curve and "
+            "writes, replaces and deletes environments; leave --host out (127.0.0.1) and use an SSH tunnel instead",
+            file=sys.stderr,
+        )
+    run_server.Application = bound_to(host)  # start_server builds the Application it finds in its module
+    sys.argv[1:] = visdom_argv
     run_server.main()  # parses visdom's own options from sys.argv; never downloads
 
 
