@@ -1,10 +1,13 @@
-"""Every setting with a valid type and range, in one table, checked before any data is read or model built.
+"""Every setting's valid type and range, checked before any data is read or model built.
 
-    ex.config_hook(settings_hook)     # in each experiment, after ex is made
+    register({"dataset.batch_size": SIZE}, cross_rules=[...])   # in the module that owns the key, beside its default
+    ex.config_hook(settings_hook)                                # in each experiment, after ex is made
 
-A rule names a key path ("epochs", "dataset.batch_size"), a test of the value and the human description
-of what is valid. Keys absent from a config are skipped, so one table serves both experiments. A violation
-is one line naming the key, the value and the valid range.
+A rule names a key path ("epochs", "dataset.batch_size"), a test of the value and the human description of what is
+valid. The table merges what the modules register when they are imported (an experiment imports its ingredients
+before it runs), and this module imports none of them: a module that registers rules imports this one. Keys absent
+from a config are skipped, so one table serves both experiments. A violation is one line naming the key, the value
+and the valid range.
 """
 
 import math
@@ -101,7 +104,7 @@ POSITIVE = number(0, low_open=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
 
-# key path -> what is valid. Top level first, then each ingredient.
+# key path -> what is valid: the top-level keys here, the ingredients' keys registered by their modules.
 RULES: dict[str, Check] = {
     "epochs": integer(0),
     "optimizer": choice(OPTIMIZERS),
