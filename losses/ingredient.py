@@ -45,8 +45,10 @@ class DocumentedConfig(ConfigDict):
         super().__init__(values)
         self.docs = docs
 
-    def __call__(self, fixed: dict | None = None, preset: dict | None = None, fallback: dict | None = None):
-        summary: ConfigSummary = super().__call__(fixed, preset, fallback)
+    def __call__(
+        self, fixed: dict | None = None, preset: dict | None = None, fallback: dict | None = None
+    ) -> ConfigSummary:
+        summary = super().__call__(fixed, preset, fallback)
         summary.docs.update(self.docs)
         return summary
 
