@@ -91,6 +91,8 @@ def _shorter_side(resize: int | list[int]) -> int:
     return resize if isinstance(resize, int) else min(resize)
 
 
+# The valid values of the config's settings, checked before anything runs (utils/settings.py); after DATASETS,
+# which dataset.name's rule names.
 register(
     {
         "dataset.name": choice(DATASETS),
