@@ -4,8 +4,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from utils.settings import NON_NEGATIVE
+
 from .candidates import Candidates, WeightedLoss
 from .functional import sphere_distance
+from .registry import Setting, register_pairwise
 
 
 class ContrastiveLoss(WeightedLoss):
@@ -32,6 +35,14 @@ class ContrastiveLoss(WeightedLoss):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"
+
+
+@register_pairwise(
+    "contrastive",
+    margin=Setting(0.5, "negative margin on the Euclidean distance of normalised embeddings", NON_NEGATIVE),
+)
+def contrastive(num_classes: int, embedding_size: int, margin: float) -> ContrastiveLoss:
+    return ContrastiveLoss(margin)
 
 
 class ContrastiveTerms(torch.autograd.Function):

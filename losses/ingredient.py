@@ -1,19 +1,21 @@
 """The `loss` and `metrix` ingredients: which losses train the embedding, their weights, and mixing.
 
 loss = ce_weight * CE + pair_weight * pairwise + metrix.weight * (the same sum on mixed examples)
+
+The pairwise losses, their settings (loss.margin, loss.ms_alpha, ...) and their named configs come from the
+registry (losses/registry.py), where each loss file registers itself. Every key's rule sits beside its default.
 """
 
 from sacred import Ingredient
+from sacred.config.config_dict import ConfigDict
+from sacred.config.config_summary import ConfigSummary
 
-from losses.contrastive import ContrastiveLoss
 from losses.criterion import Criterion
 from losses.cross_entropy import CrossEntropyLoss
-from losses.metrix import MODES, Metrix
-from losses.multi_similarity import MultiSimilarityLoss
-from losses.proxy_anchor import ProxyAnchorLoss
+from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, SELECTIONS, STRATEGIES, Metrix
+from losses.registry import PAIRWISE, PairwiseLoss, on_register
 from utils.errors import InputError
-
-PAIRWISE_LOSSES = ("contrastive", "multisimilarity", "proxyanchor")
+from utils.settings import NON_NEGATIVE, POSITIVE, SIZE, choice, optional, register
 
 loss_ingredient = Ingredient("loss")
 metrix_ingredient = Ingredient("metrix")
@@ -22,17 +24,12 @@ metrix_ingredient = Ingredient("metrix")
 @loss_ingredient.config
 def loss_config():
     ce_weight = 1.0  # label-smoothed cross-entropy on a classifier the loss owns (label_smoothing is top-level)
-    pairwise = None  # None | contrastive | multisimilarity | proxyanchor
+    pairwise = None  # None | the name of a pairwise loss (losses/registry.py; each has a named config loss.<name>)
     pair_weight = 1.0  # weight of the pairwise loss
-    margin = 0.5  # contrastive: negative margin on the Euclidean distance of normalised embeddings
-    ms_alpha = 2.0  # multi-similarity: positive scale
-    ms_beta = 50.0  # multi-similarity: negative scale
-    ms_base = 0.5  # multi-similarity: similarity offset
-    ms_mining = False  # multi-similarity: MS pair mining
-    ms_epsilon = 0.1  # multi-similarity: mining margin
-    pa_alpha = 32.0  # proxy-anchor: scale
-    pa_delta = 0.1  # proxy-anchor: margin
-    proxy_lr_multiplier = 100.0  # proxy-anchor: the proxies' learning rate is lr times this
+
+
+# loss.pairwise's rule lists the registered losses: losses/registry.py keeps it up to date.
+register({"loss.ce_weight": NON_NEGATIVE, "loss.pair_weight": NON_NEGATIVE})
 
 
 @loss_ingredient.named_config
@@ -41,22 +38,30 @@ def cross_entropy():
     pairwise = None
 
 
-@loss_ingredient.named_config
-def contrastive():
-    ce_weight = 0.0
-    pairwise = "contrastive"
+class DocumentedConfig(ConfigDict):
+    """A dict configuration with a comment per key, which print_config shows (sacred's ConfigDict has none)."""
+
+    def __init__(self, values: dict, docs: dict[str, str]) -> None:
+        super().__init__(values)
+        self.docs = docs
+
+    def __call__(
+        self, fixed: dict | None = None, preset: dict | None = None, fallback: dict | None = None
+    ) -> ConfigSummary:
+        summary = super().__call__(fixed, preset, fallback)
+        summary.docs.update(self.docs)
+        return summary
 
 
-@loss_ingredient.named_config
-def multisimilarity():
-    ce_weight = 0.0
-    pairwise = "multisimilarity"
+def add_pairwise_loss(entry: PairwiseLoss) -> None:
+    """A registered loss's settings join the loss config, and `with loss.<name>` trains with it alone."""
+    values = {key: setting.default for key, setting in entry.settings.items()}
+    docs = {key: f"{entry.name}: {setting.doc}" for key, setting in entry.settings.items()}
+    loss_ingredient.configurations.append(DocumentedConfig(values, docs))
+    loss_ingredient.add_named_config(entry.name, {"ce_weight": 0.0, "pairwise": entry.name})
 
 
-@loss_ingredient.named_config
-def proxyanchor():
-    ce_weight = 0.0
-    pairwise = "proxyanchor"
+on_register(add_pairwise_loss)
 
 
 @metrix_ingredient.config
@@ -74,6 +79,20 @@ def metrix_config():
     # anchor's hardest negative: the paper's input mode)
     selection = "hardest_negative" if mode == "input" else "all"
 
+
+register(
+    {
+        "metrix.mode": choice((None, *MODES)),
+        "metrix.strategy": choice(STRATEGIES),
+        "metrix.lam": choice(LAMS),
+        "metrix.anchor_negative": choice(ANCHOR_NEGATIVE),
+        "metrix.anchor_negative_weight": NON_NEGATIVE,
+        "metrix.alpha": POSITIVE,
+        "metrix.weight": NON_NEGATIVE,
+        "metrix.max_pairs": optional(SIZE),
+        "metrix.selection": choice(SELECTIONS),
+    }
+)
 
 for _mode in MODES:
     metrix_ingredient.add_named_config(_mode, {"mode": _mode})
@@ -117,31 +136,19 @@ def get_criterion(
     ce_weight: float,
     pairwise: str | None,
     pair_weight: float,
-    margin: float,
-    ms_alpha: float,
-    ms_beta: float,
-    ms_base: float,
-    ms_mining: bool,
-    ms_epsilon: float,
-    pa_alpha: float,
-    pa_delta: float,
-    proxy_lr_multiplier: float,
+    _config: dict,
 ) -> Criterion:
     """classifier: the cross-entropy classifier's dropout, detach and normalize_weight (model.* options, so
-    that an architecture's named config carries its recipe's dropout)."""
-    if pairwise is not None and pairwise not in PAIRWISE_LOSSES:
-        raise InputError(f"unknown loss.pairwise {pairwise!r}: choose None or one of {', '.join(PAIRWISE_LOSSES)}")
-    pairwise_losses = {
-        "contrastive": lambda: ContrastiveLoss(margin),
-        "multisimilarity": lambda: MultiSimilarityLoss(ms_alpha, ms_beta, ms_base, ms_mining, ms_epsilon),
-        "proxyanchor": lambda: ProxyAnchorLoss(num_classes, embedding_size, pa_alpha, pa_delta, proxy_lr_multiplier),
-    }
+    that an architecture's named config carries its recipe's dropout). _config: the loss ingredient's config,
+    where the pairwise loss reads its settings."""
+    if pairwise is not None and pairwise not in PAIRWISE:
+        raise InputError(f"unknown loss.pairwise {pairwise!r}: choose None or one of {', '.join(PAIRWISE)}")
     losses = {}
     if ce_weight > 0:
         ce = CrossEntropyLoss(embedding_size, num_classes, label_smoothing, **classifier)
         losses["cross_entropy"] = (ce_weight, ce)
     if pairwise is not None and pair_weight > 0:
-        losses[pairwise] = (pair_weight, pairwise_losses[pairwise]())
+        losses[pairwise] = (pair_weight, PAIRWISE[pairwise].build(num_classes, embedding_size, _config))
     mixer = get_mixer()
     if not losses:
         raise InputError(

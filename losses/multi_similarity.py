@@ -3,8 +3,11 @@
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.settings import NON_NEGATIVE, POSITIVE, boolean, number
+
 from .candidates import Candidates, WeightedLoss
 from .functional import cosine_similarity, log1p_sum_exp, mean_over
+from .registry import Setting, register_pairwise
 
 
 class MultiSimilarityLoss(WeightedLoss):
@@ -57,3 +60,23 @@ class MultiSimilarityLoss(WeightedLoss):
     def extra_repr(self) -> str:
         mining = f", mining=True, epsilon={self.epsilon}" if self.mining else ""
         return f"alpha={self.alpha}, beta={self.beta}, base={self.base}{mining}"
+
+
+@register_pairwise(
+    "multisimilarity",
+    ms_alpha=Setting(2.0, "positive scale", POSITIVE),
+    ms_beta=Setting(50.0, "negative scale", POSITIVE),
+    ms_base=Setting(0.5, "similarity offset", number(-1, 1)),
+    ms_mining=Setting(False, "MS pair mining", boolean()),
+    ms_epsilon=Setting(0.1, "mining margin", NON_NEGATIVE),
+)
+def multisimilarity(
+    num_classes: int,
+    embedding_size: int,
+    ms_alpha: float,
+    ms_beta: float,
+    ms_base: float,
+    ms_mining: bool,
+    ms_epsilon: float,
+) -> MultiSimilarityLoss:
+    return MultiSimilarityLoss(ms_alpha, ms_beta, ms_base, ms_mining, ms_epsilon)

@@ -3,8 +3,11 @@
 import torch
 from torch import Tensor, nn
 
+from utils.settings import NON_NEGATIVE, POSITIVE
+
 from .candidates import Candidates, WeightedLoss
 from .functional import cosine_similarity, log1p_sum_exp, mean_over, used_candidates
+from .registry import Setting, register_pairwise
 
 
 class ProxyAnchorLoss(WeightedLoss):
@@ -60,3 +63,15 @@ class ProxyAnchorLoss(WeightedLoss):
     def extra_repr(self) -> str:
         size = self.proxies.shape[1]
         return f"num_classes={self.num_classes}, embedding_size={size}, alpha={self.alpha}, delta={self.delta}"
+
+
+@register_pairwise(
+    "proxyanchor",
+    pa_alpha=Setting(32.0, "scale", POSITIVE),
+    pa_delta=Setting(0.1, "margin", NON_NEGATIVE),
+    proxy_lr_multiplier=Setting(100.0, "the proxies' learning rate is lr times this", POSITIVE),
+)
+def proxyanchor(
+    num_classes: int, embedding_size: int, pa_alpha: float, pa_delta: float, proxy_lr_multiplier: float
+) -> ProxyAnchorLoss:
+    return ProxyAnchorLoss(num_classes, embedding_size, pa_alpha, pa_delta, proxy_lr_multiplier)

@@ -7,7 +7,8 @@ configs are the registry's names (models/backbones.py).
 from sacred import Ingredient
 
 from models.backbones import BACKBONES, get_backbone, resolve_weights
-from models.metric_model import EmbeddingHead, MetricModel
+from models.metric_model import NORM_LAYERS, POOLINGS, EmbeddingHead, MetricModel
+from utils.settings import SIZE, boolean, choice, number, optional, register, text
 
 model_ingredient = Ingredient("model")
 
@@ -30,6 +31,24 @@ def config():
     detach = False  # cross-entropy trains the classifier only, not the embedding
     normalize_weight = False  # cosine classifier: L2-normalised class weights
 
+
+register(
+    {
+        "model.arch": choice((None, *BACKBONES)),
+        "model.pretrained": optional(boolean()),
+        "model.weights": optional(text()),
+        "model.num_features": optional(SIZE),
+        "model.pooling": choice(POOLINGS),
+        "model.norm_layer": choice(NORM_LAYERS),
+        "model.remap": boolean(),
+        "model.normalize": boolean(),
+        "model.set_bn_eval": optional(boolean()),
+        "model.freeze_bn": boolean(),
+        "model.dropout": number(0, 1, high_open=True),
+        "model.detach": boolean(),
+        "model.normalize_weight": boolean(),
+    }
+)
 
 # One named config per backbone of the registry; the CE paper's ResNet-50 also has a 2048-d embedding and
 # dropout before the classifier.

@@ -6,6 +6,7 @@ from sacred import Ingredient
 
 from models.vae import Autoencoder
 from utils.errors import check_choice
+from utils.settings import NON_NEGATIVE, SIZE, choice, items, optional, register
 
 ARCHS = ("ae", "vae")
 CODE_SIDE = 4  # the encoder halves the image down to feature maps of this side
@@ -21,6 +22,17 @@ def config():
     # One stride-2 conv block per width; None: as many as halve the image to 4 x 4 (3 for 32 px, 4 for 64 px).
     hidden_dims = None
     kl_weight = 1.0 if arch == "vae" else 0.0  # vae only: weight of the KL term (objective: reconstruction + KL)
+
+
+register(
+    {
+        "vae.arch": choice(ARCHS),
+        "vae.in_channels": SIZE,
+        "vae.latent_dim": SIZE,
+        "vae.hidden_dims": optional(items(SIZE)),
+        "vae.kl_weight": NON_NEGATIVE,
+    }
+)
 
 
 @vae_ingredient.named_config

@@ -18,6 +18,7 @@ import pytest
 from sacred.arg_parser import get_config_updates
 from sacred.initialize import create_run
 
+from losses.registry import unused_settings
 from models.backbones import resolve_weights
 from utils.engine.checkpoint import flatten
 from utils.recipes import DOCUMENTS, RECIPES, generated_part
@@ -56,7 +57,8 @@ def readme_training_commands() -> list[str]:
 
 def resolve(command: str) -> dict:
     """The full sacred configuration of `<script> with <updates>`, flattened to dotted keys, without running it;
-    tuples become lists, as in JSON."""
+    tuples become lists, as in JSON. The settings of the pairwise losses it does not train with are left out: a
+    loss added later adds its keys to every configuration and changes no recipe."""
     script, with_, *words = command.split()
     assert with_ == "with", command
     ex = importlib.import_module(script.removesuffix(".py")).ex
@@ -65,7 +67,8 @@ def resolve(command: str) -> dict:
     flat = flatten(json.loads(json.dumps(config)))
     if script == "experiment.py":
         flat["resolved.weights"] = resolved_weights(config)
-    return {key: value for key, value in flat.items() if key not in MACHINE_KEYS and not key.endswith("__doc__")}
+    left_out = {*MACHINE_KEYS, *unused_settings(flat)}
+    return {key: value for key, value in flat.items() if key not in left_out and not key.endswith("__doc__")}
 
 
 def resolved_weights(config: dict) -> str | None:

@@ -1,13 +1,15 @@
 """utils/settings.py: every rule of the table, the cross-key rules, and runs refused before anything is read."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 from sacred.utils import iterate_flattened
 
 import autoencoder_experiment
 import experiment
-from tests.conftest import assert_input_error
+from tests.conftest import REPO, assert_input_error
 from utils.errors import InputError
 from utils.settings import CROSS_RULES, MISSING, RULES, check_settings, lookup, violations
 
@@ -196,3 +198,37 @@ def test_the_command_line_refuses_before_reading_data(experiment, updates, fragm
 def test_the_autoencoder_command_line_is_checked_too(autoencoder_experiment, tmp_path):
     outcome = autoencoder_experiment("with vae.vae", "vae.latent_dim=0", f"dataset.data_path={tmp_path / 'absent'}")
     assert_input_error(outcome, "vae.latent_dim=0 is invalid: expected an integer >= 1")
+
+
+@pytest.mark.parametrize(
+    ("updates", "fragments"),
+    [
+        (["dataset.rotate=200"], ["dataset.rotate=200 is invalid: expected None or a number in [0, 180]"]),
+        (
+            ["dataset.sampler=balanced", "dataset.images_per_class=64"],
+            ["dataset.sampler='balanced', dataset.images_per_class=64, dataset.batch_size=32 are inconsistent"],
+        ),
+        (["model.dropout=1.0"], ["model.dropout=1.0 is invalid: expected a number in [0, 1)"]),
+        (["loss.contrastive", "loss.margin=-1"], ["loss.margin=-1 is invalid: expected a number in [0, infinity)"]),
+        (["loss.ms_base=2"], ["loss.ms_base=2 is invalid: expected a number in [-1, 1]"]),
+        (["loss.pairwise=triplet"], ["loss.pairwise='triplet' is invalid: expected one of None, contrastive"]),
+        (["metrix.feature", "metrix.alpha=0"], ["metrix.alpha=0 is invalid: expected a number in (0, infinity)"]),
+        (["evaluation.backend=gpu"], ["evaluation.backend='gpu' is invalid: expected one of auto"]),
+    ],
+    ids=["dataset", "dataset-cross", "model", "loss", "loss-unused", "loss-pairwise", "metrix", "evaluation"],
+)
+def test_an_ingredient_setting_is_refused_before_reading_data(experiment, updates, fragments, tmp_path):
+    # The rules live beside each ingredient's defaults; the hook still sees them all before the run starts. The
+    # data path does not exist, and the model is built from the data (its class count): reading either first would
+    # fail with another message.
+    outcome = experiment("with", f"dataset.data_path={tmp_path / 'absent'}", *updates)
+    assert_input_error(outcome, *fragments)
+
+
+def test_the_settings_module_imports_no_ingredient():
+    # A module that registers rules imports utils.settings, so utils.settings importing it back would be a cycle.
+    code = "import sys, utils.settings; print(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ours = [name for name in done.stdout.split() if name.split(".")[0] in ("losses", "models", "utils")]
+    assert [name for name in ours if name.startswith(("losses", "models")) or name.endswith("ingredient")] == []

@@ -1,10 +1,13 @@
-"""Every setting with a valid type and range, in one table, checked before any data is read or model built.
+"""Every setting's valid type and range, checked before any data is read or model built.
 
-    ex.config_hook(settings_hook)     # in each experiment, after ex is made
+    register({"dataset.batch_size": SIZE}, cross_rules=[...])   # in the module that owns the key, beside its default
+    ex.config_hook(settings_hook)                                # in each experiment, after ex is made
 
-A rule names a key path ("epochs", "dataset.batch_size"), a test of the value and the human description
-of what is valid. Keys absent from a config are skipped, so one table serves both experiments. A violation
-is one line naming the key, the value and the valid range.
+A rule names a key path ("epochs", "dataset.batch_size"), a test of the value and the human description of what is
+valid. The table merges what the modules register when they are imported (an experiment imports its ingredients
+before it runs), and this module imports none of them: a module that registers rules imports this one. Keys absent
+from a config are skipped, so one table serves both experiments. A violation is one line naming the key, the value
+and the valid range.
 """
 
 import math
@@ -12,21 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from losses.ingredient import PAIRWISE_LOSSES
-from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, SELECTIONS, STRATEGIES
-from models.backbones import BACKBONES
-from models.metric_model import NORM_LAYERS, POOLINGS
-from models.vae_ingredient import ARCHS as VAE_ARCHS
-from utils.data.ingredient import DATASETS, SAMPLERS
 from utils.engine.driver import CUDNN_FLAGS, NONFINITE
 from utils.engine.speed import AMP_DTYPES
 from utils.engine.training import OPTIMIZERS, SCHEDULERS
 from utils.errors import InputError
-from utils.evaluation.inference import BAD_IMAGES
-from utils.evaluation.knn import BACKENDS
-from utils.evaluation.metrics import METRICS
 
 MISSING = object()
+# utils.evaluation.inference.BAD_IMAGES: importing that module here would import the ingredients that import this one.
+BAD_IMAGES = ("stop", "skip")
 SEED_LIMIT = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 
 
@@ -107,12 +103,8 @@ def ordered_pair(low: float, high: float = math.inf) -> Check:
 POSITIVE = number(0, low_open=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
-RECALLS = items(integer(1))
-METRIC_LIST = items(choice(METRICS))
-# resize: one side (the shorter one, as torchvision resizes) or [height, width].
-RESIZE = optional(either(SIZE, items(SIZE, 2)))
 
-# key path -> what is valid. Top level first, then each ingredient.
+# key path -> what is valid: the top-level keys here, the ingredients' keys registered by their modules.
 RULES: dict[str, Check] = {
     "epochs": integer(0),
     "optimizer": choice(OPTIMIZERS),
@@ -146,77 +138,7 @@ RULES: dict[str, Check] = {
     "compile": boolean(),
     "sync_bn": boolean(),
     "seed": integer(0, SEED_LIMIT),
-    "dataset.name": choice(DATASETS),
-    "dataset.data_path": text(),
-    "dataset.train_file": text(),
-    "dataset.test_file": text(),
-    "dataset.gallery_file": optional(text()),
-    "dataset.batch_size": SIZE,
-    "dataset.test_batch_size": SIZE,
-    "dataset.pair_batches": boolean(),
-    "dataset.sampler": choice(SAMPLERS),
-    "dataset.images_per_class": SIZE,
-    "dataset.num_iterations": optional(SIZE),
-    "dataset.preload": boolean(),
-    "dataset.num_workers": integer(0),
-    "dataset.pin_memory": boolean(),
-    "dataset.persistent_workers": boolean(),
-    "dataset.gpu_augment": boolean(),
-    "dataset.crop_size": SIZE,
-    "dataset.resize": RESIZE,
-    "dataset.scale": ordered_pair(0, 1),
-    "dataset.ratio": ordered_pair(0),
-    "dataset.color_jitter": optional(items(NON_NEGATIVE, 4)),
-    "dataset.rotate": optional(number(0, 180)),
-    "dataset.hflip": boolean(),
-    "evaluation.recalls": RECALLS,
-    "evaluation.metrics": METRIC_LIST,
-    "evaluation.final_metrics": METRIC_LIST,
-    "evaluation.backend": choice(BACKENDS),
-    "model.arch": choice((None, *BACKBONES)),
-    "model.pretrained": optional(boolean()),
-    "model.weights": optional(text()),
-    "model.num_features": optional(SIZE),
-    "model.pooling": choice(POOLINGS),
-    "model.norm_layer": choice(NORM_LAYERS),
-    "model.dropout": number(0, 1, high_open=True),
-    "model.normalize": boolean(),
-    "model.normalize_weight": boolean(),
-    "model.remap": boolean(),
-    "model.detach": boolean(),
-    "model.freeze_bn": boolean(),
-    "model.set_bn_eval": optional(boolean()),
-    "loss.pairwise": choice((None, *PAIRWISE_LOSSES)),
-    "loss.ce_weight": NON_NEGATIVE,
-    "loss.pair_weight": NON_NEGATIVE,
-    "loss.margin": NON_NEGATIVE,
-    "loss.ms_alpha": POSITIVE,
-    "loss.ms_beta": POSITIVE,
-    "loss.ms_base": number(-1, 1),
-    "loss.ms_epsilon": NON_NEGATIVE,
-    "loss.ms_mining": boolean(),
-    "loss.pa_alpha": POSITIVE,
-    "loss.pa_delta": NON_NEGATIVE,
-    "loss.proxy_lr_multiplier": POSITIVE,
-    "metrix.mode": choice((None, *MODES)),
-    "metrix.strategy": choice(STRATEGIES),
-    "metrix.lam": choice(LAMS),
-    "metrix.anchor_negative": choice(ANCHOR_NEGATIVE),
-    "metrix.anchor_negative_weight": NON_NEGATIVE,
-    "metrix.alpha": POSITIVE,
-    "metrix.weight": NON_NEGATIVE,
-    "metrix.max_pairs": optional(SIZE),
-    "metrix.selection": choice(SELECTIONS),
-    "vae.arch": choice(VAE_ARCHS),
-    "vae.latent_dim": SIZE,
-    "vae.hidden_dims": optional(items(SIZE)),
-    "vae.in_channels": SIZE,
-    "vae.kl_weight": NON_NEGATIVE,
 }
-
-
-def _shorter_side(resize: int | Sequence[int]) -> int:
-    return resize if isinstance(resize, int) else min(resize)
 
 
 @dataclass(frozen=True)
@@ -229,16 +151,6 @@ class CrossRule:
 
 
 CROSS_RULES = [
-    CrossRule(
-        ("dataset.crop_size", "dataset.resize"),
-        lambda crop, resize: resize is None or crop <= _shorter_side(resize),
-        "dataset.crop_size <= dataset.resize (its shorter side)",
-    ),
-    CrossRule(
-        ("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
-        lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
-        "dataset.images_per_class <= dataset.batch_size with a class sampler",
-    ),
     CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs"),
     CrossRule(
         ("scheduler", "lr_step"),

@@ -16,6 +16,8 @@ from utils.data.samplers import EpochBatches, epoch_batches
 from utils.data.specs import DATASETS, named_configs
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
+from utils.settings import (NON_NEGATIVE, SIZE, CrossRule, boolean, choice, either, integer, items, number, optional,
+                            ordered_pair, register, text)
 
 SAMPLERS = ("random", "random_id", "balanced")
 
@@ -61,6 +63,54 @@ def config():
 
 for _name, _settings in named_configs().items():
     data_ingredient.add_named_config(_name, _settings)
+
+
+def _shorter_side(resize: int | list[int]) -> int:
+    return resize if isinstance(resize, int) else min(resize)
+
+
+# The valid values of the config's settings, checked before anything runs (utils/settings.py); after DATASETS,
+# which dataset.name's rule names.
+register(
+    {
+        "dataset.name": choice(DATASETS),
+        "dataset.data_path": text(),
+        "dataset.train_file": text(),
+        "dataset.test_file": text(),
+        "dataset.gallery_file": optional(text()),
+        "dataset.batch_size": SIZE,
+        "dataset.test_batch_size": SIZE,
+        "dataset.pair_batches": boolean(),
+        "dataset.sampler": choice(SAMPLERS),
+        "dataset.images_per_class": SIZE,
+        "dataset.num_iterations": optional(SIZE),
+        "dataset.preload": boolean(),
+        "dataset.num_workers": integer(0),
+        "dataset.pin_memory": boolean(),
+        "dataset.persistent_workers": boolean(),
+        "dataset.gpu_augment": boolean(),
+        "dataset.crop_size": SIZE,
+        # One side (the shorter one, as torchvision resizes) or [height, width].
+        "dataset.resize": optional(either(SIZE, items(SIZE, 2))),
+        "dataset.scale": ordered_pair(0, 1),
+        "dataset.ratio": ordered_pair(0),
+        "dataset.color_jitter": optional(items(NON_NEGATIVE, 4)),
+        "dataset.rotate": optional(number(0, 180)),
+        "dataset.hflip": boolean(),
+    },
+    cross_rules=[
+        CrossRule(
+            ("dataset.crop_size", "dataset.resize"),
+            lambda crop, resize: resize is None or crop <= _shorter_side(resize),
+            "dataset.crop_size <= dataset.resize (its shorter side)",
+        ),
+        CrossRule(
+            ("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
+            lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
+            "dataset.images_per_class <= dataset.batch_size with a class sampler",
+        ),
+    ],
+)
 
 
 class MetricLoaders(NamedTuple):

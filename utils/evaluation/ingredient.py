@@ -1,6 +1,6 @@
 """The `evaluation` ingredient: which metrics are computed on which test images, with which k-NN backend.
 
-Its settings' types and ranges are in the table of utils/settings.py; check_evaluation adds what depends on the
+Its settings' types and ranges are registered beside their defaults; check_evaluation adds what depends on the
 machine, before any data is read.
 
 Under torchrun each rank embeds a contiguous shard of every test set (no padding, no duplicates), the shards are
@@ -19,9 +19,10 @@ from utils import distributed
 from utils.data.ingredient import DATASETS, MetricLoaders, data_ingredient
 from utils.engine.training import progress
 from utils.errors import InputError
-from utils.evaluation.knn import resolve_backend
-from utils.evaluation.metrics import evaluate_embeddings
+from utils.evaluation.knn import BACKENDS, resolve_backend
+from utils.evaluation.metrics import METRICS, evaluate_embeddings
 from utils.reporting.plots import draw_dataset_retrieval
+from utils.settings import choice, integer, items, register
 
 evaluation_ingredient = Ingredient("evaluation", ingredients=[data_ingredient])
 
@@ -35,6 +36,17 @@ def config(dataset):
     metrics = ["recall"]  # after every evaluated epoch (and before training)
     final_metrics = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]  # of the best epoch's weights
     backend = "auto"  # auto | faiss | faiss-gpu | torch (exact k-NN, all give the same numbers)
+
+
+METRIC_LIST = items(choice(METRICS))
+register(
+    {
+        "evaluation.recalls": items(integer(1)),
+        "evaluation.metrics": METRIC_LIST,
+        "evaluation.final_metrics": METRIC_LIST,
+        "evaluation.backend": choice(BACKENDS),
+    }
+)
 
 
 def shard_loader(loader: DataLoader) -> DataLoader:
@@ -116,7 +128,7 @@ class Evaluator:
 
 @evaluation_ingredient.capture
 def check_evaluation(device: torch.device, metrics: list[str], final_metrics: list[str], backend: str) -> None:
-    """What the settings table (utils/settings.py) cannot know: recall is always computed, and a GPU backend needs
+    """What the settings rules cannot know: recall is always computed, and a GPU backend needs
     a GPU and a faiss built for it."""
     for key, names in (("metrics", metrics), ("final_metrics", final_metrics)):
         if "recall" not in names:

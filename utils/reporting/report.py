@@ -92,6 +92,17 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def settings_that_matter(config: dict[str, object]) -> dict[str, object]:
+    """A flattened configuration without the settings of the pairwise losses it does not train with: they change
+    nothing, and a loss added since a run adds its keys to every later configuration (losses/registry.py)."""
+    if "loss.pairwise" not in config:
+        return config
+    from losses.registry import unused_settings  # imports torch: only for a run with a loss
+
+    unused = set(unused_settings(config))
+    return {key: value for key, value in config.items() if key not in unused}
+
+
 def read_run(folder: Path) -> Run:
     fix = f"the run was cut off while writing it: delete {folder} or restore the file"
     run = read_json(folder / "run.json", fix)
@@ -106,7 +117,7 @@ def read_run(folder: Path) -> Run:
         folder,
         run["status"],
         run.get("experiment", {}).get("name", "?"),
-        flatten(read_json(folder / "config.json", fix)),
+        settings_that_matter(flatten(read_json(folder / "config.json", fix))),
         metrics,
         tuple(meta.get("named_configs", ())),
         relevant(meta.get("config_updates", {})),
