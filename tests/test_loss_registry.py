@@ -17,7 +17,8 @@ from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 from losses.registry import PAIRWISE, SHARED_KEYS, Setting, register_pairwise
 from tests.conftest import REPO, digits_updates
-from utils.reporting.report import differing_keys, group_runs, published_recipes, read_run, resolve_config
+from utils.recipes import published
+from utils.reporting.report import differing_keys, group_runs, read_run
 from utils.settings import NON_NEGATIVE, RULES
 
 NEW_LOSS = '''"""A loss that exists only in a test: scale times the weighted mean distance of the positive pairs."""
@@ -176,17 +177,23 @@ def test_the_report_ignores_the_settings_of_losses_a_run_does_not_train_with(tmp
     # Run 2 was made by a version without multi-similarity and proxy-anchor (its config lacks their keys), as a run
     # made before a loss was added is: it is still the same recipe as run 1, with the published R@1.
     command = "python experiment.py with dataset.cub metrix_recipe loss.contrastive metrix.feature"
-    config = json.loads(json.dumps(resolve_config(command)))
-    older = json.loads(json.dumps(config))
-    older["loss"] = {key: value for key, value in older["loss"].items() if not key.startswith(("ms_", "pa_", "proxy"))}
+    named_configs = ["dataset.cub", "metrix_recipe", "loss.contrastive", "metrix.feature"]
+    config = {"loss": {"pairwise": "contrastive", "margin": 0.5, "ms_alpha": 2.0, "pa_delta": 0.1}, "lr": 1e-4}
+    older = {"loss": {"pairwise": "contrastive", "margin": 0.5}, "lr": 1e-4}
     runs = []
     for run_id, run_config in (("1", config), ("2", older)):
         folder = tmp_path / run_id
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(run_config))
-        run = {"status": "COMPLETED", "experiment": {"name": "metric_learning"}, "result": 0.6}
+        run = {
+            "status": "COMPLETED",
+            "experiment": {"name": "metric_learning"},
+            "result": 0.6,
+            "meta": {"named_configs": named_configs, "config_updates": {}},
+        }
         (folder / "run.json").write_text(json.dumps(run))
         runs.append(read_run(folder))
     groups = group_runs(runs)
     assert len(groups) == 1 and differing_keys(runs) == []
-    assert groups[0].published == published_recipes()[command]
+    recipe = published(command)
+    assert groups[0].published == (recipe.published_r1, recipe.paper)
