@@ -37,6 +37,9 @@ CASES += [
     ("contrastive", "input", {}, True),
     ("multisimilarity", "feature", {}, True),
     ("proxyanchor", "embed", {}, True),
+    # A lam per pair: drawn on every rank, rank 0's broadcast (Beta.sample's strided view included).
+    ("multisimilarity", "feature", {"lam": "per_pair"}, False),
+    ("contrastive", "embed", {"lam": "per_pair"}, False),
 ]
 
 
@@ -119,3 +122,59 @@ def test_ddp_gradient_equals_single_process_gradient(tmp_path):
                     msg=lambda m, case=case, name=name: f"{case} {name}: {m}",
                 )
         assert any(grad.abs().sum() > 0 for name, grad in expected.items() if name.endswith("weight")), case
+
+
+def broadcast_views() -> dict[str, torch.Tensor]:
+    """On every rank: broadcast_ into a strided view, a transposed view and an offset slice of tensors that hold
+    the rank's number, returning the whole tensors."""
+    own = float(distributed.rank())
+    strided, square, offset = torch.full((10,), own), torch.full((3, 3), own), torch.full((6,), own)
+    distributed.broadcast_(strided[::2].copy_(torch.arange(5.0) + 10 * own))
+    distributed.broadcast_(square.t().copy_(torch.arange(9.0).view(3, 3) + 10 * own))
+    distributed.broadcast_(offset[2:4])
+    return {"strided": strided, "square": square, "offset": offset}
+
+
+@pytest.mark.slow
+def test_broadcast_into_a_view_writes_rank_0s_values_there_and_nothing_else(tmp_path):
+    ranks = run_ranks(broadcast_views, (), tmp_path)
+    for own, result in enumerate(ranks):
+        strided = torch.full((10,), float(own))
+        strided[::2] = torch.arange(5.0)
+        assert torch.equal(result["strided"], strided)
+        assert torch.equal(result["square"], torch.arange(9.0).view(3, 3).t())
+        assert torch.equal(result["offset"], torch.tensor([own, own, 0, 0, own, own], dtype=torch.float))
+
+
+def few_values_per_channel() -> tuple[torch.Tensor, torch.Tensor]:
+    """(4, 64) values 100 +- 0.01, 4 per channel (2 per rank), and a probe: a variance 10^8 times smaller than the
+    squares, which E[x^2] - mean^2 in float32 would lose."""
+    generator = torch.Generator().manual_seed(3)
+    values = 100 + 0.01 * torch.randn(4, 64, generator=generator, dtype=torch.float64)
+    return values, torch.randn(4, 64, generator=generator, dtype=torch.float64)
+
+
+def batch_norm_step(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and input gradient of BatchNorm in training mode on this rank's rows of few_values_per_channel,
+    GlobalBatchNorm under 2 ranks, torch's BatchNorm1d in one process."""
+    values, probe = few_values_per_channel()
+    rows = distributed.shard(len(values))
+    layer = sync_batchnorm.convert(nn.BatchNorm1d(64)).to(dtype).train()
+    leaf = values[rows].to(dtype).requires_grad_()
+    output = layer(leaf)
+    (output * probe[rows].to(dtype)).sum().backward()
+    return output.detach().double(), leaf.grad.double()
+
+
+@pytest.mark.slow
+def test_global_batch_norm_is_as_accurate_as_one_process(tmp_path):
+    """Against a float64 single-process oracle, the 2-rank float32 output and gradient are within a small factor
+    of the error of torch's float32 BatchNorm on the whole batch."""
+    oracle = batch_norm_step(torch.float64)
+    single = batch_norm_step(torch.float32)
+    ranks = run_ranks(batch_norm_step, (torch.float32,), tmp_path)
+    merged = [torch.cat([rank[part] for rank in ranks]) for part in range(2)]
+    for name, got, one_process, expected in zip(("output", "gradient"), merged, single, oracle, strict=True):
+        error = (got - expected).abs().max().item()
+        reference = (one_process - expected).abs().max().item()
+        assert error <= 4 * reference + 1e-6 * expected.abs().max().item(), (name, error, reference)
