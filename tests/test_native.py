@@ -48,7 +48,7 @@ def test_a_kernel_is_built_once_into_a_private_folder_and_then_loaded_from_it(so
     if library is None:
         pytest.skip("no C compiler here")
     assert library.answer() == 42
-    folder = tmp_path / "cache" / "metric-learning"
+    folder = tmp_path / "cache" / "metric-learning" / "kernels"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     built = list(folder.glob("answer-*.so"))
     assert len(built) == 1 and native.record_path(built[0]).exists()
@@ -76,18 +76,18 @@ def test_a_source_that_does_not_compile_gives_the_compilers_first_error(tmp_path
     broken.write_text("int f(void) { return undeclared_name; }\n")
     with pytest.warns(UserWarning, match="could not build broken.c .*undeclared_name"):
         assert native.load(broken) is None
-    assert not list((tmp_path / "cache" / "metric-learning").glob("broken-*"))
+    assert not list((tmp_path / "cache" / "metric-learning" / "kernels").glob("broken-*"))
 
 
 def test_a_cache_that_cannot_be_written_is_named(source: Path, tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
-    with pytest.warns(UserWarning, match=r"kernel cache .*file/metric-learning cannot be made.*XDG_CACHE_HOME"):
+    with pytest.warns(UserWarning, match=r"kernel cache .*file/metric-learning/kernels cannot be made.*XDG_CACHE_HOME"):
         assert native.load(source, ANSWER="1") is None
 
 
 def test_a_cache_others_can_write_is_refused(source: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "cache" / "metric-learning"
+    folder = tmp_path / "cache" / "metric-learning" / "kernels"
     folder.mkdir(parents=True)
     folder.chmod(0o777)
     library, messages = loaded_with_warnings(source, ANSWER="1")
@@ -98,7 +98,7 @@ def test_a_cache_others_can_write_is_refused(source: Path, tmp_path: Path) -> No
 
 @pytest.mark.skipif(os.getuid() != 0, reason="giving the folder to another user needs root")
 def test_a_cache_of_another_user_is_refused(source: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "cache" / "metric-learning"
+    folder = tmp_path / "cache" / "metric-learning" / "kernels"
     folder.mkdir(parents=True, mode=0o700)
     os.chown(folder, 65534, 65534)
     library, messages = loaded_with_warnings(source, ANSWER="1")

@@ -1,7 +1,7 @@
 """Small C kernels, compiled with the machine's C compiler and loaded with ctypes, each optional.
 
 A kernel is one C file next to the Python code that calls it. It is built once per machine and set of macros into
-a shared library under ~/.cache/metric-learning (XDG_CACHE_HOME moves it), named by a hash of the source, the
+a shared library under ~/.cache/metric-learning/kernels (XDG_CACHE_HOME moves it), named by a hash of the source, the
 compiler command and the CPU's features, so that an edit, another compiler or another CPU sharing the cache builds
 afresh. Only what this user built is loaded: the cache folder must be the user's own and writable by no one else
 (it is created 0700), and each library must match the SHA-256 recorded beside it when it was built (a truncated,
@@ -35,7 +35,8 @@ class Refused(Exception):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metric-learning"
+    # A folder for the libraries alone, created private (0700); nothing else of the project lives in it.
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metric-learning" / "kernels"
 
 
 def cpu_features() -> str:
