@@ -11,19 +11,13 @@ Pairs (i, j) are mixed as lam * x_i + (1 - lam) * x_j, in one of two ways:
 In feature mode Metrix mixes M = B (B - 1) pairs of feature maps and pools each mixture. Average pooling is
 linear, so the average of a mixture is the mixture of the averages. Max pooling needs each mixed map, but only
 for a moment: `GridMax` and `MixedMax` keep the pooled values only, and their backward mixes again (the same
-values, bit for bit) to find the winning positions. On the CPU GridMax runs a C kernel (models/grid_max.c) that
-holds one pair's mixture at a time; otherwise both compute a chunk of mixtures at a time. Memory holds at most
-one chunk of mixed maps instead of M.
+values, bit for bit) to find the winning positions. Both compute a chunk of mixtures at a time, in torch on any
+device: memory holds at most one chunk of mixed maps instead of M.
 """
-
-import ctypes
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
-
-from utils import native
 
 # Mixed-map elements per chunk: 8 MiB in float32, enough to amortise the per-chunk overhead on a CPU or a GPU.
 CHUNK_ELEMENTS = 2**21
@@ -111,21 +105,14 @@ class GridMax(torch.autograd.Function):
     """(B, P, C) maps and a 0-d lam -> (B, B, C): [i, j] is the max over positions of lam * x_i + (1 - lam) * x_j.
 
     The mixture is computed as the materialised maps are, lam * x_i + (1 - lam) * x_j, so values and ties are
-    theirs bit for bit. On the CPU the compiled kernel (models/grid_max.c) does it in one pass without writing any
-    mixed map; elsewhere, or without a C compiler, torch does it chunk by chunk (the same values; the gradient's
-    sums run in another order).
+    theirs bit for bit; a chunk of grid rows at a time.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, maps: Tensor, lam: Tensor) -> Tensor:
         weight = lam.to(maps.dtype)
         weighted_first, weighted_second = maps * weight, maps * (1 - weight)
-        kernel = grid_max_kernel(maps)
-        pooled = (
-            grid_max_compiled(kernel, weighted_first, weighted_second)
-            if kernel
-            else grid_max_in_chunks(weighted_first, weighted_second)
-        )
+        pooled = grid_max_in_chunks(weighted_first, weighted_second)
         ctx.save_for_backward(weighted_first, weighted_second, weight, pooled)
         return pooled
 
@@ -133,64 +120,13 @@ class GridMax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         weighted_first, weighted_second, weight, pooled = ctx.saved_tensors
-        kernel = grid_max_kernel(weighted_first)
-        grad_first, grad_second = (
-            grid_max_backward_compiled(kernel, weighted_first, weighted_second, pooled, grad.contiguous())
-            if kernel
-            else grid_max_backward_in_chunks(weighted_first, weighted_second, pooled, grad)
-        )
+        grad_first, grad_second = grid_max_backward_in_chunks(weighted_first, weighted_second, pooled, grad)
         return grad_first * weight + grad_second * (1 - weight), None
 
 
-KERNEL_TYPES = {torch.float32: "float", torch.float64: "double"}
-
-
-def grid_max_kernel(maps: Tensor) -> ctypes.CDLL | None:
-    """models/grid_max.c built for maps' dtype, or None: not on the CPU, another dtype, or no C compiler."""
-    if maps.device.type != "cpu" or maps.dtype not in KERNEL_TYPES:
-        return None
-    kernel = native.load(Path(__file__).with_name("grid_max.c"), REAL=KERNEL_TYPES[maps.dtype])
-    if kernel is not None:
-        sizes = [ctypes.c_long] * 5
-        kernel.grid_max_forward.argtypes = [ctypes.c_void_p] * 3 + sizes
-        kernel.grid_max_backward.argtypes = [ctypes.c_void_p] * 6 + sizes
-    return kernel
-
-
-def grid_max_compiled(kernel: ctypes.CDLL, first: Tensor, second: Tensor) -> Tensor:
-    """(B, B, C): [i, j] = max over positions of first[i] + second[j], by the kernel, the grid's rows shared
-    among torch's threads."""
-    count, positions, channels = first.shape
-    pooled = first.new_empty(count, count, channels)
-    pointers = [native.pointer(x) for x in (first, second, pooled)]
-    native.in_parallel(
-        lambda part, begin, end: kernel.grid_max_forward(*pointers, count, positions, channels, begin, end), count
-    )
-    return pooled
-
-
-def grid_max_backward_compiled(
-    kernel: ctypes.CDLL, first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor
-) -> tuple[Tensor, Tensor]:
-    """The gradient's sums over j and over i, by the kernel; each thread sums over its rows i into its own
-    buffer, and the buffers are added in a fixed order."""
-    count, positions, channels = first.shape
-    grad_first = torch.empty_like(first)
-    grad_second = first.new_zeros(native.thread_count(count), *first.shape)
-    pointers = [native.pointer(x) for x in (first, second, pooled, grad, grad_first)]
-    native.in_parallel(
-        lambda part, begin, end: kernel.grid_max_backward(
-            *pointers, native.pointer(grad_second[part]), count, positions, channels, begin, end
-        ),
-        count,
-    )
-    # Added one buffer at a time: torch.sum over the first dimension runs several times slower here.
-    return grad_first, sum(grad_second[1:], grad_second[0])
-
-
 def grid_max_in_chunks(first: Tensor, second: Tensor) -> Tensor:
-    """(B, B, C) as grid_max_compiled, in torch: each chunk of grid rows is mixed into one reused buffer (a fresh
-    allocation of that size per chunk costs page faults on a CPU) and maxed over positions."""
+    """(B, B, C): [i, j] = max over positions of first[i] + second[j]. Each chunk of grid rows is mixed into one
+    reused buffer (a fresh allocation of that size per chunk costs page faults on a CPU) and maxed over positions."""
     count = first.shape[0]
     pooled = first.new_empty(count, count, first.shape[2])
     parts = chunks(count, first.numel())
@@ -203,7 +139,8 @@ def grid_max_in_chunks(first: Tensor, second: Tensor) -> Tensor:
 
 
 def grid_max_backward_in_chunks(first: Tensor, second: Tensor, pooled: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """As grid_max_backward_compiled, in torch: each chunk is mixed again and its winners marked."""
+    """The gradients with respect to first and second (grid_max_in_chunks' operands): each chunk is mixed again
+    and its winners marked, and the gradient summed over j for first and over i for second."""
     count = pooled.shape[0]
     grad_first, grad_second = torch.empty_like(first), torch.zeros_like(second)
     parts = chunks(count, first.numel())

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.stats import ks_2samp
 
 from tests.conftest import SHRINK, assert_input_error, digits_updates
-from utils.data.device_augment import build_split_pipeline, load_pixels, pack_crops
+from utils.data.device_augment import build_split_pipeline, load_for_crop, load_pixels, pack_crops
 from utils.data.images import load_image
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
@@ -191,3 +191,21 @@ def test_experiments_train_with_gpu_augment(script, datasets, request):
 def test_experiment_refuses_rotation_with_gpu_augment(digits_path, experiment):
     outcome = experiment("with epochs=1 dataset.gpu_augment=True dataset.rotate=15", *digits_updates(digits_path))
     assert_input_error(outcome, "dataset.rotate=15", "dataset.gpu_augment")
+
+
+@pytest.mark.parametrize(("name", "size"), [("one.jpg", (1, 1)), ("one.png", (1, 1)), ("thin.jpg", (3, 200))])
+def test_tiny_images_and_tiny_crops_give_whole_pixels(tmp_path, name, size):
+    """dataset.scale=[0.01, 0.02] on a 1x1 (or 3 px wide) image: every box keeps at least one pixel of the image,
+    whose values it holds, and the device resamples it."""
+    pixels = np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / name, quality=100)
+    decoded = np.array(load_image(tmp_path / name))
+    worker, device = build_split_pipeline(color_jitter=None, **(SETTINGS | {"scale": (0.01, 0.02)}))
+    worker.share_grey_levels([tmp_path / name])
+    torch.manual_seed(0)
+    items = [(worker(load_for_crop(tmp_path / name)), 0) for _ in range(40)]
+    for (crop, _, _), _ in items:
+        assert crop.shape[0] >= 1 and crop.shape[1] >= 1
+        windows = np.lib.stride_tricks.sliding_window_view(decoded, crop.shape)
+        assert (windows == crop.numpy()).all(axis=(-3, -2, -1)).any()
+    assert device(pack_crops(items)[0], CPU).shape == (40, 3, 48, 48)

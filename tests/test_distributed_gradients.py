@@ -37,6 +37,11 @@ CASES += [
     ("contrastive", "input", {}, True),
     ("multisimilarity", "feature", {}, True),
     ("proxyanchor", "embed", {}, True),
+    # A lam per pair, drawn on every rank, rank 0's broadcast (Beta.sample's strided view): with cross-entropy's
+    # mixed targets and positive-negative mixing (which trains every anchor) every lam shows in the loss.
+    ("cross_entropy", "feature", {"lam": "per_pair", "strategy": "positive_negative"}, False),
+    ("cross_entropy", "embed", {"lam": "per_pair", "strategy": "positive_negative"}, False),
+    ("multisimilarity", "input", {"lam": "per_pair", "strategy": "positive_negative"}, False),
 ]
 
 
@@ -72,10 +77,15 @@ def gradients(model: nn.Module, criterion: Criterion) -> dict[str, torch.Tensor]
     return {name: p.grad.clone() for name, p in named if p.grad is not None} | running
 
 
+# Metrix's draws: with this seed the random strategy draws a positive-negative step, which mixes pairs for every
+# anchor of the batch (an anchor-negative step mixes nothing here, where every class has a positive).
+METRIX_SEED = 3
+
+
 def single_process_step(case: tuple) -> tuple[float, dict[str, torch.Tensor]]:
     model, criterion = build(*case)
     images, labels = global_batch()
-    torch.manual_seed(2)  # Metrix's draws
+    torch.manual_seed(METRIX_SEED)
     loss, _ = criterion(model, images, labels)
     loss.backward()
     return loss.item(), gradients(model, criterion)
@@ -89,7 +99,9 @@ def ddp_steps(cases: list[tuple]) -> list[tuple[float, dict[str, torch.Tensor]]]
         objective = distributed.data_parallel(model, criterion, torch.device("cpu"))
         images, labels = global_batch()
         half = distributed.shard(len(labels))
-        torch.manual_seed(2)
+        # Rank 0 draws as the single process; the other ranks' own draws differ, as under torchrun once their
+        # random streams part: whatever Metrix draws must come from rank 0.
+        torch.manual_seed(METRIX_SEED + 1000 * distributed.rank())
         loss, _ = objective(model, images[half], labels[half])
         loss.backward()
         results.append((loss.item(), gradients(model, criterion)))
@@ -119,3 +131,59 @@ def test_ddp_gradient_equals_single_process_gradient(tmp_path):
                     msg=lambda m, case=case, name=name: f"{case} {name}: {m}",
                 )
         assert any(grad.abs().sum() > 0 for name, grad in expected.items() if name.endswith("weight")), case
+
+
+def broadcast_views() -> dict[str, torch.Tensor]:
+    """On every rank: broadcast_ into a strided view, a transposed view and an offset slice of tensors that hold
+    the rank's number, returning the whole tensors."""
+    own = float(distributed.rank())
+    strided, square, offset = torch.full((10,), own), torch.full((3, 3), own), torch.full((6,), own)
+    distributed.broadcast_(strided[::2].copy_(torch.arange(5.0) + 10 * own))
+    distributed.broadcast_(square.t().copy_(torch.arange(9.0).view(3, 3) + 10 * own))
+    distributed.broadcast_(offset[2:4])
+    return {"strided": strided, "square": square, "offset": offset}
+
+
+@pytest.mark.slow
+def test_broadcast_into_a_view_writes_rank_0s_values_there_and_nothing_else(tmp_path):
+    ranks = run_ranks(broadcast_views, (), tmp_path)
+    for own, result in enumerate(ranks):
+        strided = torch.full((10,), float(own))
+        strided[::2] = torch.arange(5.0)
+        assert torch.equal(result["strided"], strided)
+        assert torch.equal(result["square"], torch.arange(9.0).view(3, 3).t())
+        assert torch.equal(result["offset"], torch.tensor([own, own, 0, 0, own, own], dtype=torch.float))
+
+
+def few_values_per_channel() -> tuple[torch.Tensor, torch.Tensor]:
+    """(4, 64) values 100 +- 0.01, 4 per channel (2 per rank), and a probe: a variance 10^8 times smaller than the
+    squares, which E[x^2] - mean^2 in float32 would lose."""
+    generator = torch.Generator().manual_seed(3)
+    values = 100 + 0.01 * torch.randn(4, 64, generator=generator, dtype=torch.float64)
+    return values, torch.randn(4, 64, generator=generator, dtype=torch.float64)
+
+
+def batch_norm_step(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and input gradient of BatchNorm in training mode on this rank's rows of few_values_per_channel,
+    GlobalBatchNorm under 2 ranks, torch's BatchNorm1d in one process."""
+    values, probe = few_values_per_channel()
+    rows = distributed.shard(len(values))
+    layer = sync_batchnorm.convert(nn.BatchNorm1d(64)).to(dtype).train()
+    leaf = values[rows].to(dtype).requires_grad_()
+    output = layer(leaf)
+    (output * probe[rows].to(dtype)).sum().backward()
+    return output.detach().double(), leaf.grad.double()
+
+
+@pytest.mark.slow
+def test_global_batch_norm_is_as_accurate_as_one_process(tmp_path):
+    """Against a float64 single-process oracle, the 2-rank float32 output and gradient are within a small factor
+    of the error of torch's float32 BatchNorm on the whole batch."""
+    oracle = batch_norm_step(torch.float64)
+    single = batch_norm_step(torch.float32)
+    ranks = run_ranks(batch_norm_step, (torch.float32,), tmp_path)
+    merged = [torch.cat([rank[part] for rank in ranks]) for part in range(2)]
+    for name, got, one_process, expected in zip(("output", "gradient"), merged, single, oracle, strict=True):
+        error = (got - expected).abs().max().item()
+        reference = (one_process - expected).abs().max().item()
+        assert error <= 4 * reference + 1e-6 * expected.abs().max().item(), (name, error, reference)

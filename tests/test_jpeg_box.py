@@ -2,6 +2,9 @@
 worker that knows an image's grey level decodes only the box and gives what a whole decode gives, the grey levels
 reach every DataLoader worker and epoch, and whatever the kernel does not read goes the ordinary way."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from utils import native
-from utils.data import jpeg_box
+from tests.conftest import SHRINK
+from utils.data import jpeg_box, native
 from utils.data.device_augment import build_split_pipeline, load_for_crop, load_pixels, pack_crops
 from utils.data.image_dataset import ImageDataset
 from utils.errors import InputError
@@ -65,6 +68,29 @@ def test_a_box_has_the_pixels_of_the_whole_decode(tmp_path: Path, size, options)
     for top, left, bottom, right in boxes:
         box = jpeg.box(top, left, bottom, right)
         assert torch.equal(box, whole[top:bottom, left:right]), (top, left, bottom, right)
+
+
+@pytest.mark.parametrize("subsampling", ["4:2:0", "4:4:4"])
+def test_a_box_leaving_the_image_has_the_pixels_of_pils_crop(tmp_path: Path, subsampling: str) -> None:
+    """Boxes across the right and bottom edges, wider than the image, and wholly outside it: PIL's crop (black
+    outside the image) is the oracle."""
+    textured(61, 45).save(tmp_path / "x.jpg", quality=90, subsampling=subsampling)
+    image = Image.open(tmp_path / "x.jpg").convert("RGB")
+    jpeg = jpeg_box.open_jpeg(tmp_path / "x.jpg")
+    boxes = [
+        (0, 50, 45, 75),
+        (40, 59, 52, 64),
+        (10, 60, 11, 61),
+        (0, 0, 60, 80),
+        (-3, -5, 4, 6),
+        (0, 61, 45, 70),
+        (45, 0, 50, 61),
+        (50, 70, 53, 74),
+        (-9, -9, -1, -1),
+    ]
+    for top, left, bottom, right in boxes:
+        expected = torch.from_numpy(np.array(image.crop((left, top, right, bottom))))
+        assert torch.equal(jpeg.box(top, left, bottom, right), expected), (top, left, bottom, right)
 
 
 def test_a_worker_that_knows_the_grey_level_decodes_only_the_box_and_gives_the_same(tmp_path, monkeypatch):
@@ -143,3 +169,22 @@ def test_a_missing_library_is_named(tmp_path: Path, monkeypatch) -> None:
     source.write_text("int f(void) { return 0; }\n")
     with pytest.warns(UserWarning, match="could not build linked.c .*cannot find -lno_such_library"):
         assert native.load(source, libraries=("no_such_library",)) is None
+
+
+@pytest.mark.slow
+def test_a_run_whose_kernel_cannot_be_built_warns_once(datasets, tmp_path: Path) -> None:
+    """A real run, 3 epochs of 2 DataLoader workers, with a compiler that fails: one warning, from the main
+    process, and the workers decode whole images."""
+    environment = os.environ | {"CC": "false", "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONWARNINGS": "default"}
+    updates = [*SHRINK, "epochs=3", "dataset.num_workers=2", f"dataset.data_path={datasets['cub']}"]
+    command = [sys.executable, "experiment.py", "with", "dataset.cub", "model.small_cnn", "dataset.gpu_augment=True"]
+    result = subprocess.run(
+        [*command, *updates, f"output_dir={tmp_path / 'runs'}"],
+        cwd=Path(__file__).parents[1],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("could not build jpeg_box.c") == 1, result.stderr[-3000:]

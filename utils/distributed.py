@@ -123,9 +123,14 @@ def gather(tensor: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
 
 
 def broadcast_(tensor: Tensor) -> Tensor:
-    """Rank 0's values in tensor on every rank (in place): random draws every rank must share."""
+    """Rank 0's values in tensor on every rank (in place): random draws every rank must share. tensor may be a
+    view of any layout (Beta.sample returns a strided one): gloo writes a received tensor densely from its first
+    element, over whatever its storage holds there, so a view travels through a dense copy and is written back."""
     if world_size() > 1:
-        dist.broadcast(tensor, src=0)
+        dense = tensor.contiguous()
+        dist.broadcast(dense, src=0)
+        if dense is not tensor:
+            tensor.copy_(dense)
     return tensor
 
 

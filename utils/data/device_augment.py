@@ -29,7 +29,6 @@ figures.
 """
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,9 +37,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
+from utils.data import jpeg_box
 from utils.data.images import check_image_size, load_image
 from utils.data.jpeg_box import JpegFile, open_jpeg
 from utils.errors import InputError
@@ -60,18 +59,13 @@ def resized_size(width: int, height: int, resize: int | Sequence[int] | None) ->
 
 
 def load_pixels(path: Path) -> Tensor:
-    """The image at path as uint8 (3, H, W), the pixels load_image gives. A JPEG is decoded by torchvision's
-    libjpeg-turbo straight into a tensor (PIL's decoder plus its RGB copy take ~10% longer); anything torchvision
-    does not decode (other formats, corrupt files) goes through load_image, which reads it or names the file."""
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        try:
-            with warnings.catch_warnings():
-                # torchvision 0.29 deprecates its decoders for TorchCodec's; requirements.txt pins 0.29.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass
-    return pil_pixels(load_image(path))
+    """The image at path as uint8 (3, H, W), the pixels load_image gives. A JPEG is decoded by the box decoder
+    (jpeg_box: libjpeg-turbo straight into a tensor, where PIL's decoder plus its RGB copy take ~10% longer) where
+    it is built; anything it does not decode (other formats, CMYK, corrupt files) goes through load_image, which
+    reads it or names the file. torchvision's decoders are deprecated since 0.29 for TorchCodec's."""
+    jpeg = open_jpeg(path)
+    whole = jpeg.whole() if jpeg is not None else None
+    return whole.permute(2, 0, 1) if whole is not None else pil_pixels(load_image(path))
 
 
 def pil_pixels(image: Image.Image) -> Tensor:
@@ -123,8 +117,11 @@ class WorkerCrop:
         # get_params reads only the size of its image: an uninitialised tensor of the resized shape.
         top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(0, height, width), self.scale, self.ratio)
         sy, sx = full_height / height, full_width / width
-        y0, x0 = round(top * sy), round(left * sx)
-        y1, x1 = max(round((top + h) * sy), y0 + 1), max(round((left + w) * sx), x0 + 1)
+        # At least one whole pixel inside the image: rounding a box of less than a pixel (a tiny image, a small
+        # dataset.scale) may otherwise land it on the far edge, where the crop would be empty.
+        y0, x0 = min(round(top * sy), full_height - 1), min(round(left * sx), full_width - 1)
+        y1 = min(max(round((top + h) * sy), y0 + 1), full_height)
+        x1 = min(max(round((left + w) * sx), x0 + 1), full_width)
         return (y0, x0, y1, x1), self.hflip and bool(torch.rand(1) < 0.5)
 
 
@@ -245,8 +242,10 @@ class DeviceAugment(nn.Module):
 def build_split_pipeline(crop_size: int, resize: int | Sequence[int] | None,
                          scale: Sequence[float], ratio: Sequence[float], color_jitter: Sequence[float] | None,
                          rotate: float | None, hflip: bool) -> tuple[WorkerCrop, DeviceAugment]:
-    """The worker transform and the device module of dataset.gpu_augment=True."""
+    """The worker transform and the device module of dataset.gpu_augment=True; also builds the box decoder here,
+    in the main process, so that the DataLoader workers inherit it (or its absence, after one warning)."""
     if rotate is not None:
         raise InputError(f"dataset.rotate={rotate} is not available with dataset.gpu_augment=True: set "
                          f"dataset.rotate=None or dataset.gpu_augment=False")
+    jpeg_box.kernel()
     return WorkerCrop(resize, scale, ratio, hflip), DeviceAugment(crop_size, color_jitter)

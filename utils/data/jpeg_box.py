@@ -2,9 +2,10 @@
 
 A training crop covers on average about half of its image, and decoding is most of a gpu_augment worker's time:
 decoding only the box skips the transform and upsampling of the rest, and the entropy decoding of the rows below
-it. The pixels are those of a full decode (tested against PIL's). Where the kernel cannot be built (no compiler, no
-libjpeg headers: Debian's libjpeg62-turbo-dev), `open_jpeg` returns None after one warning and the workers decode
-whole images with torchvision, as before.
+it. The pixels are those of a full decode (tested against PIL's), and black where a box leaves the image, as PIL's
+crop. The kernel is built in the main process (build_split_pipeline calls `kernel`) before the DataLoader workers
+fork and inherit it; a worker never builds it. Where it cannot be built (no compiler, no libjpeg headers: Debian's
+libjpeg62-turbo-dev), one warning says so and `open_jpeg` returns None: the images are decoded whole with PIL.
 """
 
 import ctypes
@@ -15,14 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 
-from utils import native
+from utils.data import native
 
 SOURCE = Path(__file__).with_name("jpeg_box.c")
 
 
 @functools.cache
 def kernel() -> ctypes.CDLL | None:
+    """The box decoder, or None where it cannot be built, or in a worker whose main process did not build it
+    (building there would repeat the build and its warning in every worker of every epoch)."""
+    if get_worker_info() is not None:
+        return None
     library = native.load(SOURCE, libraries=("jpeg",))
     if library is not None:
         library.jpeg_box.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p, *[ctypes.c_int] * 4,
@@ -48,8 +54,9 @@ class JpegFile:
     width: int
 
     def box(self, top: int, left: int, bottom: int, right: int) -> Tensor | None:
-        """uint8 (bottom - top, right - left, 3) RGB pixels of rows [top, bottom) and columns [left, right), or None
-        where libjpeg reports an error or corrupt data (the caller then decodes the file the ordinary way)."""
+        """uint8 (bottom - top, right - left, 3) RGB pixels of rows [top, bottom) and columns [left, right), black
+        outside the image, or None where libjpeg reports an error or corrupt data (the caller then decodes the file
+        the ordinary way)."""
         pixels = torch.empty(bottom - top, right - left, 3, dtype=torch.uint8)
         decoded = call_kernel(self.data, (top, left, bottom - top, right - left), pixels)
         return None if decoded is None else pixels

@@ -1,11 +1,14 @@
-"""BatchNorm over the global batch under torchrun (the sync_bn option), on the CPU (gloo) as on GPUs (NCCL).
+"""BatchNorm over the global batch under torchrun (the sync_bn option): torch.nn.SyncBatchNorm on GPUs (NCCL), ours
+on the CPU (gloo), which SyncBatchNorm refuses.
 
 In training mode a BatchNorm layer normalises with the statistics of the batch it sees; under DDP that is the
-rank's share, so the step differs from the single-process step of the global batch. GlobalBatchNorm sums the
-per-channel count, sum and sum of squares over the ranks with utils.distributed.gather_with_grad, so the forward
-uses the global statistics and the backward carries their gradient to every rank (with the gather's factor of
-the world size, which DDP's averaging removes, as for the embeddings). torch.nn.SyncBatchNorm does the same on
-GPUs only. Outside training, or in a single process, it is a plain BatchNorm.
+rank's share, so the step differs from the single-process step of the global batch. GlobalBatchNorm gathers each
+rank's per-channel count, mean and sum of squared deviations from that mean (M2) with
+utils.distributed.gather_with_grad and combines them with Chan et al.'s parallel formula, as stable in float32 as
+the single process's variance (E[x^2] - mean^2 would lose the digits that the mean shares with x). The forward uses
+the global statistics and the backward carries their gradient to every rank (with the gather's factor of the world
+size, which DDP's averaging removes, as for the embeddings). Outside training, or in a single process, it is a
+plain BatchNorm.
 """
 
 import torch
@@ -26,11 +29,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         dims = [d for d in range(input.dim()) if d != 1]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = torch.full_like(input[:1].sum(dims), input.numel() / input.shape[1])
-        local = torch.stack([count, input.sum(dims), (input * input).sum(dims)])[None]
-        count, total, squares = distributed.gather_with_grad(local).sum(0)
-        mean = total / count
-        var = (squares / count - mean * mean).clamp_min(0)  # rounding can take it below 0
+        count, mean, var = global_statistics(input, dims)
         if self.track_running_stats:
             self.update_running_stats(mean.detach(), var.detach() * count / (count - 1).clamp_min(1))
         output = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
@@ -48,8 +47,30 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.lerp_(unbiased_var, momentum)
 
 
+def global_statistics(input: Tensor, dims: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per channel, the count, mean and (biased) variance of input over dims on every rank, differentiable: each
+    rank's count n, mean m and M2 = sum (x - m)^2 are combined as N = sum n, mean = sum n m / N and
+    M2 = sum M2 + sum n (m - mean)^2 (Chan et al.), where every term is a sum of non-negative squares."""
+    local_mean = input.mean(dims)
+    local_m2 = (input - local_mean.view(1, -1, *[1] * (input.dim() - 2))).square().sum(dims)
+    count = torch.full_like(local_mean, input.numel() / input.shape[1])
+    counts, means, m2s = distributed.gather_with_grad(torch.stack([count, local_mean, local_m2])[None]).unbind(1)
+    total = counts.sum(0)
+    mean = (counts * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+    return total, mean, m2 / total
+
+
 def convert(module: nn.Module) -> nn.Module:
-    """module with every BatchNorm layer replaced by a GlobalBatchNorm with its parameters, buffers and mode."""
+    """module with every BatchNorm layer made to use the global batch's statistics, with its parameters, buffers
+    and mode: torch.nn.SyncBatchNorm for a module on a GPU (the fused kernels NCCL runs), else GlobalBatchNorm."""
+    state = next(iter(module.state_dict().values()), None)
+    if state is not None and state.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_to_global(module)
+
+
+def convert_to_global(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         converted = GlobalBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
@@ -59,5 +80,5 @@ def convert(module: nn.Module) -> nn.Module:
         converted.train(module.training)
         return converted.to(next(iter(module.state_dict().values()), torch.empty(0)).device)
     for name, child in module.named_children():
-        module.add_module(name, convert(child))
+        module.add_module(name, convert_to_global(child))
     return module
