@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, assert_input_error
-from utils.engine.checkpoint import save_json_atomically
 from utils.engine.training import NonFiniteStep, train_one_epoch
+from utils.sacred_run import save_json_atomically
 
 # Digits' small splits, 40 balanced batches of 20 per epoch, Metrix on: long enough epochs to stop mid-way.
 RUN = [

@@ -18,11 +18,7 @@ from models.backbones import BACKBONES
 from models.metric_model import NORM_LAYERS, POOLINGS
 from models.vae_ingredient import ARCHS as VAE_ARCHS
 from utils.data.ingredient import DATASETS, SAMPLERS
-from utils.engine.driver import CUDNN_FLAGS, NONFINITE
-from utils.engine.speed import AMP_DTYPES
-from utils.engine.training import OPTIMIZERS, SCHEDULERS
 from utils.errors import InputError
-from utils.evaluation.inference import BAD_IMAGES
 from utils.evaluation.knn import BACKENDS
 from utils.evaluation.metrics import METRICS
 
@@ -114,38 +110,6 @@ RESIZE = optional(either(SIZE, items(SIZE, 2)))
 
 # key path -> what is valid. Top level first, then each ingredient.
 RULES: dict[str, Check] = {
-    "epochs": integer(0),
-    "optimizer": choice(OPTIMIZERS),
-    "lr": POSITIVE,
-    "momentum": number(0, 1, high_open=True),
-    "nesterov": boolean(),
-    "weight_decay": NON_NEGATIVE,
-    "no_bias_decay": boolean(),
-    "scheduler": choice(SCHEDULERS),
-    "lr_step": optional(integer(1)),
-    "lr_gamma": number(0, 1, low_open=True),
-    "warm_epochs": integer(0),
-    "grad_clip": optional(POSITIVE),
-    "label_smoothing": number(0, 1, high_open=True),
-    "select_by": choice(("recall", "reconstruction")),
-    "visdom_port": optional(integer(1, 65535)),
-    "visdom_freq": integer(1),
-    "eval_every": integer(1),
-    "cpu": boolean(),
-    "cudnn_flag": choice(CUDNN_FLAGS),
-    "nonfinite": choice(NONFINITE),
-    "output_dir": text(),
-    "checkpoint_every": optional(SIZE),
-    "resume": optional(text()),
-    "checkpoint": optional(text()),
-    "images": optional(text()),
-    "out": optional(text()),
-    "bad_images": choice(BAD_IMAGES),
-    "amp": choice(tuple(AMP_DTYPES)),
-    "channels_last": boolean(),
-    "compile": boolean(),
-    "sync_bn": boolean(),
-    "seed": integer(0, SEED_LIMIT),
     "dataset.name": choice(DATASETS),
     "dataset.data_path": text(),
     "dataset.train_file": text(),
@@ -237,17 +201,6 @@ CROSS_RULES = [
         ("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
         lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
         "dataset.images_per_class <= dataset.batch_size with a class sampler",
-    ),
-    CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs"),
-    CrossRule(
-        ("scheduler", "lr_step"),
-        lambda scheduler, step: scheduler not in ("step", "warmstep") or step is not None,
-        "lr_step set (epochs between decays) when scheduler is step or warmstep",
-    ),
-    CrossRule(
-        ("nesterov", "momentum"),
-        lambda nesterov, momentum: not nesterov or momentum > 0,
-        "momentum > 0 when nesterov=True",
     ),
 ]
 
