@@ -186,6 +186,8 @@ def test_overflowing_weights_are_never_checkpointed(digits_path, experiment, tmp
     assert f"iteration {checkpoint['iteration'] + 1} " in last  # written after the last step with finite weights
     assert finite(checkpoint["model"]) and finite(checkpoint["objective"])
     assert json.loads((observed / "1" / "run.json").read_text())["status"] == "FAILED"
+    # What was printed before the failure is kept, though sacred's capture was closed before its last read.
+    assert "Epoch   0 | cosine" in (observed / "1" / "cout.txt").read_text()
 
 
 def test_overflowing_weights_stop_before_the_evaluation(digits_path, experiment, tmp_path):
@@ -356,6 +358,17 @@ def test_resume_extends_a_finished_run(finished_run, digits_path, experiment, tm
     outcome = experiment(f"-F {tmp_path} with", *words)
     assert outcome.code == 0, outcome.err
     assert "Resumed from" in outcome.out and "epoch 2, iteration 0" in outcome.out and "Train   2 |" in outcome.out
+
+
+def test_checkpoints_keep_format_1(finished_run):
+    """Checkpoints written before the schema had one owner (FORMAT 1) hold exactly these keys: they still load."""
+    checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["format"] == 1 and set(checkpoint) == {
+        *("format", "epoch", "iteration", "iterations", "model", "objective", "optimizer", "scheduler", "scaler"),
+        *("best", "rng", "config", "code", "rebuild", "curves"),
+    }
+    assert set(checkpoint["best"]) == {"epoch", "metrics", "model"}
+    assert checkpoint["code"]["name"] == "metric_learning" and checkpoint["code"]["mainfile"] == "experiment.py"
 
 
 def test_resume_refuses_a_checkpoint_without_the_training_state(finished_run, digits_path, experiment, tmp_path):

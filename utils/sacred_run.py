@@ -9,7 +9,6 @@ in place and quiet the other ranks under torchrun, the run's logger and the outp
 """
 
 import functools
-import io
 import json
 import os
 import sys
@@ -93,11 +92,14 @@ def observe_with_run_records(ex: Experiment) -> None:
     ex.option_hook(use_run_records)
 
 
-class TeedOutput(io.TextIOBase):
-    """A text stream writing through to another one and keeping a copy."""
+class TeedOutput:
+    """A text stream writing through to another one and keeping a copy; everything else is the other one's."""
 
     def __init__(self, stream: TextIO, copy: list[str]) -> None:
         self.stream, self.copy = stream, copy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
     def write(self, text: str) -> int:
         self.copy.append(text)
