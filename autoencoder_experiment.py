@@ -127,11 +127,11 @@ def rebuild_autoencoder(rebuild: dict, settings: dict) -> Autoencoder:
     settings the run's config."""
     options = settings["vae"]
     return Autoencoder(
-        rebuild["image_size"],
-        rebuild["arch"] == "vae",
-        options["in_channels"],
-        options["latent_dim"],
-        tuple(rebuild["hidden_dims"]),
+        image_size=rebuild["image_size"],
+        variational=rebuild["arch"] == "vae",
+        in_channels=options["in_channels"],
+        latent_dim=options["latent_dim"],
+        hidden_dims=tuple(rebuild["hidden_dims"]),
     )
 
 
@@ -214,7 +214,10 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     """Embed images=DIR_OR_SPLIT_FILE (latent means) with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_autoencoder).to(device).eval()
-    return str(embed_images(lambda batch: model(batch)[1], config, device, images, out, bad_images))
+    embedded = embed_images(
+        lambda batch: model(batch)[1], config, device, images=images, out=out, bad_images=bad_images
+    )
+    return str(embedded)
 
 
 if __name__ == "__main__":

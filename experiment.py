@@ -166,7 +166,7 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_model).to(device).eval()
-    return str(embed_images(model, config, device, images, out, bad_images))
+    return str(embed_images(model, config, device, images=images, out=out, bad_images=bad_images))
 
 
 if __name__ == "__main__":

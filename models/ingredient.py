@@ -101,15 +101,15 @@ def rebuild_model(rebuild: dict, settings: dict) -> MetricModel:
     stored with the checkpoint (the resolved arch and set_bn_eval), settings the run's config."""
     options = settings["model"]
     return build_model(
-        rebuild["arch"],
-        None,
-        rebuild["set_bn_eval"],
-        options["num_features"],
-        options["pooling"],
-        options["norm_layer"],
-        options["remap"],
-        options["normalize"],
-        options["freeze_bn"],
+        arch=rebuild["arch"],
+        weights=None,
+        set_bn_eval=rebuild["set_bn_eval"],
+        num_features=options["num_features"],
+        pooling=options["pooling"],
+        norm_layer=options["norm_layer"],
+        remap=options["remap"],
+        normalize=options["normalize"],
+        freeze_bn=options["freeze_bn"],
     )
 
 

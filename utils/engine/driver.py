@@ -125,10 +125,20 @@ def fit(
     move_images = batch_mover(device, config.channels_last, device_augment)
     groups = optimizer_groups(model, objective.parameter_groups(), config.lr, config.no_bias_decay)
     optimizer = build_optimizer(
-        groups, config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay
+        groups,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
     )
     schedule = build_scheduler(
-        optimizer, len(train_loader), config.epochs, config.scheduler, config.lr_step, config.lr_gamma
+        optimizer,
+        iterations_per_epoch=len(train_loader),
+        epochs=config.epochs,
+        scheduler=config.scheduler,
+        lr_step=config.lr_step,
+        lr_gamma=config.lr_gamma,
     )
     main = distributed.is_main()
     directory = distributed.broadcast_object(directory.resolve() if main else None)
