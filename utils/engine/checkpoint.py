@@ -264,9 +264,10 @@ def check_experiment(file: Path, saved: dict, code: dict, key: str) -> None:
     """Refuse a checkpoint written by the other experiment, naming the script that reads it."""
     name, script = saved.get("name"), saved.get("mainfile")
     if name != code.get("name"):
+        command = "" if key == "resume" else "evaluate (or embed) "
         raise InputError(
             f"{file} was written by {script} (experiment {name!r}), not by {code.get('mainfile')}: "
-            f"run `python {script} ... with {key}={file}` instead"
+            f"run `python {script} {command}with {key}={file}` instead"
         )
 
 
