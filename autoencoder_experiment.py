@@ -25,10 +25,12 @@ from models.vae import Autoencoder
 from models.vae_ingredient import get_vae, vae_ingredient
 from utils import distributed
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
-from utils.engine.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
+from utils.engine.checkpoint import best_model
+from utils.engine.config import TrainingConfig, training_config
+from utils.engine.driver import Task, fit, select_device
 from utils.engine.training import progress
 from utils.errors import InputError, check_choice
-from utils.evaluation.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
+from utils.evaluation.inference import commands_config, embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.evaluation.ingredient import (
     Evaluator,
     check_evaluation,
@@ -37,14 +39,24 @@ from utils.evaluation.ingredient import (
     get_evaluator,
 )
 from utils.reporting.plots import draw_reconstructions
-from utils.settings import settings_hook
+from utils.reporting.sacred_run import (
+    SacredLogger,
+    keep_run_records,
+    observe_with_run_records,
+    output_directory,
+    quiet_other_ranks,
+    run_loggers,
+)
+from utils.settings import choice, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment("autoencoder", ingredients=[data_ingredient, evaluation_ingredient, vae_ingredient])
 ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.option_hook(quiet_other_ranks)  # under torchrun only rank 0 observes the run and prints
+observe_with_run_records(ex)  # -F: records that survive a failure (utils/reporting/sacred_run.py)
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
+ex.config(commands_config)
 
 # Where each selection metric lives in the evaluation results, and whether lower is better.
 SELECTION = {"recall": ("cosine/R@1", False), "reconstruction": ("test/reconstruction", True)}
@@ -56,6 +68,9 @@ GRID_IMAGES = 16  # test images shown above their reconstructions (best and firs
 def config(dataset):
     epochs = 20 if dataset["name"] == "digits" else 30  # training epochs
     select_by = "recall"  # recall: highest cosine R@1 | reconstruction: lowest test reconstruction error
+
+
+register({"select_by": choice(tuple(SELECTION))})
 
 
 @torch.no_grad()
@@ -107,18 +122,17 @@ def evaluation(
     )
 
 
-def autoencoder_from_checkpoint(checkpoint: dict) -> Autoencoder:
-    """The autoencoder of a run's checkpoint with its best epoch's weights."""
-    rebuild, options = checkpoint["rebuild"], checkpoint["config"]["vae"]
-    model = Autoencoder(
-        rebuild["image_size"],
-        rebuild["arch"] == "vae",
-        options["in_channels"],
-        options["latent_dim"],
-        tuple(rebuild["hidden_dims"]),
+def rebuild_autoencoder(rebuild: dict, settings: dict) -> Autoencoder:
+    """The autoencoder a run trained, without its weights: rebuild is what main stored with the checkpoint,
+    settings the run's config."""
+    options = settings["vae"]
+    return Autoencoder(
+        image_size=rebuild["image_size"],
+        variational=rebuild["arch"] == "vae",
+        in_channels=options["in_channels"],
+        latent_dim=options["latent_dim"],
+        hidden_dims=tuple(rebuild["hidden_dims"]),
     )
-    model.load_state_dict(checkpoint["best"]["model"])
-    return model
 
 
 @ex.main
@@ -149,18 +163,18 @@ def main(select_by: str, _config: dict, _run) -> float:
         objective,
         evaluation(model, objective, loaders, evaluate, device),
         *SELECTION[select_by],
-        name=stem,
         rebuild=rebuild,
-        plot_titles=PLOT_TITLES,
         after_epoch=after_epoch,
     )
     outcome = fit(
         task,
         loaders.train,
-        (evaluate.metrics, evaluate.final_metrics),
-        device,
-        _config,
-        _run,
+        metrics=evaluate.metrics,
+        final_metrics=evaluate.final_metrics,
+        device=device,
+        config=TrainingConfig.from_settings(_config, _run.experiment_info),
+        directory=output_directory(_run, _config["output_dir"], stem),
+        loggers=run_loggers(_run, _config["visdom_port"], PLOT_TITLES, stem),
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes
@@ -186,11 +200,11 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     """Evaluate the best weights of checkpoint=PATH with every final metric (on the run's data by default)."""
     saved, config, device = restore(checkpoint, _config, _run)
     loaders, evaluator = evaluation_data(config, device)
-    model = autoencoder_from_checkpoint(saved).to(device).eval()
+    model = best_model(saved, rebuild_autoencoder).to(device).eval()
     objective = autoencoder_objective(config["vae"]["arch"], config["vae"]["kl_weight"])
     select_key = SELECTION[config["select_by"]][0]
     return evaluate_checkpoint(
-        evaluation(model, objective, loaders, evaluator, device), evaluator.final_metrics, saved, _run
+        evaluation(model, objective, loaders, evaluator, device), evaluator.final_metrics, saved, [SacredLogger(_run)]
     )[select_key]
 
 
@@ -199,8 +213,11 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
 def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict, _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE (latent means) with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
-    model = autoencoder_from_checkpoint(saved).to(device).eval()
-    return str(embed_images(lambda batch: model(batch)[1], config, device, images, out, bad_images))
+    model = best_model(saved, rebuild_autoencoder).to(device).eval()
+    embedded = embed_images(
+        lambda batch: model(batch)[1], config, device, images=images, out=out, bad_images=bad_images
+    )
+    return str(embedded)
 
 
 if __name__ == "__main__":

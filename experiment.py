@@ -16,13 +16,23 @@ from sacred import SETTINGS, Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from losses.ingredient import get_criterion, loss_ingredient, metrix_ingredient
-from models.ingredient import classifier_options, get_model, model_from_checkpoint, model_ingredient, resolve_model
+from models.ingredient import classifier_options, get_model, model_ingredient, rebuild_model, resolve_model
 from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
-from utils.engine.driver import Task, fit, keep_run_records, quiet_other_ranks, select_device, training_config
-from utils.evaluation.inference import embed_images, evaluate_checkpoint, evaluation_data, restore
+from utils.engine.checkpoint import best_model
+from utils.engine.config import TrainingConfig, training_config
+from utils.engine.driver import Task, fit, select_device
+from utils.evaluation.inference import commands_config, embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
-from utils.settings import settings_hook
+from utils.reporting.sacred_run import (
+    SacredLogger,
+    keep_run_records,
+    observe_with_run_records,
+    output_directory,
+    quiet_other_ranks,
+    run_loggers,
+)
+from utils.settings import CrossRule, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment(
@@ -31,8 +41,10 @@ ex = Experiment(
 )
 ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.option_hook(quiet_other_ranks)  # under torchrun only rank 0 observes the run and prints
+observe_with_run_records(ex)  # -F: records that survive a failure (utils/reporting/sacred_run.py)
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
+ex.config(commands_config)
 
 
 @ex.config
@@ -46,6 +58,12 @@ def config(dataset):
     scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: 100 warm-up iterations)
     warm_epochs = 0  # first epochs train only the new layers (embedding head, classifier, proxies)
     label_smoothing = 0.1  # of the cross-entropy loss
+
+
+register(
+    {"warm_epochs": integer(0), "label_smoothing": number(0, 1, high_open=True)},
+    [CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs")],
+)
 
 
 @ex.named_config
@@ -103,18 +121,20 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         criterion,
         lambda metrics: evaluate(model, metrics),
         best_key="cosine/R@1",
-        name=f"{rebuild['arch']}_{_config['dataset']['name']}",
         rebuild=rebuild,
         warmup_frozen=backbone,
         warm_epochs=warm_epochs,
     )
+    name = f"{rebuild['arch']}_{_config['dataset']['name']}"
     outcome = fit(
         task,
         loaders.train,
-        (evaluate.metrics, evaluate.final_metrics),
-        device,
-        _config,
-        _run,
+        metrics=evaluate.metrics,
+        final_metrics=evaluate.final_metrics,
+        device=device,
+        config=TrainingConfig.from_settings(_config, _run.experiment_info),
+        directory=output_directory(_run, _config["output_dir"], name),
+        loggers=run_loggers(_run, _config["visdom_port"], {"/R@1": "Recall@1"}, name),
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes
@@ -133,10 +153,11 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     """Evaluate the best weights of checkpoint=PATH with every final metric (on the run's data by default)."""
     saved, config, device = restore(checkpoint, _config, _run)
     _, evaluator = evaluation_data(config, device)
-    model = model_from_checkpoint(saved).to(device).eval()
-    return evaluate_checkpoint(lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved, _run)[
-        "cosine/R@1"
-    ]
+    model = best_model(saved, rebuild_model).to(device).eval()
+    results = evaluate_checkpoint(
+        lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved, [SacredLogger(_run)]
+    )
+    return results["cosine/R@1"]
 
 
 @ex.command
@@ -144,8 +165,8 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
 def embed(checkpoint: str | None, images: str | None, out: str | None, bad_images: str, _config: dict, _run) -> str:
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
-    model = model_from_checkpoint(saved).to(device).eval()
-    return str(embed_images(model, config, device, images, out, bad_images))
+    model = best_model(saved, rebuild_model).to(device).eval()
+    return str(embed_images(model, config, device, images=images, out=out, bad_images=bad_images))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python benchmarks/bench_checkpoint.py                 # ResNet-50, 512-d embedding, Adam, 11,318 classes (SOP)
 
 The checkpoint holds the model, the objective's parameters (here cross-entropy's classifier), Adam's two
-moments, the best epoch's weights, the random states and the config, as utils/engine/driver.py writes it.
+moments, the best epoch's weights, the random states and the config: utils/engine/checkpoint.py's
+training_checkpoint, as the driver writes it.
 """
 
 import argparse
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
-from utils.engine.checkpoint import FORMAT, rng_state, save_checkpoint  # noqa: E402
+from utils.engine.checkpoint import save_checkpoint, training_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -38,18 +39,21 @@ def main() -> None:
     for p in optimizer.param_groups[0]["params"]:  # one step's worth of state: Adam's two moments
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    checkpoint = {
-        "format": FORMAT,
-        "epoch": 1,
-        "iteration": 0,
-        "iterations": 1,
-        "model": model.state_dict(),
-        "objective": objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "best": {"epoch": 0, "metrics": {"cosine/R@1": 0.0}, "model": model.state_dict()},
-        "rng": rng_state(),
-        "config": {},
-    }
+    checkpoint = training_checkpoint(
+        epoch=1,
+        iteration=0,
+        iterations=1,
+        model=model,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        best=(0, {"cosine/R@1": 0.0}, model.state_dict()),
+        settings={},
+        code={},
+        rebuild={},
+        curves={},
+    )
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         path = Path(directory) / "checkpoint.pt"
         seconds = []

@@ -26,7 +26,7 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         self.kl_weight = kl_weight
 
-    def parameter_groups(self, lr: float, no_bias_decay: bool) -> list[dict]:
+    def parameter_groups(self) -> list[dict]:
         """None: the objective has no parameters of its own."""
         return []
 

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from losses.candidates import Candidates, loss_precision
 from utils import distributed
-from utils.engine.training import parameter_groups
 
 # (model, images, feature_map, embeddings, labels) -> mixed candidates; see losses.metrix.
 Mixer = Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor], Candidates]
@@ -32,15 +31,13 @@ class Criterion(nn.Module):
         self.losses = nn.ModuleDict({name: loss for name, (_, loss) in losses.items()})
         self.mixer = mixer
 
-    def parameter_groups(self, lr: float, no_bias_decay: bool) -> list[dict]:
-        """The losses' own parameters (a classifier, proxies), at lr times the loss's lr_multiplier if it has one."""
-        groups = []
-        for loss in self.losses.values():
-            multiplier = getattr(loss, "lr_multiplier", 1.0)
-            groups += [
-                group | {"lr": lr * multiplier} for group in parameter_groups(loss, no_bias_decay) if group["params"]
-            ]
-        return groups
+    def parameter_groups(self) -> list[dict]:
+        """The losses' own parameters (a classifier, proxies), one group per loss with its lr_multiplier (1 unless
+        the loss has one); the training driver splits them for weight decay."""
+        return [
+            {"params": list(loss.parameters()), "lr_multiplier": getattr(loss, "lr_multiplier", 1.0)}
+            for loss in self.losses.values()
+        ]
 
     def weighted_sum(
         self, anchors: Tensor, labels: Tensor, candidates: Candidates, prefix: str = ""

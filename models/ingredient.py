@@ -115,22 +115,21 @@ def build_model(
     return MetricModel(backbone, head, set_bn_eval, freeze_bn)
 
 
-def model_from_checkpoint(checkpoint: dict) -> MetricModel:
-    """The model of a run's checkpoint with its best epoch's weights, built without the data or ImageNet weights."""
-    rebuild, options = checkpoint["rebuild"], checkpoint["config"]["model"]
-    model = build_model(
-        rebuild["arch"],
-        None,
-        rebuild["set_bn_eval"],
-        options["num_features"],
-        options["pooling"],
-        options["norm_layer"],
-        options["remap"],
-        options["normalize"],
-        options["freeze_bn"],
+def rebuild_model(rebuild: dict, settings: dict) -> MetricModel:
+    """The model a run trained, without its weights, the data or ImageNet weights: rebuild is what the experiment
+    stored with the checkpoint (the resolved arch and set_bn_eval), settings the run's config."""
+    options = settings["model"]
+    return build_model(
+        arch=rebuild["arch"],
+        weights=None,
+        set_bn_eval=rebuild["set_bn_eval"],
+        num_features=options["num_features"],
+        pooling=options["pooling"],
+        norm_layer=options["norm_layer"],
+        remap=options["remap"],
+        normalize=options["normalize"],
+        freeze_bn=options["freeze_bn"],
     )
-    model.load_state_dict(checkpoint["best"]["model"])
-    return model
 
 
 @model_ingredient.capture

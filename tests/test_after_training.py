@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.ingredient import model_from_checkpoint
+from models.ingredient import rebuild_model
 from tests.conftest import REPO, assert_input_error, digits_updates
 from utils.data.images import load_image
 from utils.data.transforms import build_transforms
+from utils.engine.checkpoint import best_model
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,52 @@ def test_evaluate_takes_other_evaluation_settings(finished, experiment):
     assert outcome.run.info["metrics"]["cosine/R@1"] == recorded["cosine/R@1"]
 
 
-def test_autoencoder_evaluate_reproduces_the_runs_final_numbers(digits_path, autoencoder_experiment, tmp_path):
-    observed = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def autoencoder_finished(digits_path, tmp_path_factory) -> Path:
+    """A short -F run of the VAE on the small digits splits."""
+    from autoencoder_experiment import ex
+
+    observed = tmp_path_factory.mktemp("autoencoder")
     tiny = ["vae.hidden_dims=[8,16,32]", "vae.latent_dim=8", "epochs=1"]
-    assert autoencoder_experiment(f"-F {observed} with vae.vae", *tiny, *digits_updates(digits_path)).code == 0
-    outcome = autoencoder_experiment(f"evaluate with checkpoint={observed / '1'}")
+    ex.run_commandline(
+        ["autoencoder_experiment.py", "-F", str(observed), "with", "vae.vae", *tiny, *digits_updates(digits_path)]
+    )
+    return observed / "1"
+
+
+def test_autoencoder_evaluate_reproduces_the_runs_final_numbers(autoencoder_finished, autoencoder_experiment):
+    outcome = autoencoder_experiment(f"evaluate with checkpoint={autoencoder_finished}")
     assert outcome.code == 0, outcome.err
-    assert outcome.run.info["metrics"] == json.loads((observed / "1" / "info.json").read_text())["metrics"]
+    assert outcome.run.info["metrics"] == json.loads((autoencoder_finished / "info.json").read_text())["metrics"]
+
+
+def test_a_checkpoint_of_the_other_experiment_is_refused_naming_its_script(
+    finished, autoencoder_finished, experiment, autoencoder_experiment, tmp_path
+):
+    outcome = experiment(f"embed with checkpoint={autoencoder_finished} images={tmp_path} out={tmp_path / 'e.npz'}")
+    assert_input_error(
+        outcome,
+        "was written by autoencoder_experiment.py (experiment 'autoencoder')",
+        "python autoencoder_experiment.py",
+    )
+    outcome = autoencoder_experiment(f"evaluate with checkpoint={finished}")
+    assert_input_error(outcome, "was written by experiment.py (experiment 'metric_learning')", "python experiment.py")
+
+
+def test_evaluate_needs_only_the_best_weights_of_a_checkpoint(finished, experiment, tmp_path):
+    """A checkpoint without the training state (another code version's) still serves evaluate; one without its best
+    weights is refused in one line."""
+    checkpoint = torch.load(finished / "checkpoint.pt", weights_only=True)
+    for key in ("scaler", "rng", "optimizer"):
+        del checkpoint[key]
+    torch.save(checkpoint, tmp_path / "weights.pt")
+    outcome = experiment(f"evaluate with checkpoint={tmp_path / 'weights.pt'}")
+    assert outcome.code == 0, outcome.err
+    assert outcome.run.info["metrics"] == json.loads((finished / "info.json").read_text())["metrics"]
+    del checkpoint["rebuild"]
+    torch.save(checkpoint, tmp_path / "broken.pt")
+    outcome = experiment(f"evaluate with checkpoint={tmp_path / 'broken.pt'}")
+    assert_input_error(outcome, "lacks rebuild (written by another version of the code)", "checkpoint= cannot")
 
 
 def test_evaluate_needs_a_checkpoint(experiment):
@@ -81,7 +121,7 @@ def test_embed_a_folder_of_images(finished, experiment, digits_path, tmp_path):
     assert (saved["labels"] == -1).all() and saved["embeddings"].dtype == np.float32
     # The oracle: the checkpoint's model on the test transform of the run's data set, image by image.
     checkpoint = torch.load(finished / "checkpoint.pt", weights_only=True)
-    model = model_from_checkpoint(checkpoint).eval()
+    model = best_model(checkpoint, rebuild_model).eval()
     data = checkpoint["config"]["dataset"]
     _, transform = build_transforms(data["crop_size"], data["resize"], data["scale"], data["ratio"], None, None, False)
     for path, embedding in zip(saved["paths"], saved["embeddings"], strict=True):

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, assert_input_error
-from utils.engine.checkpoint import save_json_atomically
 from utils.engine.training import NonFiniteStep, train_one_epoch
+from utils.reporting.sacred_run import save_json_atomically
 
 # Digits' small splits, 40 balanced batches of 20 per epoch, Metrix on: long enough epochs to stop mid-way.
 RUN = [
@@ -162,6 +162,51 @@ def test_a_nonfinite_loss_fails_the_run_and_keeps_the_last_good_checkpoint(digit
     assert checkpoint["iteration"] == failed_at - 1  # written after the last good step
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
     assert json.loads((observed / "1" / "run.json").read_text())["status"] == "FAILED"
+
+
+def cross_entropy_words(digits_path: Path, *extra: str) -> list[str]:
+    """RUN with the default loss (cross-entropy, no Metrix): at lr=1e30 an update overflows the weights while the
+    loss is still finite."""
+    return [word for word in run_words(digits_path, *extra) if word not in ("loss.contrastive", "metrix.feature")]
+
+
+def finite(state: dict) -> bool:
+    return all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+
+
+def test_overflowing_weights_are_never_checkpointed(digits_path, experiment, tmp_path):
+    observed = tmp_path / "runs"
+    words = cross_entropy_words(digits_path, "optimizer=sgd", "lr=1e30", "scheduler=constant", "checkpoint_every=1")
+    outcome = experiment(f"-F {observed} with", *words)
+    last = outcome.err.strip().splitlines()[-1]
+    assert outcome.code == 1 and "Traceback" not in outcome.err
+    assert last.startswith("utils.errors.RunFailed: non-finite weights at epoch 1, iteration ")
+    assert f"the last good checkpoint is {observed.resolve() / '1' / 'checkpoint.pt'}" in last
+    checkpoint = torch.load(observed / "1" / "checkpoint.pt", weights_only=True)
+    assert f"iteration {checkpoint['iteration'] + 1} " in last  # written after the last step with finite weights
+    assert finite(checkpoint["model"]) and finite(checkpoint["objective"])
+    assert json.loads((observed / "1" / "run.json").read_text())["status"] == "FAILED"
+    # What was printed before the failure is kept, though sacred's capture was closed before its last read.
+    assert "Epoch   0 | cosine" in (observed / "1" / "cout.txt").read_text()
+
+
+def test_overflowing_weights_stop_before_the_evaluation(digits_path, experiment, tmp_path):
+    """With nonfinite=skip the steps whose loss is NaN are skipped, but an earlier update already overflowed."""
+    words = cross_entropy_words(digits_path, "optimizer=sgd", "lr=1e30", "scheduler=constant", "nonfinite=skip")
+    outcome = experiment(f"-F {tmp_path} with", *words)
+    last = outcome.err.strip().splitlines()[-1]
+    assert outcome.code == 1 and "Traceback" not in outcome.err
+    assert last.startswith("utils.errors.RunFailed: non-finite weights at the end of epoch 1")
+    assert "no checkpoint was written yet: lower lr and run again" in last and "resume" not in last
+
+
+def test_a_nonfinite_loss_before_any_checkpoint_says_to_run_again(digits_path, experiment, tmp_path):
+    words = cross_entropy_words(digits_path, "optimizer=sgd", "lr=1e30", "scheduler=constant")
+    outcome = experiment(f"-F {tmp_path} with", *words)
+    last = outcome.err.strip().splitlines()[-1]
+    assert outcome.code == 1 and "Traceback" not in outcome.err
+    assert last.startswith("utils.errors.RunFailed: non-finite loss or gradient at epoch 1")
+    assert "no checkpoint was written yet: lower lr and run again" in last and "resume" not in last
 
 
 class ScriptedObjective(nn.Module):
@@ -313,6 +358,41 @@ def test_resume_extends_a_finished_run(finished_run, digits_path, experiment, tm
     outcome = experiment(f"-F {tmp_path} with", *words)
     assert outcome.code == 0, outcome.err
     assert "Resumed from" in outcome.out and "epoch 2, iteration 0" in outcome.out and "Train   2 |" in outcome.out
+
+
+def test_checkpoints_keep_format_1(finished_run):
+    """Checkpoints written before the schema had one owner (FORMAT 1) hold exactly these keys: they still load."""
+    checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["format"] == 1 and set(checkpoint) == {
+        *("format", "epoch", "iteration", "iterations", "model", "objective", "optimizer", "scheduler", "scaler"),
+        *("best", "rng", "config", "code", "rebuild", "curves"),
+    }
+    assert set(checkpoint["best"]) == {"epoch", "metrics", "model"}
+    assert checkpoint["code"]["name"] == "metric_learning" and checkpoint["code"]["mainfile"] == "experiment.py"
+
+
+def test_resume_refuses_a_checkpoint_without_the_training_state(finished_run, digits_path, experiment, tmp_path):
+    """What another version of the code wrote: its best weights are there, not all that training needs."""
+    checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    del checkpoint["scaler"], checkpoint["rng"]
+    torch.save(checkpoint, tmp_path / "older.pt")
+    words = run_words(digits_path, "epochs=2", "dataset.num_iterations=3", f"resume={tmp_path / 'older.pt'}")
+    assert_input_error(
+        experiment("with", *words), "lacks scaler, rng (written by another version of the code)", "resume= cannot"
+    )
+
+
+def test_resume_names_the_sources_that_changed(finished_run, digits_path, experiment, tmp_path):
+    checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    checkpoint["code"]["sources"] = [
+        [path, "_sources/older.py" if path == "losses/criterion.py" else stored]
+        for path, stored in checkpoint["code"]["sources"]
+    ]
+    torch.save(checkpoint, tmp_path / "older.pt")
+    words = run_words(digits_path, "epochs=2", "dataset.num_iterations=3", f"resume={tmp_path / 'older.pt'}")
+    outcome = experiment(f"-F {tmp_path / 'runs'} with", *words)
+    assert outcome.code == 0, outcome.err
+    assert "resume: these sources differ from the checkpoint's code: losses/criterion.py\n" in outcome.out
 
 
 @pytest.mark.parametrize("content", ["weights only", "garbage", "missing"])

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import assert_input_error, digits_updates
 from utils.errors import InputError
-from utils.run_folder import check_run_folder
+from utils.reporting.sacred_run import check_run_folder
 
 
 def unwritable_folder(tmp_path: Path) -> Path:
@@ -45,7 +45,6 @@ def test_a_new_folder_is_made_and_no_option_is_no_check(tmp_path):
     check_run_folder({"--file_storage": None})
 
 
-@pytest.mark.xfail(strict=True, reason="needs the hook in the experiment scripts")
 @pytest.mark.parametrize("script", ["experiment", "autoencoder_experiment"])
 @pytest.mark.parametrize("target", ["file", "unwritable"])
 def test_the_experiments_check_the_run_folder_first(script, target, digits_path, request, tmp_path):

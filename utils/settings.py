@@ -15,14 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from utils.engine.driver import CUDNN_FLAGS, NONFINITE
-from utils.engine.speed import AMP_DTYPES
-from utils.engine.training import OPTIMIZERS, SCHEDULERS
 from utils.errors import InputError
 
 MISSING = object()
-# utils.evaluation.inference.BAD_IMAGES: importing that module here would import the ingredients that import this one.
-BAD_IMAGES = ("stop", "skip")
 SEED_LIMIT = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
 
 
@@ -104,41 +99,8 @@ POSITIVE = number(0, low_open=True)
 NON_NEGATIVE = number(0)
 SIZE = integer(1)
 
-# key path -> what is valid: the top-level keys here, the ingredients' keys registered by their modules.
-RULES: dict[str, Check] = {
-    "epochs": integer(0),
-    "optimizer": choice(OPTIMIZERS),
-    "lr": POSITIVE,
-    "momentum": number(0, 1, high_open=True),
-    "nesterov": boolean(),
-    "weight_decay": NON_NEGATIVE,
-    "no_bias_decay": boolean(),
-    "scheduler": choice(SCHEDULERS),
-    "lr_step": optional(integer(1)),
-    "lr_gamma": number(0, 1, low_open=True),
-    "warm_epochs": integer(0),
-    "grad_clip": optional(POSITIVE),
-    "label_smoothing": number(0, 1, high_open=True),
-    "select_by": choice(("recall", "reconstruction")),
-    "visdom_port": optional(integer(1, 65535)),
-    "visdom_freq": integer(1),
-    "eval_every": integer(1),
-    "cpu": boolean(),
-    "cudnn_flag": choice(CUDNN_FLAGS),
-    "nonfinite": choice(NONFINITE),
-    "output_dir": text(),
-    "checkpoint_every": optional(SIZE),
-    "resume": optional(text()),
-    "checkpoint": optional(text()),
-    "images": optional(text()),
-    "out": optional(text()),
-    "bad_images": choice(BAD_IMAGES),
-    "amp": choice(tuple(AMP_DTYPES)),
-    "channels_last": boolean(),
-    "compile": boolean(),
-    "sync_bn": boolean(),
-    "seed": integer(0, SEED_LIMIT),
-}
+# key path -> what is valid, filled by the modules that own the keys (register).
+RULES: dict[str, Check] = {}
 
 
 @dataclass(frozen=True)
@@ -150,19 +112,7 @@ class CrossRule:
     description: str
 
 
-CROSS_RULES = [
-    CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs"),
-    CrossRule(
-        ("scheduler", "lr_step"),
-        lambda scheduler, step: scheduler not in ("step", "warmstep") or step is not None,
-        "lr_step set (epochs between decays) when scheduler is step or warmstep",
-    ),
-    CrossRule(
-        ("nesterov", "momentum"),
-        lambda nesterov, momentum: not nesterov or momentum > 0,
-        "momentum > 0 when nesterov=True",
-    ),
-]
+CROSS_RULES: list[CrossRule] = []
 
 
 def register(rules: Mapping[str, Check], cross_rules: Sequence[CrossRule] = ()) -> None:

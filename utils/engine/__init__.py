@@ -1,1 +1,2 @@
-"""The training engine: the driver, one epoch's loop, the checkpoint, torchrun, speed options."""
+"""The training engine: its typed configuration, the driver, one epoch's loop, the checkpoint, the loggers'
+interface, speed options."""

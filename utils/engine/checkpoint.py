@@ -1,25 +1,42 @@
-"""Durable runs: where a run writes, its checkpoint written atomically and verified, and what resuming checks.
+"""Durable runs: the checkpoint's one owner. Its schema, where a run writes it, writing it atomically and verified,
+reading it back (refusing, in one line, what another version of the code or the other experiment wrote), restoring
+a training state from it, rebuilding its best model, and what resuming checks.
 
 A checkpoint is one dict holding everything a run needs to go on: the model, the objective's parameters
-(a classifier, proxies), the optimizer, the schedule, the epoch and the iterations done in it, the best
-epoch with its metrics and weights, every random state, the sacred config, the code version and what
-rebuilds the model without the data. It loads with torch.load(..., weights_only=True).
+(a classifier, proxies), the optimizer, the schedule, the gradient scaler, the epoch and the iterations done in
+it, the best epoch with its metrics and weights, every random state, the run's config, the code version (which
+experiment wrote it, from which sources) and what rebuilds the model without the data. It loads with
+torch.load(..., weights_only=True). No other module reads its keys.
 """
 
-import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from sacred import serializer
+from torch import nn
 
 from utils.errors import InputError, RunFailed
 from utils.files import atomic_write
 
 FORMAT = 1
 CHECKPOINT = "checkpoint.pt"
+# What evaluate and embed read (the best weights and how to rebuild their model), and what resuming also needs.
+WEIGHTS_KEYS = ("format", "best", "config", "code", "rebuild")
+TRAINING_KEYS = (
+    "epoch",
+    "iteration",
+    "iterations",
+    "model",
+    "objective",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "curves",
+)
 # Settings a resumed run may change: where and how it is observed, evaluated and loaded, and epochs (to extend
 # a run). Every other setting changes the training, and a resumed run must keep the checkpoint's.
 RESUMABLE = (
@@ -42,6 +59,92 @@ RESUMABLE = (
     "out",
     "bad_images",
 )
+
+
+def training_checkpoint(
+    *,
+    epoch: int,
+    iteration: int,
+    iterations: int,
+    model: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    best: tuple[int | None, dict[str, float], dict[str, torch.Tensor]],
+    settings: dict,
+    code: dict,
+    rebuild: dict,
+    curves: dict,
+) -> dict:
+    """The checkpoint after `iteration` iterations of epoch (0: the epoch is complete, go on with the next one,
+    given as epoch), `iterations` in all; best is the best epoch, its metrics and its weights. settings and code
+    are plain dicts (the run's config and its experiment's name, main file and sources)."""
+    return {
+        "format": FORMAT,
+        "epoch": epoch,
+        "iteration": iteration,
+        "iterations": iterations,
+        "model": model.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "best": {"epoch": best[0], "metrics": best[1], "model": best[2]},
+        "rng": rng_state(),
+        "config": settings,
+        "code": code,
+        "rebuild": rebuild,
+        "curves": curves,
+    }
+
+
+def restore_training(
+    checkpoint: dict,
+    *,
+    model: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> tuple[int, int]:
+    """Load a checkpoint's training state and random states; returns the epoch and iteration to go on from."""
+    model.load_state_dict(checkpoint["model"])
+    objective.load_state_dict(checkpoint["objective"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"], checkpoint["iteration"]
+
+
+def best_epoch(checkpoint: dict) -> tuple[int | None, dict[str, float], dict[str, torch.Tensor]]:
+    """The best epoch, its metrics and its weights."""
+    best = checkpoint["best"]
+    return best["epoch"], best["metrics"], best["model"]
+
+
+def saved_curves(checkpoint: dict) -> dict:
+    return checkpoint["curves"]
+
+
+def saved_settings(checkpoint: dict) -> dict:
+    """The config of the run that wrote the checkpoint."""
+    return checkpoint["config"]
+
+
+def best_model(checkpoint: dict, build: Callable[[dict, dict], nn.Module]) -> nn.Module:
+    """The checkpoint's model with its best epoch's weights; build(rebuild, settings) makes the empty model from
+    what the experiment stored to rebuild it and the run's config."""
+    model = build(checkpoint["rebuild"], checkpoint["config"])
+    model.load_state_dict(checkpoint["best"]["model"])
+    return model
+
+
+def changed_sources(checkpoint: dict, code: dict) -> list[str]:
+    """The source files whose version differs between the checkpoint's code and code (added or removed included)."""
+    old, new = dict(map(tuple, checkpoint["code"].get("sources", []))), dict(map(tuple, code.get("sources", [])))
+    return sorted(path for path in old.keys() | new.keys() if old.get(path) != new.get(path))
 
 
 def rng_state() -> dict:
@@ -95,12 +198,6 @@ def prepare_directory(directory: Path, needed: int) -> None:
         )
 
 
-def save_json_atomically(directory: str, obj: object, filename: str) -> None:
-    """sacred's FileStorageObserver.save_json, but the file is replaced whole (utils.files.atomic_write)."""
-    with atomic_write(Path(directory) / filename) as file:
-        json.dump(serializer.flatten(obj), file, sort_keys=True, indent=2)
-
-
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
     """Write atomically (utils.files.atomic_write) and read the file back before it replaces the previous one, so
     that the checkpoint on disk is always complete. A failed write keeps the previous checkpoint and fails the
@@ -132,8 +229,10 @@ def checkpoint_file(path: str, key: str) -> Path:
     return file
 
 
-def load_checkpoint(path: str, key: str = "resume") -> dict:
-    """The checkpoint dict of key=PATH (resume=, checkpoint=), or one line saying why it cannot be used."""
+def load_checkpoint(path: str, code: dict, key: str = "resume") -> dict:
+    """The checkpoint of key=PATH (resume=: to continue training; checkpoint=: for its best weights), or one line
+    saying why it cannot be used: not a checkpoint, written by the other experiment (code: the current run's
+    experiment_info, whose name and main file are compared), or lacking what key needs."""
     file = checkpoint_file(path, key)
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
@@ -147,7 +246,29 @@ def load_checkpoint(path: str, key: str = "resume") -> dict:
             f"{file} holds only weights (written before runs kept full checkpoints) or is not one of "
             f"our checkpoints: {key}= cannot use it; train again to get one"
         )
+    missing = [name for name in WEIGHTS_KEYS if name not in checkpoint]
+    if not missing:
+        check_experiment(file, checkpoint["code"], code, key)
+    if key == "resume":
+        missing += [name for name in TRAINING_KEYS if name not in checkpoint]
+    if missing:
+        use = "continue training from it" if key == "resume" else "rebuild its best model"
+        raise InputError(
+            f"{file} lacks {', '.join(missing)} (written by another version of the code): {key}= cannot {use}; "
+            f"train again with this version to get one"
+        )
     return checkpoint
+
+
+def check_experiment(file: Path, saved: dict, code: dict, key: str) -> None:
+    """Refuse a checkpoint written by the other experiment, naming the script that reads it."""
+    name, script = saved.get("name"), saved.get("mainfile")
+    if name != code.get("name"):
+        command = "" if key == "resume" else "evaluate (or embed) "
+        raise InputError(
+            f"{file} was written by {script} (experiment {name!r}), not by {code.get('mainfile')}: "
+            f"run `python {script} {command}with {key}={file}` instead"
+        )
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -160,9 +281,11 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_resumable(saved: dict, current: dict, done_epochs: int) -> None:
-    """Refuse, in one line, settings that change the training, and fewer epochs than were already done."""
-    old, new = flatten(saved), flatten(current)
+def check_resumable(checkpoint: dict, current: dict) -> None:
+    """Refuse, in one line, settings (current: the run's config) that change the training, and fewer epochs than
+    were already done."""
+    old, new = flatten(checkpoint["config"]), flatten(current)
+    done_epochs = checkpoint["epoch"] - 1
     changed = sorted(
         key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and not key.startswith(RESUMABLE)
     )

@@ -25,8 +25,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("warmcos", "cos", "step", "warmstep", "constant")
 WARMUP_ITERATIONS = 100  # linear warm-up of the warm* schedules, as in the CE paper's code
 
-# A logger receives (curve name, plot title, x, y) for live plots; see utils.reporting.visdom_logger.
-PlotFunction = Callable[[str, str, float, float], None]
+# A live-curve callback receives (series name, value, fractional epoch); see utils.engine.loggers.
+ProgressFunction = Callable[[str, float, float], None]
 
 
 def progress(iterable: Iterable, desc: str, **options) -> tqdm:
@@ -44,15 +44,34 @@ def progress(iterable: Iterable, desc: str, **options) -> tqdm:
     )
 
 
-def parameter_groups(model: nn.Module, no_bias_decay: bool) -> list[dict]:
-    """One group, or two when biases and normalisation parameters (1-d tensors) skip weight decay."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
+def decay_groups(parameters: Iterable[nn.Parameter], no_bias_decay: bool) -> list[dict]:
+    """One group of the trained parameters, or two when biases and normalisation parameters (1-d tensors) skip
+    weight decay."""
+    parameters = [p for p in parameters if p.requires_grad]
     if not no_bias_decay:
         return [{"params": parameters}]
     return [
         {"params": [p for p in parameters if p.dim() > 1]},
         {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0},
     ]
+
+
+def optimizer_groups(model: nn.Module, objective_groups: list[dict], lr: float, no_bias_decay: bool) -> list[dict]:
+    """The model's groups, then the objective's own parameters (a classifier, proxies: objective_groups, each with
+    its "params" and an optional "lr_multiplier"), each split for no_bias_decay, at lr times its multiplier."""
+    groups = decay_groups(model.parameters(), no_bias_decay)
+    for objective_group in objective_groups:
+        group_lr = {"lr": lr * objective_group.get("lr_multiplier", 1.0)}
+        groups += [
+            group | group_lr for group in decay_groups(objective_group["params"], no_bias_decay) if group["params"]
+        ]
+    return groups
+
+
+def finite_weights(*modules: nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer of modules is finite (one read on the host)."""
+    tensors = [t for module in modules for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def build_optimizer(
@@ -111,9 +130,10 @@ def train_one_epoch(
     scheduler: lr_scheduler.LRScheduler,
     device: torch.device,
     epoch: int,
+    *,
     grad_clip: float | None = None,
     log_every: int = 20,
-    plot: PlotFunction | None = None,
+    on_progress: ProgressFunction | None = None,
     start: int = 0,
     after_step: Callable[[int], bool] | None = None,
     skip_nonfinite: bool = False,
@@ -180,9 +200,9 @@ def train_one_epoch(
                     "step": f"{counters['step_seconds'] / (i + 1 - start):.3f}s",
                 }
             )
-            if plot is not None:
+            if on_progress is not None:
                 for key, value in recent.items():
-                    plot(key, "Training", epoch - 1 + (i + 1) / total, value)  # epoch 1 spans (0, 1]
+                    on_progress(key, value, epoch - 1 + (i + 1) / total)  # epoch 1 spans (0, 1]
         if after_step is not None and after_step(i + 1):
             break
     return {key: torch.stack(values).tolist() for key, values in history.items()}, counters

@@ -7,7 +7,7 @@ reproduces its final numbers, and `with dataset.sop evaluation.backend=torch ...
 
 import copy
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,35 @@ from torch.utils.data import DataLoader, Dataset
 from utils.data.images import load_image, read_split
 from utils.data.ingredient import MetricLoaders, get_datasets, test_loaders
 from utils.data.transforms import build_transforms
-from utils.engine.checkpoint import flatten, load_checkpoint
+from utils.engine.checkpoint import best_epoch, flatten, load_checkpoint, saved_settings
 from utils.engine.driver import report_final, select_device
+from utils.engine.loggers import RunLogger
 from utils.engine.training import progress
 from utils.errors import InputError, check_choice
 from utils.evaluation.ingredient import Evaluator, check_evaluation, get_evaluator
+from utils.settings import choice, optional, register, text
 
 OVERRIDABLE = ("dataset.", "evaluation.", "cpu", "cudnn_flag")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what embed finds in a folder
 BAD_IMAGES = ("stop", "skip")
+
+
+def commands_config():
+    # The evaluate and embed commands (after training); both experiments add these keys.
+    checkpoint = None  # evaluate, embed: a -F run directory or a checkpoint file whose best weights to use
+    images = None  # embed: a folder of images, or a split file of `path,label` lines
+    out = None  # embed: the .npz file to write (embeddings, paths, labels, skipped)
+    bad_images = "stop"  # embed: an unreadable image stops the command | is skipped and listed
+
+
+register(
+    {
+        "checkpoint": optional(text()),
+        "images": optional(text()),
+        "out": optional(text()),
+        "bad_images": choice(BAD_IMAGES),
+    }
+)
 
 
 def call_with(function: Callable, config: Mapping, **given: Any) -> Any:
@@ -39,7 +59,7 @@ def call_with(function: Callable, config: Mapping, **given: Any) -> Any:
 
 def run_config(checkpoint: dict, current: dict, run: Run) -> dict:
     """The checkpoint's config with the data set, evaluation and device settings this command line set."""
-    config = copy.deepcopy(checkpoint["config"])
+    config = copy.deepcopy(saved_settings(checkpoint))
     current_flat = flatten(current)
     for key in run.config_modifications.modified:
         if key.startswith(OVERRIDABLE) and key in current_flat:
@@ -55,7 +75,7 @@ def restore(path: str | None, current: dict, run: Run) -> tuple[dict, dict, torc
     """The checkpoint of `checkpoint=PATH`, the config to use with it and the device."""
     if not path:
         raise InputError("this command needs checkpoint=PATH: a -F run directory or a checkpoint.pt")
-    checkpoint = load_checkpoint(path, key="checkpoint")
+    checkpoint = load_checkpoint(path, run.experiment_info, key="checkpoint")
     config = run_config(checkpoint, current, run)
     return checkpoint, config, select_device(config["cpu"], config["cudnn_flag"])
 
@@ -69,11 +89,14 @@ def evaluation_data(config: dict, device: torch.device) -> tuple[MetricLoaders, 
 
 
 def evaluate_checkpoint(
-    evaluate: Callable[[list[str]], dict[str, float]], metrics: list[str], checkpoint: dict, run: Run
+    evaluate: Callable[[list[str]], dict[str, float]],
+    metrics: list[str],
+    checkpoint: dict,
+    loggers: Sequence[RunLogger],
 ) -> dict[str, float]:
-    """The metrics of the checkpoint's best weights (already in the model), printed and kept in the run's info."""
+    """The metrics of the checkpoint's best weights (already in the model), printed and handed to the loggers."""
     results = evaluate(metrics)
-    report_final(run, checkpoint["best"]["epoch"], results)
+    report_final(loggers, best_epoch(checkpoint)[0], results)
     return results
 
 

@@ -1,0 +1,213 @@
+"""Sacred at the experiments' edge: the -F observer that keeps a failed run's records whole, the hooks that put it
+in place and quiet the other ranks under torchrun, the run's logger and the output folder of a run.
+
+    ex.option_hook(quiet_other_ranks)   # first: under torchrun only rank 0 observes the run and prints
+    observe_with_run_records(ex)        # -F DIR writes through RunRecords
+    @ex.main
+    @keep_run_records                   # on every command taking _run
+    def main(..., _run): ...
+"""
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from sacred import Experiment, serializer
+from sacred.observers import FileStorageObserver
+from sacred.run import Run
+
+from utils import distributed
+from utils.engine.loggers import RunLogger
+from utils.errors import InputError
+from utils.files import atomic_write
+from utils.reporting.run_loggers import CurvesPicture, VisdomCurves
+
+
+def save_json_atomically(directory: str, obj: object, filename: str) -> None:
+    """sacred's FileStorageObserver.save_json, but the file is replaced whole (utils.files.atomic_write)."""
+    with atomic_write(Path(directory) / filename) as file:
+        json.dump(serializer.flatten(obj), file, sort_keys=True, indent=2)
+
+
+class RunRecords(FileStorageObserver):
+    """sacred's -F observer, keeping a run's records whole when it fails.
+
+    - sacred's file observer rewrites run.json and metrics.json in place: on a full disk that truncates them. They
+      are replaced whole instead, so a write that fails leaves the previous version.
+    - Sacred 0.8 closes its capture of stdout/stderr before the last heartbeat of a failed or interrupted run, so
+      its observers lose everything printed since the previous beat (up to 10 s: often all the lines that led to
+      the failure). keep_run_records hands this observer that output, which it adds to cout.txt at the end.
+    """
+
+    def __init__(self, basedir: str) -> None:
+        super().__init__(basedir)
+        self.output: TeedOutput | None = None  # what the command printed, set by keep_run_records
+        self.output_seen = 0  # how much of it sacred had read at the last heartbeat
+        self.lost = ""  # what sacred missed of a failed or interrupted run
+
+    def save_json(self, obj: object, filename: str) -> None:
+        save_json_atomically(self.dir, obj, filename)
+
+    def heartbeat_event(self, info: dict, captured_out: str, beat_time: Any, result: Any) -> None:
+        # Sacred reads its capture just before each beat; once the command ended, its last beat reads nothing new.
+        if self.output is not None and not self.lost:
+            self.output_seen = len(self.output.text())
+        super().heartbeat_event(info, captured_out, beat_time, result)
+
+    def command_failed(self, output_filter: Callable[[str], str] | None) -> None:
+        """Keep what the command printed since sacred's last read (called while the run is failing)."""
+        if self.output is not None:
+            missed = self.output.text()[self.output_seen :]
+            self.lost = output_filter(missed) if output_filter is not None else missed
+
+    def failed_event(self, fail_time: Any, fail_trace: list[str]) -> None:
+        self.save_lost_output()
+        super().failed_event(fail_time, fail_trace)
+
+    def interrupted_event(self, interrupt_time: Any, status: str) -> None:
+        self.save_lost_output()
+        super().interrupted_event(interrupt_time, status)
+
+    def save_lost_output(self) -> None:
+        if self.lost:
+            self.cout += self.lost
+            self.save_cout()
+
+
+def check_run_folder(options: dict) -> None:
+    """A sacred option hook (ex.option_hook): refuse a -F folder that is a file or cannot be written, in one line."""
+    folder = options.get("--file_storage")
+    if not folder:
+        return
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"-F {folder} is a file, not a folder: give -F a folder (a new or an existing one)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # permissions, a read-only file system, a full quota
+            pass
+    except OSError as error:
+        raise InputError(
+            f"-F {folder} cannot be written ({error.strerror or error}): give -F a folder you can write to"
+        ) from None
+
+
+def observe_with_run_records(ex: Experiment) -> None:
+    """Make `-F DIR` observe the experiment's runs with RunRecords instead of sacred's own file observer (through
+    an option hook: the run is built after it, with ex.observers)."""
+
+    def use_run_records(options: dict) -> None:
+        ex.observers[:] = [observer for observer in ex.observers if not isinstance(observer, RunRecords)]
+        if options.get("--file_storage"):
+            check_run_folder(options)
+            ex.observers.append(RunRecords(options["--file_storage"]))
+            options["--file_storage"] = None
+
+    ex.option_hook(use_run_records)
+
+
+class TeedOutput:
+    """A text stream writing through to another one and keeping a copy; everything else is the other one's."""
+
+    def __init__(self, stream: TextIO, copy: list[str]) -> None:
+        self.stream, self.copy = stream, copy
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:
+        self.copy.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def text(self) -> str:
+        return "".join(self.copy)
+
+
+@contextmanager
+def teed_output() -> Iterator[TeedOutput]:
+    """While open, a copy of everything written to sys.stdout and sys.stderr (in order)."""
+    copy: list[str] = []
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = TeedOutput(stdout, copy), TeedOutput(stderr, copy)
+    try:
+        yield sys.stdout
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def keep_run_records(command: Callable) -> Callable:
+    """Decorate a sacred command that takes `_run`, so that its RunRecords observer keeps the output printed just
+    before a failure (see RunRecords)."""
+
+    @functools.wraps(command)  # sacred reads the configuration parameters from the command's signature
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run: Run = kwargs["_run"]
+        records = [observer for observer in run.observers if isinstance(observer, RunRecords)]
+        with teed_output() as output:
+            for observer in records:
+                observer.output = output
+            try:
+                return command(*args, **kwargs)
+            except BaseException:
+                for observer in records:
+                    observer.command_failed(run.captured_out_filter)
+                raise
+
+    return wrapper
+
+
+def quiet_other_ranks(options: dict) -> None:
+    """A sacred option hook: under torchrun only rank 0 observes the run (-F, other observers) and prints; the
+    other ranks keep their errors (stderr)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        for option in [key for key in options if key.startswith("--") and options[key] and "storage" in key]:
+            options[option] = None
+        options["--loglevel"] = "ERROR"
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+
+
+def output_directory(run: Run, output_dir: str, name: str) -> Path:
+    """The -F run directory, or a new folder in output_dir named after the run, the time and the process."""
+    for observer in run.observers:
+        if isinstance(observer, FileStorageObserver):
+            return Path(observer.dir).resolve()
+    return (Path(output_dir) / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}").resolve()
+
+
+class SacredLogger(RunLogger):
+    """The run's series (metrics.json) and info (info.json): the checkpoint's path, the best epoch and its final
+    metrics."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def started(self, directory: Path, checkpoint: Path) -> None:
+        self.run.info["checkpoint"] = str(checkpoint)
+
+    def scalar(self, name: str, value: float, step: float) -> None:
+        self.run.log_scalar(name, value, step)
+
+    def final(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.run.info["best_epoch"] = epoch
+        self.run.info["metrics"] = metrics
+
+
+def run_loggers(run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str) -> list[RunLogger]:
+    """The run's loggers: sacred's on every rank; live curves (with visdom_port) and curves.png on rank 0 only.
+    plot_titles: metric-name suffix -> visdom window (VisdomCurves)."""
+    loggers: list[RunLogger] = [SacredLogger(run)]
+    if distributed.is_main():
+        if visdom_port:
+            loggers.append(VisdomCurves(visdom_port, plot_titles))
+        loggers.append(CurvesPicture(name))
+    return loggers
