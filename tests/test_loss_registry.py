@@ -17,7 +17,7 @@ from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 from losses.registry import PAIRWISE, SHARED_KEYS, Setting, register_pairwise
 from tests.conftest import REPO, digits_updates
-from utils.recipes import published
+from utils.reporting.recipes import published
 from utils.reporting.report import differing_keys, group_runs, read_run
 from utils.settings import NON_NEGATIVE, RULES
 

@@ -1,4 +1,4 @@
-"""Every paper recipe (utils/recipes.py) resolves to the configuration pinned in tests/recipes.json.
+"""Every paper recipe (utils/reporting/recipes.py) resolves to the configuration pinned in tests/recipes.json.
 
 A changed default that would move a published number changes a resolved configuration, and this test fails
 naming the command and the keys. The README's and docs/recipes.md's recipe tables must be the registry's
@@ -21,7 +21,7 @@ from sacred.initialize import create_run
 from losses.registry import unused_settings
 from models.backbones import resolve_weights
 from utils.engine.checkpoint import flatten
-from utils.recipes import DOCUMENTS, RECIPES, generated_part
+from utils.reporting.recipes import DOCUMENTS, RECIPES, generated_part
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO / "tests" / "recipes.json"
@@ -104,7 +104,7 @@ def test_the_registry_holds_every_published_figure() -> None:
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda path: path.name)
 def test_the_documents_show_the_registry(path: Path) -> None:
     assert generated_part(path.read_text()) == DOCUMENTS[path](), (
-        f"{path.name}'s recipe text is not the registry's: run `python -m utils.recipes --write`"
+        f"{path.name}'s recipe text is not the registry's: run `python -m utils.reporting.recipes --write`"
     )
 
 

@@ -4,7 +4,7 @@ Reads the run folders sacred's `-F RESULT_DIR` wrote (RESULT_DIR/<id>/ with conf
 info.json), prints one row per group of runs whose configurations are equal but for the seed and
 the settings that do not change results (IGNORED), with the settings that differ between groups,
 the final metrics (mean +- sample std over the seeds, with their count) and, for runs started with the command
-line of a paper recipe (utils/recipes.py), the published R@1.
+line of a paper recipe (utils/reporting/recipes.py), the published R@1.
 """
 
 import argparse
@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from sacred.arg_parser import get_config_updates
 
 from utils.errors import InputError
-from utils.recipes import RECIPES
+from utils.reporting.recipes import RECIPES
 
 # Where the data lives, how fast it is read, where temporary files and live curves go, and the seed
 # (the grouping key): settings that do not change what a run measures.
