@@ -1,4 +1,4 @@
-"""The experiment end to end: DESIGN.md's seed command lines, the -F observer's files, the digits
+"""The experiment end to end: the README's and the papers' command lines, the -F observer's files, the digits
 default and determinism (bad input: test_bad_input.py).
 
 Runs are shrunk with overrides after the verbatim words (sacred's last update wins): one epoch on
@@ -24,7 +24,7 @@ from tests.conftest import REPO, SHRINK, digits_updates
 
 pytestmark = pytest.mark.usefixtures("torch_home")
 
-# DESIGN.md's seed command lines (prepare_data.py aside; -F result_dir has its own test).
+# the README's and the papers' command lines (prepare_data.py aside; -F result_dir has its own test).
 SEED_LINES = [
     "with dataset.cub",
     "with dataset.cub model.resnet50 epochs=30 lr=0.02",
