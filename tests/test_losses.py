@@ -1,6 +1,6 @@
 """The losses in their one weighted form: clean parity with pytorch-metric-learning, mixed = clean for lam in
-{0, 1}, fractional lam against a loop-by-loop reading of the weighted form (docs/design.md), and the edge cases (no positive, bad labels,
-no host sync)."""
+{0, 1}, fractional lam against a loop-by-loop reading of the weighted form (docs/design.md), and the edge cases
+(no positive, bad labels, no host sync)."""
 
 import contextlib
 import math
@@ -155,7 +155,7 @@ def cross_entropy(num_features: int, num_classes: int, generator: torch.Generato
     return loss
 
 
-# --- 2. mixed candidates: lam in {0, 1} is clean, fractional lam follows the weighted form (docs/design.md) ---------------------------------
+# --- 2. mixed candidates: lam in {0, 1} is clean, fractional lam follows the weighted form (docs/design.md) ---
 
 
 def all_losses(num_classes: int) -> dict[str, torch.nn.Module]:
@@ -208,7 +208,7 @@ def test_mixed_with_lam_0_or_1_is_clean(layout: str, name: str, lam_value: float
         assert torch.equal(mask, Candidates.clean(embeddings, labels).anchor_mask)
 
 
-# Hand-written, loop-by-loop readings of the weighted form (docs/design.md): independent of losses/ and deliberately naive.
+# Hand-written, loop-by-loop readings of the weighted form (docs/design.md): independent of losses/, naive.
 
 
 def unit(x: Tensor) -> Tensor:
