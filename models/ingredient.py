@@ -85,19 +85,18 @@ def get_model(
 ) -> MetricModel:
     resolved = resolve_model(default_arch)
     return build_model(
-        resolved["arch"],
-        resolved["weights"],
-        resolved["set_bn_eval"],
-        num_features,
-        pooling,
-        norm_layer,
-        remap,
-        normalize,
-        freeze_bn,
+        **resolved,
+        num_features=num_features,
+        pooling=pooling,
+        norm_layer=norm_layer,
+        remap=remap,
+        normalize=normalize,
+        freeze_bn=freeze_bn,
     )
 
 
 def build_model(
+    *,
     arch: str,
     weights: str | None,
     set_bn_eval: bool,
