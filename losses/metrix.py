@@ -123,9 +123,14 @@ class Metrix(nn.Module):
                 first, second, mask = self.hardest(embeddings, first, second, mask)
         lam = self.sample_lam(first.shape[0], labels.device)
         mixed = self.mix(model, images, feature_map, embeddings, first, second, lam)
-        # A 0-d tensor picked by the drawn strategy: no host read.
-        weight = self.anchor_negative_weight + (self.weight - self.anchor_negative_weight) * positive_negative
-        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, weight.to(mixed.dtype))
+        # A 0-d tensor picked by the drawn strategy (no host read), made in the mixtures' dtype: a Python float times
+        # a bool tensor would be rounded to float32.
+        weights = [
+            torch.full((), w, dtype=mixed.dtype, device=mixed.device)
+            for w in (self.weight, self.anchor_negative_weight)
+        ]
+        weight = torch.where(positive_negative, *weights)
+        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, weight)
 
     def draw_strategy(self, device: torch.device) -> Tensor:
         """0-d bool on the device, True for a positive-negative step.

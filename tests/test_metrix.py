@@ -196,6 +196,20 @@ def test_mixed_loss_weight_follows_the_drawn_strategy(mode: str, weights: tuple[
         assert candidates.weight.item() == pytest.approx(expected[strategy])
 
 
+@pytest.mark.parametrize("strategy, expected", [(PN, 0.4), (AN, 0.3)])
+def test_mixed_loss_weight_is_exact_in_float64(strategy: str, expected: float) -> None:
+    # By hand: loss = clean + weight * mixed, all in float64; a weight rounded to float32 (0.4000000059604645) is
+    # off by about 1e-8 relative.
+    model = make_model()
+    criterion = Criterion(
+        {"contrastive": (1.0, ContrastiveLoss())},
+        Metrix("embed", strategy=strategy, weight=0.4, anchor_negative_weight=0.3),
+    )
+    loss, logs = criterion(model, make_images(LABELS.shape[0]), LABELS)
+    assert loss.dtype == DTYPE
+    assert loss.item() == logs["contrastive"].item() + expected * logs["mixed_contrastive"].item()
+
+
 def test_input_mode_runs_the_model_on_mixed_images() -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
