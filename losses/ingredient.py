@@ -15,7 +15,7 @@ from losses.cross_entropy import CrossEntropyLoss
 from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, SELECTIONS, STRATEGIES, Metrix
 from losses.registry import PAIRWISE, PairwiseLoss, on_register
 from utils.errors import InputError
-from utils.settings import NON_NEGATIVE, POSITIVE, SIZE, CrossRule, choice, optional, register
+from utils.settings import NON_NEGATIVE, SIZE, CrossRule, choice, number, optional, register
 
 loss_ingredient = Ingredient("loss")
 metrix_ingredient = Ingredient("metrix")
@@ -109,7 +109,9 @@ register(
         "metrix.lam": choice(LAMS),
         "metrix.anchor_negative": choice(ANCHOR_NEGATIVE),
         "metrix.anchor_negative_weight": NON_NEGATIVE,
-        "metrix.alpha": POSITIVE,
+        # torch's Beta sampler works in float32 (up to about 3.4e38) and puts draws at 0.5 that belong near 0 or 1
+        # when alpha is small (25% of them at 0.001, a few in a thousand at 0.01-0.05).
+        "metrix.alpha": number(0.1, 1e38),
         "metrix.weight": NON_NEGATIVE,
         "metrix.max_pairs": optional(SIZE),
         "metrix.selection": choice(SELECTIONS),

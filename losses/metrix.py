@@ -57,20 +57,6 @@ def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor
     return first.reshape(-1), second.reshape(-1)
 
 
-def sample_beta(alpha: float, count: int, device: torch.device) -> Tensor:
-    """(count,) float32 draws of Beta(alpha, alpha) on the device, for any finite alpha > 0.
-
-    lam = X / (X + Y) with X, Y ~ Gamma(alpha), in float64 log space, X = G U^(1 / alpha) with G ~ Gamma(alpha + 1)
-    and U ~ U(0, 1) (Marsaglia and Tsang's boost): torch's Beta sampler takes float32 alphas only and loses small
-    ones, whose gammas underflow (below about 0.3 its draws are off, below 1e-5 nearly all are 0.5). No host read:
-    validate_args=False, and torch.full fills on the device.
-    """
-    concentration = torch.full((2, count), alpha + 1.0, dtype=torch.float64, device=device)
-    log_gamma = torch.distributions.Gamma(concentration, 1.0, validate_args=False).sample().log_()
-    log_gamma += torch.rand(2, count, dtype=torch.float64, device=device).log_() / alpha
-    return torch.sigmoid(log_gamma[0] - log_gamma[1]).float()
-
-
 @contextlib.contextmanager
 def running_statistics_when_few(head: nn.Module, share: int, total: int) -> Iterator[None]:
     """Inside, the head's training BatchNorm layers that would see fewer than two mixtures normalise them with their
@@ -238,8 +224,14 @@ class Metrix(nn.Module):
         return first, negative[anchor], mask
 
     def sample_lam(self, count: int, device: torch.device) -> Tensor:
-        """(count,) float32 lam ~ Beta(alpha, alpha) on the device: one draw for all or one per pair."""
-        lam = sample_beta(self.alpha, count if self.lam == "per_pair" else 1, device)
+        """(count,) float32 lam ~ Beta(alpha, alpha) on the device: one draw for all or one per pair.
+
+        validate_args=False: the argument checks would read tensor values on the host. torch.full fills on the
+        device, where torch.tensor(alpha, device=...) would copy from the host; float32 whatever alpha's Python type
+        (an integer alpha would make an integer tensor, which the sampler refuses).
+        """
+        alpha = torch.full((count if self.lam == "per_pair" else 1,), self.alpha, dtype=torch.float32, device=device)
+        lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample()
         return distributed.broadcast_(lam).expand(count)
 
     def mix(

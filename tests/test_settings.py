@@ -120,6 +120,8 @@ def test_each_rule_refuses_bad_values_with_the_key_value_and_range(key):
         ("dataset.color_jitter", [0.4, 0.4, 0.4, 0.6], f"None or {JITTER}"),  # torchvision's hue is in [0, 0.5]
         ("dataset.ratio", [1e-300, 1e300], "[a, b] with 0.0001 < a <= b <= 10000"),
         ("vae.in_channels", 1, "3 (the images are read as RGB)"),
+        ("metrix.alpha", 1e300, "a number in [0.1, 1e+38]"),  # beyond float32, where torch samples Beta
+        ("metrix.alpha", 0.001, "a number in [0.1, 1e+38]"),  # a quarter of the draws would be 0.5
         (
             "evaluation.metrics",
             ["recall", "accuracy"],
@@ -252,7 +254,7 @@ def test_the_autoencoder_command_line_is_checked_too(autoencoder_experiment, tmp
         (["loss.contrastive", "loss.margin=-1"], ["loss.margin=-1 is invalid: expected a number in [0, infinity)"]),
         (["loss.ms_base=2"], ["loss.ms_base=2 is invalid: expected a number in [-1, 1]"]),
         (["loss.pairwise=triplet"], ["loss.pairwise='triplet' is invalid: expected one of None, contrastive"]),
-        (["metrix.feature", "metrix.alpha=0"], ["metrix.alpha=0 is invalid: expected a number in (0, infinity)"]),
+        (["metrix.feature", "metrix.alpha=0"], ["metrix.alpha=0 is invalid: expected a number in [0.1, 1e+38]"]),
         (["evaluation.backend=gpu"], ["evaluation.backend='gpu' is invalid: expected one of auto"]),
     ],
     ids=["dataset", "dataset-cross", "model", "loss", "loss-unused", "loss-pairwise", "metrix", "evaluation"],
