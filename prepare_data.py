@@ -94,24 +94,26 @@ def digits_config():
 
 @contextmanager
 def preparing(name: str, data_path: Path) -> Iterator[dict | None]:
-    """Mark data_path incomplete until the body returns; on failure, leave no folder that was not there before.
+    """Hold data_path's lock and mark it incomplete until the body returns; on failure, leave no folder that was not
+    there before. A second run on a folder being prepared is refused before it writes anything.
 
     Gives the previous manifest, whose record of verified split files spares decoding them again.
     """
-    existed = data_path.exists()
-    previous = manifest.read(data_path)
-    manifest.mark_incomplete(data_path, name, "preparation started and did not finish")
-    try:
-        yield previous
-    except BaseException as error:
-        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {str(error).splitlines()[0]}"
-        with suppress(OSError):  # the disk may be full
-            manifest.mark_incomplete(data_path, name, reason)
-            if not existed and [path.name for path in data_path.iterdir()] == [manifest.MANIFEST]:
-                shutil.rmtree(data_path)
-        if isinstance(error, OSError) and (full := disk_full(error, f"preparing {data_path}")):
-            raise full from None
-        raise
+    with manifest.exclusive(data_path):
+        existed = data_path.exists()
+        previous = manifest.read(data_path)
+        manifest.mark_incomplete(data_path, name, "preparation started and did not finish")
+        try:
+            yield previous
+        except BaseException as error:
+            reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {str(error).splitlines()[0]}"
+            with suppress(OSError):  # the disk may be full
+                manifest.mark_incomplete(data_path, name, reason)
+                if not existed and [path.name for path in data_path.iterdir()] == [manifest.MANIFEST]:
+                    shutil.rmtree(data_path)
+            if isinstance(error, OSError) and (full := disk_full(error, f"preparing {data_path}")):
+                raise full from None
+            raise
 
 
 def finish(

@@ -15,7 +15,7 @@ from losses.cross_entropy import CrossEntropyLoss
 from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, SELECTIONS, STRATEGIES, Metrix
 from losses.registry import PAIRWISE, PairwiseLoss, on_register
 from utils.errors import InputError
-from utils.settings import NON_NEGATIVE, POSITIVE, SIZE, choice, optional, register
+from utils.settings import NON_NEGATIVE, SIZE, CrossRule, choice, number, optional, register
 
 loss_ingredient = Ingredient("loss")
 metrix_ingredient = Ingredient("metrix")
@@ -28,8 +28,30 @@ def loss_config():
     pair_weight = 1.0  # weight of the pairwise loss
 
 
-# loss.pairwise's rule lists the registered losses: losses/registry.py keeps it up to date.
-register({"loss.ce_weight": NON_NEGATIVE, "loss.pair_weight": NON_NEGATIVE})
+def _pairwise_on(pairwise: str | None, pair_weight: float) -> bool:
+    return pairwise is not None and pair_weight > 0
+
+
+# loss.pairwise's rule lists the registered losses: losses/registry.py keeps it up to date. A pairwise loss compares
+# the batch's examples with each other: without a second one, or without a positive, it has nothing (or only
+# negatives) to train on.
+register(
+    {"loss.ce_weight": NON_NEGATIVE, "loss.pair_weight": NON_NEGATIVE},
+    cross_rules=[
+        CrossRule(
+            ("loss.pairwise", "loss.pair_weight", "dataset.batch_size"),
+            lambda pairwise, weight, batch: not _pairwise_on(pairwise, weight) or batch >= 2,
+            "dataset.batch_size >= 2 with a pairwise loss",
+        ),
+        CrossRule(
+            ("loss.pairwise", "loss.pair_weight", "dataset.sampler", "dataset.images_per_class"),
+            lambda pairwise, weight, sampler, per_class: (
+                not _pairwise_on(pairwise, weight) or sampler == "random" or per_class >= 2
+            ),
+            "dataset.images_per_class >= 2 with a pairwise loss and a class sampler (positives in every batch)",
+        ),
+    ],
+)
 
 
 @loss_ingredient.named_config
@@ -87,11 +109,20 @@ register(
         "metrix.lam": choice(LAMS),
         "metrix.anchor_negative": choice(ANCHOR_NEGATIVE),
         "metrix.anchor_negative_weight": NON_NEGATIVE,
-        "metrix.alpha": POSITIVE,
+        # torch's Beta sampler works in float32 (up to about 3.4e38) and puts draws at 0.5 that belong near 0 or 1
+        # when alpha is small (25% of them at 0.001, a few in a thousand at 0.01-0.05).
+        "metrix.alpha": number(0.1, 1e38),
         "metrix.weight": NON_NEGATIVE,
         "metrix.max_pairs": optional(SIZE),
         "metrix.selection": choice(SELECTIONS),
-    }
+    },
+    cross_rules=[
+        CrossRule(
+            ("metrix.mode", "dataset.batch_size"),
+            lambda mode, batch: mode is None or batch >= 2,
+            "dataset.batch_size >= 2 with Metrix (it mixes pairs of the batch's examples)",
+        )
+    ],
 )
 
 for _mode in MODES:

@@ -25,13 +25,18 @@ its contiguous share of the pairs, made from the gathered images or feature maps
 gathered back, so the losses see every mixture. docs/distributed.md states what that costs.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from losses.candidates import Candidates, loss_precision
+from models.metric_model import BATCH_NORMS
 from models.mixing import interpolate
 from utils import distributed
+from utils.engine.sync_batchnorm import GlobalBatchNorm
 
 MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")
@@ -52,6 +57,29 @@ def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor
     return first.reshape(-1), second.reshape(-1)
 
 
+@contextlib.contextmanager
+def running_statistics_when_few(head: nn.Module, share: int, total: int) -> Iterator[None]:
+    """Inside, the head's training BatchNorm layers that would see fewer than two mixtures normalise them with their
+    running statistics, as in evaluation, and leave those as they were: one example has no batch statistics
+    ("Expected more than 1 value per channel when training"). A layer pooling every rank's statistics (sync_bn under
+    torchrun) sees the total of the ranks' mixtures, so that all ranks agree on whether it gathers; any other sees
+    this rank's share. The decision reads shapes only."""
+    few = [
+        layer
+        for layer in head.modules()
+        if isinstance(layer, BATCH_NORMS)
+        and layer.training
+        and (total if isinstance(layer, GlobalBatchNorm) and distributed.world_size() > 1 else share) < 2
+    ]
+    for layer in few:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in few:
+            layer.train()
+
+
 class Metrix(nn.Module):
     """The mixer `Criterion` calls: (model, images, feature_map, embeddings, labels) -> mixed Candidates.
 
@@ -67,7 +95,8 @@ class Metrix(nn.Module):
     (None: weight); it travels with the candidates as Candidates.weight.
 
     The mixed examples go through the model in its current mode: in training, the head's (and in input mode the
-    backbone's) BatchNorm layers normalise them with their own batch statistics and update the running ones.
+    backbone's) BatchNorm layers normalise them with their own batch statistics and update the running ones; a
+    head's BatchNorm that would see a single mixture uses its running statistics instead (running_statistics_when_few).
     """
 
     def __init__(
@@ -123,9 +152,14 @@ class Metrix(nn.Module):
                 first, second, mask = self.hardest(embeddings, first, second, mask)
         lam = self.sample_lam(first.shape[0], labels.device)
         mixed = self.mix(model, images, feature_map, embeddings, first, second, lam)
-        # A 0-d tensor picked by the drawn strategy: no host read.
-        weight = self.anchor_negative_weight + (self.weight - self.anchor_negative_weight) * positive_negative
-        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, weight.to(mixed.dtype))
+        # A 0-d tensor picked by the drawn strategy (no host read), made in the mixtures' dtype: a Python float times
+        # a bool tensor would be rounded to float32.
+        weights = [
+            torch.full((), w, dtype=mixed.dtype, device=mixed.device)
+            for w in (self.weight, self.anchor_negative_weight)
+        ]
+        weight = torch.where(positive_negative, *weights)
+        return Candidates(mixed, labels[first], labels[second], lam.to(mixed.dtype), mask, weight)
 
     def draw_strategy(self, device: torch.device) -> Tensor:
         """0-d bool on the device, True for a positive-negative step.
@@ -193,9 +227,10 @@ class Metrix(nn.Module):
         """(count,) float32 lam ~ Beta(alpha, alpha) on the device: one draw for all or one per pair.
 
         validate_args=False: the argument checks would read tensor values on the host. torch.full fills on the
-        device, where torch.tensor(alpha, device=...) would copy from the host.
+        device, where torch.tensor(alpha, device=...) would copy from the host; float32 whatever alpha's Python type
+        (an integer alpha would make an integer tensor, which the sampler refuses).
         """
-        alpha = torch.full((count if self.lam == "per_pair" else 1,), self.alpha, device=device)
+        alpha = torch.full((count if self.lam == "per_pair" else 1,), self.alpha, dtype=torch.float32, device=device)
         lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample()
         return distributed.broadcast_(lam).expand(count)
 
@@ -219,15 +254,17 @@ class Metrix(nn.Module):
             lam = lam[0]
         if self.mode == "embed":
             return interpolate(embeddings, first, second, lam)
-        sizes = distributed.split_sizes(first.shape[0])
-        share = distributed.shard(first.shape[0])
+        total = first.shape[0]
+        sizes = distributed.split_sizes(total)
+        share = distributed.shard(total)
         first, second, lam = first[share], second[share], lam if lam.dim() == 0 else lam[share]
-        if self.mode == "input":
-            mixed = model.head(model.backbone(interpolate(distributed.gather(images), first, second, lam)))
-        else:
-            mixed = model.head.embed(
-                model.head.pool_mixtures(distributed.gather_with_grad(feature_map), first, second, lam)
-            )
+        with running_statistics_when_few(model.head, first.shape[0], total):
+            if self.mode == "input":
+                mixed = model.head(model.backbone(interpolate(distributed.gather(images), first, second, lam)))
+            else:
+                mixed = model.head.embed(
+                    model.head.pool_mixtures(distributed.gather_with_grad(feature_map), first, second, lam)
+                )
         return distributed.gather_with_grad(loss_precision(mixed), sizes)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ from sacred import Ingredient
 
 from models.backbones import BACKBONES, get_backbone, resolve_weights
 from models.metric_model import NORM_LAYERS, POOLINGS, EmbeddingHead, MetricModel
-from utils.settings import SIZE, boolean, choice, number, optional, register, text
+from utils.settings import SIZE, CrossRule, boolean, choice, number, optional, register, text
 
 model_ingredient = Ingredient("model")
 
@@ -47,7 +47,15 @@ register(
         "model.dropout": number(0, 1, high_open=True),
         "model.detach": boolean(),
         "model.normalize_weight": boolean(),
-    }
+    },
+    cross_rules=[
+        # In training a BatchNorm layer normalises by the batch's statistics, which one example does not have.
+        CrossRule(
+            ("model.norm_layer", "dataset.batch_size"),
+            lambda norm_layer, batch: norm_layer != "batch" or batch >= 2,
+            "dataset.batch_size >= 2 with model.norm_layer='batch' (a BatchNorm layer needs two examples)",
+        ),
+    ],
 )
 
 # One named config per backbone of the registry; the CE paper's ResNet-50 also has a 2048-d embedding and

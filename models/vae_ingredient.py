@@ -6,7 +6,7 @@ from sacred import Ingredient
 
 from models.vae import Autoencoder
 from utils.errors import check_choice
-from utils.settings import NON_NEGATIVE, SIZE, choice, items, optional, register
+from utils.settings import NON_NEGATIVE, SIZE, Check, choice, items, optional, register
 
 ARCHS = ("ae", "vae")
 CODE_SIDE = 4  # the encoder halves the image down to feature maps of this side
@@ -27,7 +27,8 @@ def config():
 register(
     {
         "vae.arch": choice(ARCHS),
-        "vae.in_channels": SIZE,
+        # Every data set is read as RGB (utils/data/images.py): other channel counts cannot meet the images.
+        "vae.in_channels": Check(lambda v: type(v) is int and v == 3, "3 (the images are read as RGB)"),
         "vae.latent_dim": SIZE,
         "vae.hidden_dims": optional(items(SIZE)),
         "vae.kl_weight": NON_NEGATIVE,

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import Tensor, nn
 
 from losses.candidates import Candidates
@@ -18,6 +19,7 @@ from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
 from models.backbones import Backbone, Normalize
 from models.metric_model import EmbeddingHead, MetricModel
+from tests.conftest import digits_updates
 
 DTYPE = torch.float64
 NUM_CLASSES = 5
@@ -196,6 +198,20 @@ def test_mixed_loss_weight_follows_the_drawn_strategy(mode: str, weights: tuple[
         assert candidates.weight.item() == pytest.approx(expected[strategy])
 
 
+@pytest.mark.parametrize("strategy, expected", [(PN, 0.4), (AN, 0.3)])
+def test_mixed_loss_weight_is_exact_in_float64(strategy: str, expected: float) -> None:
+    # By hand: loss = clean + weight * mixed, all in float64; a weight rounded to float32 (0.4000000059604645) is
+    # off by about 1e-8 relative.
+    model = make_model()
+    criterion = Criterion(
+        {"contrastive": (1.0, ContrastiveLoss())},
+        Metrix("embed", strategy=strategy, weight=0.4, anchor_negative_weight=0.3),
+    )
+    loss, logs = criterion(model, make_images(LABELS.shape[0]), LABELS)
+    assert loss.dtype == DTYPE
+    assert loss.item() == logs["contrastive"].item() + expected * logs["mixed_contrastive"].item()
+
+
 def test_input_mode_runs_the_model_on_mixed_images() -> None:
     model = make_model()
     images, feature_map, embeddings = make_batch(model)
@@ -219,6 +235,41 @@ def test_lam_0_or_1_gives_the_clean_examples(mode: str, lam: float, monkeypatch:
     first, second = ordered_pairs(LABELS.shape[0], torch.device("cpu"))
     source = first if lam == 1 else second
     torch.testing.assert_close(candidates.embeddings, embeddings[source])
+
+
+def make_batch_norm_head_model() -> MetricModel:
+    """make_model with a BatchNorm1d head (model.norm_layer=batch)."""
+    model = make_model()
+    model.head = EmbeddingHead(12, 16, pooling="avg+max", norm_layer="batch", remap=True).to(DTYPE)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["input", "feature"])
+def test_one_mixture_goes_through_a_batch_norm_head_with_its_running_statistics(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One mixture has no batch statistics ("Expected more than 1 value per channel when training"): the head's
+    # BatchNorm normalises it as in evaluation, keeps its running statistics and stays in training mode.
+    model = make_batch_norm_head_model()
+    metrix = Metrix(mode, strategy=PN, max_pairs=1)
+    monkeypatch.setattr(metrix, "sample_lam", fixed_lam(0.3))
+    images, feature_map, embeddings = make_batch(model)
+    norm = model.head.norm
+    running = norm.running_mean.clone(), norm.running_var.clone()
+    candidates = metrix(model, images, feature_map, embeddings, LABELS)
+    assert norm.training and torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
+
+    # The one pair kept: the usable pair with the most similar clean embeddings, by loop.
+    pairs = loop_pairs(LABELS.shape[0])
+    usable = loop_anchor_mask(LABELS.tolist(), pairs, PN).any(dim=0).tolist()
+    unit = F.normalize(embeddings.detach(), dim=1)
+    i, j = max((pair for pair, ok in zip(pairs, usable, strict=True) if ok), key=lambda p: unit[p[0]] @ unit[p[1]])
+    norm.eval()
+    if mode == "input":
+        expected = model.head(model.backbone((0.3 * images[i] + 0.7 * images[j])[None]))
+    else:
+        expected = model.head((0.3 * feature_map[i] + 0.7 * feature_map[j])[None])
+    torch.testing.assert_close(candidates.embeddings, expected)
 
 
 # --- which anchors see which mixture -------------------------------------------------------------------------------
@@ -479,3 +530,30 @@ def test_step_does_not_sync_on_cuda(mode: str, max_pairs: int | None) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["input", "feature"])
+def test_a_run_mixing_one_pair_with_a_batch_norm_head_trains(mode: str, experiment, digits_path) -> None:
+    words = (
+        f"with model.norm_layer=batch metrix.{mode} metrix.selection=all metrix.max_pairs=1 epochs=1 "
+        "dataset.num_iterations=3 cpu=True evaluation.final_metrics=['recall']"
+    )
+    outcome = experiment(words, *digits_updates(digits_path))
+    assert outcome.code == 0, outcome.err
+    assert outcome.run.status == "COMPLETED"
+
+
+# --- lam ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.1, 2, 1e38])
+def test_lam_follows_the_beta_distribution_over_the_range_of_alpha(alpha: float) -> None:
+    # The ends of metrix.alpha's rule, and an integer (sacred reads metrix.alpha=2 as one); scipy's Beta is the
+    # oracle, at points float32 tells apart at any alpha.
+    torch.manual_seed(0)
+    lam = Metrix("embed", alpha=alpha, lam="per_pair").sample_lam(20_000, torch.device("cpu"))
+    assert lam.dtype == torch.float32 and ((lam >= 0) & (lam <= 1)).all()
+    for point in (0.001, 0.1, 0.4):
+        expected = stats.beta(alpha, alpha).cdf(point)
+        share = (lam < point).double().mean().item()
+        assert abs(share - expected) < 4 * (expected * (1 - expected) / lam.numel()) ** 0.5 + 1e-3

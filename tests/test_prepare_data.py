@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -513,3 +514,59 @@ def test_prepare_data_writes_where_training_reads(name):
     assert prepared["data_path"] == dataset["data_path"]
     split_files = {dataset["train_file"], dataset["test_file"], dataset["gallery_file"] or dataset["test_file"]}
     assert {f"{split}.txt" for split in prepared["expected"]} == split_files
+
+
+@pytest.fixture
+def gated_archive():
+    """The CUB stand-in's archive over HTTP, each response held back until `gate` is set."""
+    archive, gate = tar_bytes(cub_files("CUB_200_2011/")), threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            gate.wait(timeout=120)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(archive)))
+            self.end_headers()
+            self.wfile.write(archive)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/CUB_200_2011.tgz", gate=gate)
+    gate.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_second_run_on_a_folder_being_prepared_is_refused_and_writes_nothing(tmp_path, gated_archive):
+    data_path = tmp_path / "cub"
+    words = ["cub", "with", f"data_path={data_path}", f"urls={gated_archive.url}", "md5=None", "expected=None"]
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "prepare_data.py"), *words], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        # The first run holds the lock while its download waits at the gate.
+        lock = manifest.lock_path(data_path)
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lock.exists(), "the first run never took the lock"
+        written = (data_path / manifest.MANIFEST).read_text()
+        assert '"complete": false' in written
+
+        second = command(*words, cwd=tmp_path)
+        refusal = f"{data_path} is being prepared by another run of prepare_data.py (process {first.pid})"
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert refusal in second.stderr.strip().splitlines()[-1]
+        assert (data_path / manifest.MANIFEST).read_text() == written
+
+        gated_archive.gate.set()
+        assert first.wait(timeout=60) == 0
+    finally:
+        first.kill()
+        first.communicate()
+    manifest.check_prepared(data_path)  # complete: the refused run left no mark behind
+    assert manifest.read(data_path)["complete"] is True and not lock.exists()
+    assert command(*words, cwd=tmp_path).returncode == 0  # and the lock is free again

@@ -145,3 +145,34 @@ def test_a_corrupt_run_json_is_one_clear_line(result_dir, tmp_path):
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith(f"error: {tmp_path / '1' / 'run.json'} is not valid JSON")
     assert f"delete {tmp_path / '1'} or restore the file" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "problem"),
+    [
+        ("run.json", lambda run: [run], "run.json holds a list, not a JSON object"),
+        ("run.json", lambda run: run | {"status": 3}, "run.json: 'status' is a number, not a string"),
+        ("run.json", lambda run: run | {"experiment": "metric_learning"}, "run.json: 'experiment' is a string"),
+        ("run.json", lambda run: run | {"meta": []}, "run.json: 'meta' is a list, not an object"),
+        ("run.json", lambda run: run | {"meta": {"named_configs": 5}}, "run.json: 'named_configs' is a number"),
+        ("run.json", lambda run: run | {"meta": {"named_configs": [["a"]]}}, "'named_configs' holds something"),
+        ("run.json", lambda run: run | {"meta": {"config_updates": "lr=1"}}, "run.json: 'config_updates' is a string"),
+        ("info.json", lambda info: info | {"metrics": "cosine/R@1"}, "info.json: 'metrics' is a string, not an object"),
+        (
+            "info.json",
+            lambda info: {"metrics": {"cosine/R@1": "0.5"}},
+            "metrics: 'cosine/R@1' is a string, not a number",
+        ),
+        ("info.json", lambda info: None, "info.json holds null, not a JSON object"),
+        ("config.json", lambda config: 3, "config.json holds a number, not a JSON object"),
+    ],
+)
+def test_json_of_the_wrong_type_is_one_clear_line(result_dir, tmp_path, capsys, file, edit, problem):
+    shutil.copytree(result_dir / "1", tmp_path / "1")
+    path = tmp_path / "1" / file
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(SystemExit) as error:
+        main([str(tmp_path)])
+    line = str(error.value.code)
+    assert line.startswith(f"error: {tmp_path / '1'}") and problem in line and "\n" not in line
+    assert f"delete {tmp_path / '1'} or restore the file" in line

@@ -13,6 +13,8 @@ from tests.conftest import REPO, assert_input_error
 from utils.errors import InputError
 from utils.settings import CROSS_RULES, MISSING, RULES, check_settings, lookup, violations
 
+RECALLS = "a non-empty list, each an integer >= 1, 1 among them"
+JITTER = "a list of 4, each a number in [0, infinity), the last (hue) <= 0.5"
 # Values of every family the issue names; each rule must refuse at least one and accept its defaults.
 CANDIDATES = [
     -2,
@@ -111,9 +113,15 @@ def test_each_rule_refuses_bad_values_with_the_key_value_and_range(key):
         ("seed", -1, "an integer >= 0 and <= 4,294,967,295"),
         ("dataset.batch_size", 0, "an integer >= 1"),
         ("dataset.crop_size", -32, "an integer >= 1"),
-        ("evaluation.recalls", [0], "a non-empty list, each an integer >= 1"),
-        ("evaluation.recalls", "[1,2]", "a non-empty list, each an integer >= 1"),
-        ("evaluation.recalls", [1, -4], "a non-empty list, each an integer >= 1"),
+        ("evaluation.recalls", [0], RECALLS),
+        ("evaluation.recalls", "[1,2]", RECALLS),
+        ("evaluation.recalls", [1, -4], RECALLS),
+        ("evaluation.recalls", [2, 4], RECALLS),  # the best epoch is chosen by cosine R@1
+        ("dataset.color_jitter", [0.4, 0.4, 0.4, 0.6], f"None or {JITTER}"),  # torchvision's hue is in [0, 0.5]
+        ("dataset.ratio", [1e-300, 1e300], "[a, b] with 0.0001 < a <= b <= 10000"),
+        ("vae.in_channels", 1, "3 (the images are read as RGB)"),
+        ("metrix.alpha", 1e300, "a number in [0.1, 1e+38]"),  # beyond float32, where torch samples Beta
+        ("metrix.alpha", 0.001, "a number in [0.1, 1e+38]"),  # a quarter of the draws would be 0.5
         (
             "evaluation.metrics",
             ["recall", "accuracy"],
@@ -132,6 +140,7 @@ def test_each_rule_refuses_bad_values_with_the_key_value_and_range(key):
     ],
 )
 def test_the_issues_examples(key, value, description):
+    # Each was accepted once and then crashed the run with a traceback, or trained on nothing.
     assert RULES[key].description == description
     assert not RULES[key].test(value)
 
@@ -152,8 +161,35 @@ def test_the_issues_examples(key, value, description):
         ({"warm_epochs": 3, "epochs": 2}, "expected warm_epochs <= epochs"),
         ({"scheduler": "step", "lr_step": None}, "expected lr_step set (epochs between decays) when scheduler is step"),
         ({"nesterov": True, "momentum": 0.0}, "expected momentum > 0 when nesterov=True"),
+        (
+            {"model": {"norm_layer": "batch"}, "dataset": {"batch_size": 1}},
+            "expected dataset.batch_size >= 2 with model.norm_layer='batch'",
+        ),
+        (
+            {"loss": {"pairwise": "contrastive", "pair_weight": 1.0}, "dataset": {"batch_size": 1}},
+            "expected dataset.batch_size >= 2 with a pairwise loss",
+        ),
+        (
+            {
+                "loss": {"pairwise": "multisimilarity", "pair_weight": 1.0},
+                "dataset": {"sampler": "balanced", "images_per_class": 1, "batch_size": 8},
+            },
+            "expected dataset.images_per_class >= 2 with a pairwise loss and a class sampler",
+        ),
+        ({"metrix": {"mode": "embed"}, "dataset": {"batch_size": 1}}, "expected dataset.batch_size >= 2 with Metrix"),
     ],
-    ids=["crop-resize", "crop-resize-pair", "images-per-class", "warm", "lr-step", "nesterov"],
+    ids=[
+        "crop-resize",
+        "crop-resize-pair",
+        "images-per-class",
+        "warm",
+        "lr-step",
+        "nesterov",
+        "batch-norm-head",
+        "pairwise-batch",
+        "pairwise-positives",
+        "metrix-batch",
+    ],
 )
 def test_cross_key_rules(config, line):
     lines = violations(config)
@@ -162,7 +198,10 @@ def test_cross_key_rules(config, line):
 
 def test_every_cross_rule_is_tested_and_passes_when_consistent():
     consistent = {
-        "dataset": {"crop_size": 224, "resize": 256, "sampler": "random", "images_per_class": 5, "batch_size": 2},
+        "dataset": {"crop_size": 224, "resize": 256, "sampler": "balanced", "images_per_class": 2, "batch_size": 2},
+        "model": {"norm_layer": "batch"},
+        "loss": {"pairwise": "contrastive", "pair_weight": 1.0},
+        "metrix": {"mode": "feature"},
         "warm_epochs": 1,
         "epochs": 1,
         "scheduler": "step",
@@ -171,7 +210,7 @@ def test_every_cross_rule_is_tested_and_passes_when_consistent():
         "momentum": 0.9,
     }
     assert violations(consistent) == []
-    assert len(CROSS_RULES) == 5  # one parametrised case above per rule
+    assert len(CROSS_RULES) == 9  # one parametrised case above per rule
 
 
 def test_absent_keys_are_skipped_and_every_violation_gets_a_line():
@@ -188,6 +227,9 @@ def test_absent_keys_are_skipped_and_every_violation_gets_a_line():
         (["seed=-1"], ["seed=-1 is invalid"]),
         (["dataset.crop_size=64", "dataset.resize=48"], ["dataset.crop_size=64, dataset.resize=48 are inconsistent"]),
         (["label_smoothing=2"], ["label_smoothing=2 is invalid: expected a number in [0, 1)"]),
+        (["evaluation.recalls=[2,4]"], ["evaluation.recalls=[2, 4] is invalid", "1 among them"]),
+        (["model.norm_layer=batch", "dataset.batch_size=1"], ["model.norm_layer='batch', dataset.batch_size=1 are"]),
+        (["loss.contrastive", "dataset.batch_size=1"], ["dataset.batch_size >= 2 with a pairwise loss"]),
     ],
 )
 def test_the_command_line_refuses_before_reading_data(experiment, updates, fragments, tmp_path):
@@ -213,7 +255,7 @@ def test_the_autoencoder_command_line_is_checked_too(autoencoder_experiment, tmp
         (["loss.contrastive", "loss.margin=-1"], ["loss.margin=-1 is invalid: expected a number in [0, infinity)"]),
         (["loss.ms_base=2"], ["loss.ms_base=2 is invalid: expected a number in [-1, 1]"]),
         (["loss.pairwise=triplet"], ["loss.pairwise='triplet' is invalid: expected one of None, contrastive"]),
-        (["metrix.feature", "metrix.alpha=0"], ["metrix.alpha=0 is invalid: expected a number in (0, infinity)"]),
+        (["metrix.feature", "metrix.alpha=0"], ["metrix.alpha=0 is invalid: expected a number in [0.1, 1e+38]"]),
         (["evaluation.backend=gpu"], ["evaluation.backend='gpu' is invalid: expected one of auto"]),
     ],
     ids=["dataset", "dataset-cross", "model", "loss", "loss-unused", "loss-pairwise", "metrix", "evaluation"],

@@ -16,8 +16,8 @@ from utils.data.samplers import EpochBatches, epoch_batches
 from utils.data.specs import DATASETS, named_configs
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
-from utils.settings import (NON_NEGATIVE, SIZE, CrossRule, boolean, choice, either, integer, items, number, optional,
-                            ordered_pair, register, text)
+from utils.settings import (NON_NEGATIVE, SIZE, Check, CrossRule, boolean, choice, either, integer, items, number,
+                            optional, ordered_pair, register, text)
 
 SAMPLERS = ("random", "random_id", "balanced")
 
@@ -69,6 +69,12 @@ def _shorter_side(resize: int | list[int]) -> int:
     return resize if isinstance(resize, int) else min(resize)
 
 
+# torchvision's ColorJitter: any brightness, contrast and saturation factor >= 0; a hue shift of at most half the
+# colour wheel.
+_JITTER = items(NON_NEGATIVE, 4)
+COLOR_JITTER = Check(lambda v: _JITTER.test(v) and v[3] <= 0.5, f"{_JITTER.description}, the last (hue) <= 0.5")
+
+
 # The valid values of the config's settings, checked before anything runs (utils/settings.py); after DATASETS,
 # which dataset.name's rule names.
 register(
@@ -93,8 +99,9 @@ register(
         # One side (the shorter one, as torchvision resizes) or [height, width].
         "dataset.resize": optional(either(SIZE, items(SIZE, 2))),
         "dataset.scale": ordered_pair(0, 1),
-        "dataset.ratio": ordered_pair(0),
-        "dataset.color_jitter": optional(items(NON_NEGATIVE, 4)),
+        # RandomResizedCrop draws the log of the ratio in float32; a crop 10,000 times wider than high fits no image.
+        "dataset.ratio": ordered_pair(1e-4, 1e4),
+        "dataset.color_jitter": optional(COLOR_JITTER),
         "dataset.rotate": optional(number(0, 180)),
         "dataset.hflip": boolean(),
     },

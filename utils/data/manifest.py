@@ -1,16 +1,18 @@
 """What prepare_data verified in a data folder (manifest.json), and the checks behind it.
 
-A preparation first marks the folder incomplete, then checks that every listed image exists and decodes
-and that the split counts are the published ones, and only then writes the split files and marks the
-folder complete. Training refuses a folder whose manifest says it is incomplete; a folder without a
-manifest (made by hand, or the digits rendered on first use) is taken as it is.
+A preparation holds the folder's lock (one preparation at a time), first marks the folder incomplete, then
+checks that every listed image exists and decodes and that the split counts are the published ones, and only
+then writes the split files and marks the folder complete. Training refuses a folder whose manifest says it is
+incomplete; a folder without a manifest (made by hand, or the digits rendered on first use) is taken as it is.
 """
 
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +27,42 @@ Samples = list[tuple[str, int]]
 # (images, classes) of each split, named by its file without .txt (sacred's keys hold no dots); classes None:
 # not published, not checked.
 Expected = Mapping[str, Sequence[int | None]]
+
+
+def lock_path(data_path: Path) -> Path:
+    """Beside the folder rather than in it: a failed first preparation removes the folder it made."""
+    return data_path.parent / f".{data_path.name}.lock"
+
+
+@contextmanager
+def exclusive(data_path: Path) -> Iterator[None]:
+    """Hold data_path's preparation lock, or refuse at once when another process holds it: a second preparation
+    would mark the folder incomplete under the first one, and its failure would outlast the first one's success.
+
+    The lock is an flock, which the system releases when its process ends, however it ends. The lock file, which
+    holds its process's id for the message, goes when the lock does; a run that opened it just before must then
+    find the path holding another file (or none) and refuses as well.
+    """
+    path = lock_path(data_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.path.samestat(os.stat(path), os.fstat(file.fileno()))
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            raise InputError(f"{data_path} is being prepared by another run of prepare_data.py (process {holder}): "
+                             f"wait until that run reports, and run again only if it failed")
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # before the lock goes with the file's closing
 
 
 def read(data_path: Path) -> dict | None:

@@ -22,7 +22,7 @@ from utils.errors import InputError
 from utils.evaluation.knn import BACKENDS, resolve_backend
 from utils.evaluation.metrics import METRICS, evaluate_embeddings
 from utils.reporting.plots import draw_dataset_retrieval
-from utils.settings import choice, integer, items, register
+from utils.settings import Check, choice, integer, items, register
 
 evaluation_ingredient = Ingredient("evaluation", ingredients=[data_ingredient])
 
@@ -39,9 +39,11 @@ def config(dataset):
 
 
 METRIC_LIST = items(choice(METRICS))
+RECALL_KS = items(integer(1))
 register(
     {
-        "evaluation.recalls": items(integer(1)),
+        # The best epoch and the run's result are its cosine R@1.
+        "evaluation.recalls": Check(lambda v: RECALL_KS.test(v) and 1 in v, f"{RECALL_KS.description}, 1 among them"),
         "evaluation.metrics": METRIC_LIST,
         "evaluation.final_metrics": METRIC_LIST,
         "evaluation.backend": choice(BACKENDS),

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 from sacred.arg_parser import get_config_updates
@@ -71,13 +72,36 @@ class Group:
         return [run.metrics[metric] for run in self.runs if metric in run.metrics]
 
 
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", float: "a number", bool: "true or false"}
+
+
+def json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return "a number" if type(value) is int else JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def read_json(path: Path, fix: str) -> dict:
+    """The JSON object in path; anything else (a list, a number, no JSON at all) is one line naming the file."""
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path} is missing; {fix}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InputError(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{path} holds {json_type(content)}, not a JSON object; {fix}")
+    return content
+
+
+def typed(content: dict, key: str, kinds: tuple[type, ...], default: object, where: Path | str, fix: str) -> Any:
+    """content[key] (default when absent) when it has the JSON type sacred writes there, else one line naming the
+    file (where) and the key."""
+    value = content.get(key, default)
+    if type(value) not in kinds:
+        expected = " or ".join(dict.fromkeys("a number" if kind is int else JSON_TYPES[kind] for kind in kinds))
+        raise InputError(f"{where}: {key!r} is {json_type(value)}, not {expected}; {fix}")
+    return value
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -105,22 +129,31 @@ def settings_that_matter(config: dict[str, object]) -> dict[str, object]:
 
 def read_run(folder: Path) -> Run:
     fix = f"the run was cut off while writing it: delete {folder} or restore the file"
-    run = read_json(folder / "run.json", fix)
-    if not isinstance(run, dict) or "status" not in run:
-        raise InputError(f"{folder / 'run.json'} has no run status; {fix}")
-    info = read_json(folder / "info.json", fix) if (folder / "info.json").exists() else {}
-    metrics = dict(info.get("metrics", {}))
+    run_path, info_path = folder / "run.json", folder / "info.json"
+    run = read_json(run_path, fix)
+    if "status" not in run:
+        raise InputError(f"{run_path} has no run status; {fix}")
+    status = typed(run, "status", (str,), None, run_path, fix)
+    name = typed(typed(run, "experiment", (dict,), {}, run_path, fix), "name", (str,), "?", run_path, fix)
+    meta = typed(run, "meta", (dict,), {}, run_path, fix)
+    named_configs = typed(meta, "named_configs", (list,), [], run_path, fix)
+    if not all(type(named_config) is str for named_config in named_configs):
+        raise InputError(f"{run_path}: 'named_configs' holds something other than names; {fix}")
+    updates = typed(meta, "config_updates", (dict,), {}, run_path, fix)
+    info = read_json(info_path, fix) if info_path.exists() else {}
+    metrics = dict(typed(info, "metrics", (dict,), {}, info_path, fix))
+    for metric in metrics:
+        typed(metrics, metric, (int, float), None, f"{info_path}, metrics", fix)
     if "cosine/R@1" not in metrics and isinstance(run.get("result"), float):
         metrics["cosine/R@1"] = run["result"]
-    meta = run.get("meta", {})
     return Run(
         folder,
-        run["status"],
-        run.get("experiment", {}).get("name", "?"),
+        status,
+        name,
         settings_that_matter(flatten(read_json(folder / "config.json", fix))),
         metrics,
-        tuple(meta.get("named_configs", ())),
-        relevant(meta.get("config_updates", {})),
+        tuple(named_configs),
+        relevant(updates),
     )
 
 
