@@ -36,7 +36,6 @@ from losses.candidates import Candidates, loss_precision
 from models.metric_model import BATCH_NORMS
 from models.mixing import interpolate
 from utils import distributed
-from utils.engine.sync_batchnorm import GlobalBatchNorm
 
 MODES = ("input", "feature", "embed")
 STRATEGIES = ("random", "positive_negative", "anchor_negative")
@@ -57,6 +56,12 @@ def ordered_pairs(batch_size: int, device: torch.device) -> tuple[Tensor, Tensor
     return first.reshape(-1), second.reshape(-1)
 
 
+def pools_ranks(layer: nn.Module) -> bool:
+    """Whether a BatchNorm layer's statistics cover every rank's batch: torch's SyncBatchNorm, or a layer that says
+    so (sync_bn's GlobalBatchNorm on the CPU); read by attribute, since losses know nothing of the engine."""
+    return isinstance(layer, nn.SyncBatchNorm) or getattr(layer, "pools_ranks", False)
+
+
 @contextlib.contextmanager
 def running_statistics_when_few(head: nn.Module, share: int, total: int) -> Iterator[None]:
     """Inside, the head's training BatchNorm layers that would see fewer than two mixtures normalise them with their
@@ -69,7 +74,7 @@ def running_statistics_when_few(head: nn.Module, share: int, total: int) -> Iter
         for layer in head.modules()
         if isinstance(layer, BATCH_NORMS)
         and layer.training
-        and (total if isinstance(layer, GlobalBatchNorm) and distributed.world_size() > 1 else share) < 2
+        and (total if pools_ranks(layer) and distributed.world_size() > 1 else share) < 2
     ]
     for layer in few:
         layer.eval()

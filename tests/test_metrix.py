@@ -61,8 +61,8 @@ def loop_pairs(n: int) -> list[tuple[int, int]]:
 def loop_anchor_mask(
     labels: list[int], pairs: list[tuple[int, int]], strategy: str, anchor_negative: str = "no_positive"
 ) -> Tensor:
-    """DESIGN.md's rules, one (anchor, pair) at a time; the paper's anchor-negative mixing only for an anchor
-    without a positive."""
+    """The weighted form's rules (docs/design.md), one (anchor, pair) at a time; the paper's anchor-negative
+    mixing only for an anchor without a positive."""
     mask = torch.zeros(len(labels), len(pairs), dtype=torch.bool)
     for m, (i, j) in enumerate(pairs):
         if labels[i] == labels[j]:

@@ -20,6 +20,8 @@ from utils import distributed
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm1d/2d/3d whose training statistics are those of the global batch."""
 
+    pools_ranks = True  # its statistics cover every rank's batch (losses/metrix.py reads this)
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2-d input, got {input.dim()}-d")
