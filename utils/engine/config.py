@@ -11,7 +11,6 @@ from typing import Any
 from utils.engine.speed import AMP_DTYPES
 from utils.engine.training import OPTIMIZERS, SCHEDULERS
 from utils.settings import (
-    NON_NEGATIVE,
     POSITIVE,
     SEED_LIMIT,
     SIZE,
@@ -65,10 +64,12 @@ register(
     {
         "epochs": integer(0),
         "optimizer": choice(OPTIMIZERS),
-        "lr": POSITIVE,
+        # Bounds far beyond any recipe (large-batch SGD reaches about 10, weight decay about 1) that still keep the
+        # optimizers' float32 arithmetic finite: lr=1e308 would end in a traceback inside the first step.
+        "lr": number(0, 100, low_open=True),
         "momentum": number(0, 1, high_open=True),
         "nesterov": boolean(),
-        "weight_decay": NON_NEGATIVE,
+        "weight_decay": number(0, 10),
         "no_bias_decay": boolean(),
         "scheduler": choice(SCHEDULERS),
         "lr_step": optional(integer(1)),
