@@ -52,6 +52,7 @@ def training_config():
     checkpoint_every = None  # also write the checkpoint every this many iterations (long epochs); None: per epoch
     resume = None  # a -F run directory or a checkpoint file to continue (same settings; epochs may be raised)
     seed = 0
+    dist_timeout = 900  # under torchrun: seconds a rank waits for the others in a collective before the run fails
 
     # Speed options (utils/engine/speed.py), off by default: they change the numbers or help on GPUs only.
     amp = None  # None | bf16 | fp16 (with a gradient scaler): autocast the model; the losses stay in float32
@@ -85,6 +86,9 @@ register(
         "checkpoint_every": optional(SIZE),
         "resume": optional(text()),
         "seed": integer(0, SEED_LIMIT),
+        # Longer than any legitimate wait (rank 0 alone computing a large data set's final metrics takes minutes),
+        # far shorter than torch's 30 minutes of a stalled run; a day at most (timedelta overflows beyond).
+        "dist_timeout": number(1, 86400),
         "amp": choice(tuple(AMP_DTYPES)),
         "channels_last": boolean(),
         "compile": boolean(),

@@ -79,7 +79,7 @@ def restore(path: str | None, current: dict, run: Run) -> tuple[dict, dict, torc
         raise InputError("this command needs checkpoint=PATH: a -F run directory or a checkpoint.pt")
     checkpoint = load_checkpoint(path, run.experiment_info, key="checkpoint")
     config = run_config(checkpoint, current, run)
-    return checkpoint, config, select_device(config["cpu"], config["cudnn_flag"])
+    return checkpoint, config, select_device(config["cpu"], config["cudnn_flag"], current["dist_timeout"])
 
 
 def evaluation_data(config: dict, device: torch.device) -> tuple[MetricLoaders, Evaluator]:
