@@ -65,12 +65,13 @@ register(
     {
         "epochs": integer(0),
         "optimizer": choice(OPTIMIZERS),
-        # Bounds far beyond any recipe (large-batch SGD reaches about 10, weight decay about 1) that still keep the
-        # optimizers' float32 arithmetic finite: lr=1e308 would end in a traceback inside the first step.
-        "lr": number(0, 100, low_open=True),
+        # At most what the optimizers' float32 arithmetic holds (3.4e38): a larger lr or weight_decay ends in a
+        # traceback inside the first step. A merely huge one (lr=1e38 is what a test uses to make the loss
+        # non-finite) is left to the nonfinite setting, which stops the run in one line.
+        "lr": number(0, 1e38, low_open=True),
         "momentum": number(0, 1, high_open=True),
         "nesterov": boolean(),
-        "weight_decay": number(0, 10),
+        "weight_decay": number(0, 1e38),
         "no_bias_decay": boolean(),
         "scheduler": choice(SCHEDULERS),
         "lr_step": optional(integer(1)),
