@@ -52,8 +52,8 @@ def setup(cpu: bool = False, timeout_s: float = 1800.0) -> torch.device:
 
 @contextmanager
 def timeouts_in_one_line() -> Iterator[None]:
-    """Around a command: a collective that timed out (see setup) ends it with one line naming this rank, where it
-    waited and for how long, instead of the backend's traceback."""
+    """Around a command: a collective that timed out (see setup) ends it with one line naming this rank and where
+    it waited, instead of the backend's traceback."""
     try:
         yield
     except RuntimeError as error:
