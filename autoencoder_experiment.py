@@ -140,7 +140,7 @@ def rebuild_autoencoder(rebuild: dict, settings: dict) -> Autoencoder:
 def main(select_by: str, _config: dict, _run) -> float:
     """Train an autoencoder and evaluate its codes (the default command)."""
     check_choice("select_by", select_by, SELECTION)
-    device = select_device(_config["cpu"], _config["cudnn_flag"])
+    device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
     torch.manual_seed(_config["seed"])
     # The model first: a bad architecture or image size fails before any image is read.

@@ -100,7 +100,7 @@ def metrix_recipe():
 @keep_run_records
 def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float:
     """Train an embedding and evaluate it (the default command)."""
-    device = select_device(_config["cpu"], _config["cudnn_flag"])
+    device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
     torch.manual_seed(_config["seed"])
     loaders = get_loaders()

@@ -1,7 +1,10 @@
 """After training: evaluate and embed with a checkpoint, and the pieces used in a plain PyTorch loop."""
 
+import contextlib
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,75 @@ def test_embed_a_split_file_keeps_its_labels(finished, experiment, digits_path, 
     lines = (digits_path / "test_small.txt").read_text().splitlines()
     assert list(saved["labels"]) == [int(line.rsplit(",", 1)[1]) for line in lines]
     assert len(saved["embeddings"]) == len(lines)
+
+
+def copy_digits(digits_path: Path, folder: Path, names: list[str]) -> None:
+    """Digits images saved in folder under names (the first ones of the set, as JPEG)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source, name in zip(sorted((digits_path / "images").glob("*.png")), names, strict=False):
+        Image.open(source).save(folder / name, format="JPEG")
+
+
+def test_embed_refuses_what_is_not_a_regular_file(finished, experiment, digits_path, tmp_path):
+    """A FIFO named like an image would block the command forever on its first read."""
+    folder = tmp_path / "mine"
+    copy_digits(digits_path, folder, ["0.jpg", "1.jpg"])
+    os.mkfifo(folder / "pipe.jpg")
+    out = tmp_path / "e.npz"
+    stopped = experiment(f"embed with checkpoint={finished} images={folder} out={out}")
+    assert_input_error(stopped, f"image {folder / 'pipe.jpg'} is not a regular file")
+    assert not out.exists()
+    outcome = experiment(f"embed with checkpoint={finished} images={folder} out={out} bad_images=skip")
+    assert outcome.code == 0, outcome.err
+    saved = np.load(out)
+    assert list(saved["skipped"]) == [str(folder / "pipe.jpg")] and len(saved["paths"]) == 2
+
+
+def test_embed_into_a_folder_writes_embeddings_npz_there(finished, experiment, digits_path, tmp_path):
+    copy_digits(digits_path, tmp_path / "mine", ["0.jpg", "1.jpg"])
+    (tmp_path / "vectors").mkdir()
+    outcome = experiment(f"embed with checkpoint={finished} images={tmp_path / 'mine'} out={tmp_path / 'vectors'}")
+    assert outcome.code == 0, outcome.err
+    assert len(np.load(tmp_path / "vectors" / "embeddings.npz")["paths"]) == 2
+    assert not (tmp_path / "vectors.npz").exists()
+
+
+def test_embed_prints_a_name_that_is_not_utf8(finished, experiment, digits_path, tmp_path):
+    """The name is printed with its bad bytes escaped; cout.txt of the -F run keeps the command's output."""
+    folder = tmp_path / "mine"
+    copy_digits(digits_path, folder, ["0.jpg"])
+    bad = Path(os.fsdecode(bytes(folder) + b"/caf\xe9.jpg"))
+    bad.write_bytes(b"not an image")
+    observed, out = tmp_path / "observed", tmp_path / "e.npz"
+    outcome = experiment(f"embed -F {observed} with checkpoint={finished} images={folder} out={out} bad_images=skip")
+    assert outcome.code == 0, outcome.err
+    printed = f"Embedded 1 images into {out}; skipped 1 unreadable: {folder}/caf\\xe9.jpg"
+    assert printed in outcome.out
+    assert printed in (observed / "1" / "cout.txt").read_text()
+    assert [os.fsencode(name) for name in np.load(out)["skipped"]] == [os.fsencode(bad)]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled up (mounting needs root: skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'mount failed'})")
+    with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"x" * 4096)
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_embed_on_a_full_disk_fails_in_one_line_leaving_nothing(finished, experiment, digits_path, tmp_path, full_disk):
+    disk = full_disk
+    copy_digits(digits_path, tmp_path / "mine", ["0.jpg", "1.jpg"])
+    outcome = experiment(f"embed with checkpoint={finished} images={tmp_path / 'mine'} out={disk / 'e.npz'}")
+    assert_input_error(outcome, f"out={disk / 'e.npz'}: cannot write it", "No space left on device")
+    assert sorted(path.name for path in disk.iterdir()) == ["filler"]
 
 
 def readme_block(title: str) -> str:

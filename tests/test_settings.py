@@ -131,7 +131,7 @@ def test_each_rule_refuses_bad_values_with_the_key_value_and_range(key):
         ("label_smoothing", 1.0, "a number in [0, 1)"),
         ("grad_clip", -1, "None or a number in (0, infinity)"),
         ("grad_clip", 0, "None or a number in (0, infinity)"),
-        ("lr", math.nan, "a number in (0, infinity)"),
+        ("lr", math.nan, "a number in (0, 1e+38]"),
         ("cpu", 1, "True or False"),
         ("model.num_features", 0, "None or an integer >= 1"),
         ("dataset.scale", [0.9, 0.1], "[a, b] with 0 < a <= b <= 1"),

@@ -188,3 +188,49 @@ def test_a_corrupt_image_on_one_rank_ends_every_rank_with_its_message(split, dig
     status = run_status(observed / "1")
     assert status["status"] == "FAILED" and f"image {image} cannot be read" in status["fail_trace"][-1]
     assert "Connection closed" not in done.stderr
+
+
+STOP_RANK_1 = """
+import os, runpy, signal, sys, threading, time
+
+import torch.distributed as dist
+
+
+def stop_in_training() -> None:
+    while not dist.is_initialized():
+        time.sleep(0.05)
+    time.sleep(2)  # into the first epoch's collectives
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+if os.environ["RANK"] == "1":
+    threading.Thread(target=stop_in_training, daemon=True).start()
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_stopped_rank_ends_the_run_after_dist_timeout_in_one_line(digits_path, tmp_path):
+    """Rank 1 stops itself (SIGSTOP) while training: rank 0 gives up after dist_timeout seconds with one line
+    instead of waiting torch's 30 minutes; torchrun then kills the stopped rank (after its 30 s of SIGTERM grace)."""
+    wrapper = tmp_path / "stop_rank_1.py"
+    wrapper.write_text(STOP_RANK_1)
+    observed = tmp_path / "runs"
+    command = torchrun(
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(wrapper),
+        *training(observed, digits_path, "epochs=100", "dist_timeout=10"),
+    )
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ, cwd=REPO)
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    assert elapsed < 150, f"{elapsed:.0f} s"
+    line = re.search(
+        r"utils\.errors\.RunFailed: rank 0 of 2: a collective in \S+ \(\S+:\d+\) timed out .*", done.stderr
+    )
+    assert line, done.stderr[-3000:]
+    assert "raise dist_timeout" in line.group(0) and "[rank0]: Traceback" not in done.stderr
+    assert run_status(observed / "1")["status"] == "FAILED"

@@ -13,19 +13,27 @@ dropout masks): the step then has the gradient of their mean.
 """
 
 import os
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from utils.errors import InputError
+from utils.errors import InputError, RunFailed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def setup(cpu: bool = False, timeout_minutes: float = 30.0) -> torch.device:
+def setup(cpu: bool = False, timeout_s: float = 1800.0) -> torch.device:
     """Join torchrun's process group (from RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and return this
-    process's device: cuda:LOCAL_RANK with NCCL, or the CPU with gloo. Without torchrun: cuda:0 or the CPU."""
+    process's device: cuda:LOCAL_RANK with NCCL, or the CPU with gloo. Without torchrun: cuda:0 or the CPU.
+
+    A collective that waits timeout_s seconds for another rank (stopped, hung, gone) fails: with gloo it raises
+    an error that timeouts_in_one_line turns into one line; NCCL's watchdog ends the process."""
     use_cuda = torch.cuda.is_available() and not cpu
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return torch.device("cuda:0" if use_cuda else "cpu")
@@ -36,10 +44,41 @@ def setup(cpu: bool = False, timeout_minutes: float = 30.0) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timedelta(seconds=timeout_s),
             device_id=device if use_cuda else None,
         )
     return device
+
+
+@contextmanager
+def timeouts_in_one_line() -> Iterator[None]:
+    """Around a command: a collective that timed out (see setup) ends it with one line naming this rank and where
+    it waited, instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        # gloo says "Timed out waiting 10000ms for recv operation" or, in DDP's backward, "Application timeout
+        # caused pair closure"
+        if world_size() == 1 or not any(word in str(error).lower() for word in ("timed out", "timeout")):
+            raise
+        reason = str(error).strip().splitlines()[0].split("] ", 1)[-1]  # without gloo's source location
+        raise RunFailed(
+            f"rank {rank()} of {world_size()}: a collective in {waiting_in(error)} timed out ({reason}): another "
+            f"rank is stopped, hung or gone; raise dist_timeout if a rank legitimately works that long alone"
+        ) from None
+
+
+def waiting_in(error: BaseException) -> str:
+    """The innermost function of this repository in error's traceback, as `name (path:line)`."""
+    ours = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if Path(frame.filename).resolve().is_relative_to(REPO) and ".venv" not in Path(frame.filename).parts
+    ]
+    if not ours:
+        return "torch"
+    frame = ours[-1]
+    return f"{frame.name} ({Path(frame.filename).resolve().relative_to(REPO)}:{frame.lineno})"
 
 
 def teardown() -> None:

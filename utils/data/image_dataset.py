@@ -1,10 +1,12 @@
 """A torch Dataset of the images listed in a split file of `relative/path,label` lines."""
 
 import copy
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -48,6 +50,17 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, int]]:
+        """A batch (what a DataLoader asks for), its random augmentations drawn from torch's generator seeded by
+        the batch's indices in order: the same whichever process loads it, so dataset.num_workers does not change
+        a run (the sampler's batches already depend on the seed and the epoch; only the same images in the same
+        order would draw the same augmentations again). The global generator is left as it was: with
+        num_workers=0 this runs in the training process."""
+        digest = hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=8).digest()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(digest) >> 1)  # manual_seed takes at most 2**63 - 1
+            return [self[index] for index in indices]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index] if self.images is not None else self.decode(self.paths[index])

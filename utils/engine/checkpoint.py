@@ -49,6 +49,7 @@ RESUMABLE = (
     "eval_every",
     "cpu",
     "cudnn_flag",
+    "dist_timeout",
     "evaluation.",
     "dataset.data_path",
     "dataset.num_workers",

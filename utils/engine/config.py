@@ -11,7 +11,6 @@ from typing import Any
 from utils.engine.speed import AMP_DTYPES
 from utils.engine.training import OPTIMIZERS, SCHEDULERS
 from utils.settings import (
-    NON_NEGATIVE,
     POSITIVE,
     SEED_LIMIT,
     SIZE,
@@ -53,6 +52,7 @@ def training_config():
     checkpoint_every = None  # also write the checkpoint every this many iterations (long epochs); None: per epoch
     resume = None  # a -F run directory or a checkpoint file to continue (same settings; epochs may be raised)
     seed = 0
+    dist_timeout = 900  # under torchrun: seconds a rank waits for the others in a collective before the run fails
 
     # Speed options (utils/engine/speed.py), off by default: they change the numbers or help on GPUs only.
     amp = None  # None | bf16 | fp16 (with a gradient scaler): autocast the model; the losses stay in float32
@@ -65,10 +65,13 @@ register(
     {
         "epochs": integer(0),
         "optimizer": choice(OPTIMIZERS),
-        "lr": POSITIVE,
+        # At most what the optimizers' float32 arithmetic holds (3.4e38): a larger lr or weight_decay ends in a
+        # traceback inside the first step. A merely huge one (lr=1e38 is what a test uses to make the loss
+        # non-finite) is left to the nonfinite setting, which stops the run in one line.
+        "lr": number(0, 1e38, low_open=True),
         "momentum": number(0, 1, high_open=True),
         "nesterov": boolean(),
-        "weight_decay": NON_NEGATIVE,
+        "weight_decay": number(0, 1e38),
         "no_bias_decay": boolean(),
         "scheduler": choice(SCHEDULERS),
         "lr_step": optional(integer(1)),
@@ -84,6 +87,9 @@ register(
         "checkpoint_every": optional(SIZE),
         "resume": optional(text()),
         "seed": integer(0, SEED_LIMIT),
+        # Longer than any legitimate wait (rank 0 alone computing a large data set's final metrics takes minutes),
+        # far shorter than torch's 30 minutes of a stalled run; a day at most (timedelta overflows beyond).
+        "dist_timeout": number(1, 86400),
         "amp": choice(tuple(AMP_DTYPES)),
         "channels_last": boolean(),
         "compile": boolean(),

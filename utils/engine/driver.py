@@ -84,11 +84,12 @@ class Outcome:
     directory: Path  # where the checkpoint and the pictures are
 
 
-def select_device(cpu: bool, cudnn_flag: str) -> torch.device:
-    """This process's device; under torchrun it joins the process group (NCCL on GPUs, gloo on the CPU)."""
+def select_device(cpu: bool, cudnn_flag: str, dist_timeout: float) -> torch.device:
+    """This process's device; under torchrun it joins the process group (NCCL on GPUs, gloo on the CPU), whose
+    collectives fail after dist_timeout seconds of waiting."""
     check_choice("cudnn_flag", cudnn_flag, CUDNN_FLAGS)
     cudnn.deterministic = cudnn_flag == "deterministic"
-    return distributed.setup(cpu)
+    return distributed.setup(cpu, timeout_s=dist_timeout)
 
 
 def fit(

@@ -7,6 +7,7 @@ reproduces its final numbers, and `with dataset.sop evaluation.backend=torch ...
 
 import copy
 import inspect
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from utils.engine.loggers import RunLogger
 from utils.engine.training import progress
 from utils.errors import InputError, check_choice
 from utils.evaluation.ingredient import Evaluator, check_evaluation, get_evaluator
+from utils.files import atomic_write
 from utils.settings import choice, optional, register, text
 
 OVERRIDABLE = ("dataset.", "evaluation.", "cpu", "cudnn_flag")
@@ -36,7 +38,7 @@ def commands_config():
     # The evaluate and embed commands (after training); both experiments add these keys.
     checkpoint = None  # evaluate, embed: a -F run directory or a checkpoint file whose best weights to use
     images = None  # embed: a folder of images, or a split file of `path,label` lines
-    out = None  # embed: the .npz file to write (embeddings, paths, labels, skipped)
+    out = None  # embed: the .npz file to write (embeddings, paths, labels, skipped); a folder: its embeddings.npz
     bad_images = "stop"  # embed: an unreadable image stops the command | is skipped and listed
 
 
@@ -77,7 +79,7 @@ def restore(path: str | None, current: dict, run: Run) -> tuple[dict, dict, torc
         raise InputError("this command needs checkpoint=PATH: a -F run directory or a checkpoint.pt")
     checkpoint = load_checkpoint(path, run.experiment_info, key="checkpoint")
     config = run_config(checkpoint, current, run)
-    return checkpoint, config, select_device(config["cpu"], config["cudnn_flag"])
+    return checkpoint, config, select_device(config["cpu"], config["cudnn_flag"], current["dist_timeout"])
 
 
 def evaluation_data(config: dict, device: torch.device) -> tuple[MetricLoaders, Evaluator]:
@@ -124,11 +126,14 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[index]
         try:
-            return self.transform(load_image(self.paths[index])), index
-        except InputError:
+            if not path.is_file():  # a FIFO named like an image would block its first read forever
+                raise InputError(f"image {printable(path)} is not a regular file (a pipe, device or socket)")
+            return self.transform(load_image(path)), index
+        except InputError as error:
             if not self.skip:
-                raise
+                raise InputError(printable(str(error))) from None
             return torch.empty(0), index
 
 
@@ -163,18 +168,38 @@ def embed_images(
             kept += [index for _, index in good]
     if not kept:
         raise InputError(f"no image of images={images} could be read")
-    target = Path(out).expanduser()
-    target = target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        target,
-        embeddings=torch.cat(embeddings).numpy(),
-        paths=np.array([str(files.paths[i]) for i in kept]),
-        labels=np.array([files.labels[i] for i in kept], dtype=np.int64),
-        skipped=np.array(skipped, dtype=str),
-    )
+    target = npz_path(out)
+    arrays = {
+        "embeddings": torch.cat(embeddings).numpy(),
+        "paths": np.array([str(files.paths[i]) for i in kept]),
+        "labels": np.array([files.labels[i] for i in kept], dtype=np.int64),
+        "skipped": np.array(skipped, dtype=str),
+    }
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target, "wb") as file:  # a full disk leaves no half-written file behind
+            np.savez(file, **arrays)
+    except OSError as error:
+        raise InputError(
+            f"out={out}: cannot write it ({error.strerror or error}): free some space or choose another out="
+        ) from None
     print(
-        f"Embedded {len(kept):,} images into {target}"
-        + (f"; skipped {len(skipped)} unreadable: {', '.join(skipped)}" if skipped else "")
+        f"Embedded {len(kept):,} images into {printable(target)}"
+        + (f"; skipped {len(skipped)} unreadable: {', '.join(map(printable, skipped))}" if skipped else "")
     )
     return target
+
+
+def npz_path(out: str) -> Path:
+    """The file embed writes for out=: out itself when it ends in .npz, embeddings.npz inside an existing folder,
+    else out with .npz appended."""
+    target = Path(out).expanduser()
+    if target.is_dir():
+        return target / "embeddings.npz"
+    return target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
+
+
+def printable(name: str | Path) -> str:
+    """name (or a message holding one) with the bytes that are not UTF-8 written as \\xNN: the printed line must
+    survive a UTF-8 stream (the terminal, the -F run's cout.txt), which a name's surrogate escapes would break."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")

@@ -147,7 +147,7 @@ def teed_output() -> Iterator[TeedOutput]:
 
 def keep_run_records(command: Callable) -> Callable:
     """Decorate a sacred command that takes `_run`, so that its RunRecords observer keeps the output printed just
-    before a failure (see RunRecords)."""
+    before a failure (see RunRecords), and a collective that timed out under torchrun ends it in one line."""
 
     @functools.wraps(command)  # sacred reads the configuration parameters from the command's signature
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -157,7 +157,8 @@ def keep_run_records(command: Callable) -> Callable:
             for observer in records:
                 observer.output = output
             try:
-                return command(*args, **kwargs)
+                with distributed.timeouts_in_one_line():
+                    return command(*args, **kwargs)
             except BaseException:
                 for observer in records:
                     observer.command_failed(run.captured_out_filter)
