@@ -187,3 +187,22 @@ def test_global_batch_norm_is_as_accurate_as_one_process(tmp_path):
         error = (got - expected).abs().max().item()
         reference = (one_process - expected).abs().max().item()
         assert error <= 4 * reference + 1e-6 * expected.abs().max().item(), (name, error, reference)
+
+
+def buffers_after_sharing() -> dict[str, torch.Tensor]:
+    """A BatchNorm layer after a training forward on this rank's own values, before and after share_buffers."""
+    layer = nn.BatchNorm1d(3).train()
+    layer(torch.full((4, 3), float(distributed.rank() + 1)) + torch.arange(3.0))
+    own = layer.running_mean.clone()
+    distributed.share_buffers(layer)
+    return {"own": own, "shared": layer.running_mean.clone(), "tracked": layer.num_batches_tracked.clone()}
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_with_rank_0s_batch_norm_statistics(tmp_path):
+    # Each rank's training forward updates its own running statistics; the driver shares rank 0's before evaluating,
+    # so that every shard of the test set is embedded with the statistics the checkpoint keeps.
+    ranks = run_ranks(buffers_after_sharing, (), tmp_path)
+    assert not torch.equal(ranks[0]["own"], ranks[1]["own"])
+    for result in ranks:
+        assert torch.equal(result["shared"], ranks[0]["own"]) and result["tracked"] == 1

@@ -173,6 +173,14 @@ def broadcast_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def share_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank, before an evaluation. DDP hands them out before
+    each training forward, but each rank's forward then updates its own copy from its share of the batch: without
+    this, each rank would embed its shard of the test set with other statistics than rank 0's checkpoint keeps."""
+    for buffer in module.buffers():
+        broadcast_(buffer)
+
+
 def broadcast_object(value: object) -> object:
     """Rank 0's value (any picklable object) on every rank."""
     if world_size() == 1:

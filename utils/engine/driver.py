@@ -153,6 +153,7 @@ def fit(
     curves: dict[str, dict[str, list]] = {}  # every logged series, in metrics.json's shape, for the checkpoint
 
     def evaluate_and_log(epoch: int) -> dict[str, float]:
+        distributed.share_buffers(model)  # every rank evaluates (and keeps as best) what the checkpoint holds
         model.eval()
         results = task.evaluate(metrics)
         log_evaluation(loggers, curves, epoch, results)
