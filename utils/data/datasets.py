@@ -25,6 +25,7 @@ Urls = str | Sequence[str]  # one URL, or mirrors of one file in the order to tr
 CUB_TRAIN_CLASSES = DATASETS["cub"].expected["train"][1]
 CARS_TRAIN_CLASSES = DATASETS["cars"].expected["train"][1]
 
+
 def relabel(*splits: list[tuple[str, Hashable]]) -> list[Samples]:
     """Number the classes found in the given splits 0, 1, ... in sorted order, one numbering for all."""
     classes = sorted({label for split in splits for _, label in split})
@@ -40,8 +41,10 @@ def _read_rows(path: Path, columns: int, skip: int = 0, numeric: tuple[int, ...]
         if not fields:
             continue
         if len(fields) != columns or not all(fields[i].isascii() and fields[i].isdigit() for i in numeric):
-            raise InputError(f"{path}, line {number}: unexpected {line!r}; the file is damaged or not the "
-                             f"official one: restore it (delete the folder and run again)")
+            raise InputError(
+                f"{path}, line {number}: unexpected {line!r}; the file is damaged or not the "
+                f"official one: restore it (delete the folder and run again)"
+            )
         rows.append(fields)
     return rows
 
@@ -51,8 +54,8 @@ def _relative(path: Path, data_path: Path) -> str:
 
 
 def _split_by_class(samples: list[tuple[str, int]], train_classes: int) -> dict[str, Samples]:
-    train, = relabel([sample for sample in samples if sample[1] <= train_classes])
-    test, = relabel([sample for sample in samples if sample[1] > train_classes])
+    (train,) = relabel([sample for sample in samples if sample[1] <= train_classes])
+    (test,) = relabel([sample for sample in samples if sample[1] > train_classes])
     return {"train.txt": train, "test.txt": test}
 
 
@@ -64,13 +67,15 @@ def _locate(data_path: Path, marker: str, folder: str) -> Path | None:
 def _obtain(urls: Urls, path: Path, md5: str | None, allow_download: bool, note: str = "") -> Path:
     if not allow_download and not path.is_file():
         first = urls if isinstance(urls, str) else urls[0]
-        raise InputError(f"{path.name} not found and download=False: download {first} to {path}"
-                         + (f"; {note}" if note else ""))
+        raise InputError(
+            f"{path.name} not found and download=False: download {first} to {path}" + (f"; {note}" if note else "")
+        )
     return download(urls, path, md5=md5, note=note)
 
 
-def _fetch_and_extract(urls: Urls, archive: Path, md5: str | None, allow_download: bool, present: bool,
-                       note: str = "") -> None:
+def _fetch_and_extract(
+    urls: Urls, archive: Path, md5: str | None, allow_download: bool, present: bool, note: str = ""
+) -> None:
     """Extract archive (downloaded when missing) into its folder unless done; present: its files are there."""
     # Files there without the archive were extracted by hand, or the archive was deleted to save space.
     if present and (is_extracted(archive, archive.parent) or not archive.is_file()):
@@ -81,8 +86,10 @@ def _fetch_and_extract(urls: Urls, archive: Path, md5: str | None, allow_downloa
 def _require(data_path: Path, marker: str, folder: str, archive: Path) -> Path:
     root = _locate(data_path, marker, folder)
     if root is None:
-        raise InputError(f"{marker} is neither in {data_path} nor in {data_path / folder}, although {archive.name} "
-                         f"was extracted: is it the right archive? Delete it and run again")
+        raise InputError(
+            f"{marker} is neither in {data_path} nor in {data_path / folder}, although {archive.name} "
+            f"was extracted: is it the right archive? Delete it and run again"
+        )
     return root
 
 
@@ -95,8 +102,10 @@ def prepare_cub(data_path: Path, urls: Urls, md5: str | None, allow_download: bo
     paths = dict(_read_rows(root / "images.txt", 2, numeric=(0,)))
     labels = {image: int(label) for image, label in _read_rows(root / "image_class_labels.txt", 2, numeric=(0, 1))}
     if paths.keys() != labels.keys():
-        raise InputError(f"{root}: images.txt and image_class_labels.txt list different images: the data set is "
-                         f"damaged; delete it and run again")
+        raise InputError(
+            f"{root}: images.txt and image_class_labels.txt list different images: the data set is "
+            f"damaged; delete it and run again"
+        )
     samples = [(_relative(root / "images" / path, data_path), labels[image]) for image, path in paths.items()]
     return _split_by_class(samples, CUB_TRAIN_CLASSES)
 
@@ -105,18 +114,29 @@ def _read_cars_annotations(path: Path) -> list[tuple[str, int]]:
     """(relative_im_path, class) of every image in cars_annos.mat (a 1 x N struct array `annotations`)."""
     try:
         annotations = np.atleast_1d(loadmat(path, squeeze_me=True)["annotations"])
-        return [(str(image), int(label))
-                for image, label in zip(annotations["relative_im_path"], annotations["class"], strict=True)]
+        return [
+            (str(image), int(label))
+            for image, label in zip(annotations["relative_im_path"], annotations["class"], strict=True)
+        ]
     except (MatReadError, OSError, ValueError, KeyError, TypeError) as error:
-        raise InputError(f"{path} is not the Cars-196 annotation file ({type(error).__name__}: {error}): "
-                         f"delete it and run again") from None
+        raise InputError(
+            f"{path} is not the Cars-196 annotation file ({type(error).__name__}: {error}): delete it and run again"
+        ) from None
 
 
-def prepare_cars(data_path: Path, images_urls: Urls, images_md5: str | None, annotations_urls: Urls,
-                 annotations_md5: str | None, allow_download: bool) -> dict[str, Samples]:
+def prepare_cars(
+    data_path: Path,
+    images_urls: Urls,
+    images_md5: str | None,
+    annotations_urls: Urls,
+    annotations_md5: str | None,
+    allow_download: bool,
+) -> dict[str, Samples]:
     """Cars-196 (car_ims.tgz and cars_annos.mat): first 98 classes train, last 98 test."""
-    note = (f"the Stanford server is often offline: get car_ims.tgz and cars_annos.mat from a mirror of "
-            f"Cars-196 and place both in {data_path}")
+    note = (
+        f"the Stanford server is often offline: get car_ims.tgz and cars_annos.mat from a mirror of "
+        f"Cars-196 and place both in {data_path}"
+    )
     annotations = _obtain(annotations_urls, data_path / "cars_annos.mat", annotations_md5, allow_download, note)
     archive = data_path / "car_ims.tgz"
     _fetch_and_extract(images_urls, archive, images_md5, allow_download, (data_path / "car_ims").is_dir(), note)
@@ -136,23 +156,31 @@ def prepare_sop(data_path: Path, urls: Urls, md5: str | None, allow_download: bo
         rows = _read_rows(root / name, 4, skip=1, numeric=(0, 1, 2))
         return [(_relative(root / path, data_path), int(label)) for _, label, _, path in rows]
 
-    train, = relabel(read("Ebay_train.txt"))
-    test, = relabel(read("Ebay_test.txt"))
+    (train,) = relabel(read("Ebay_train.txt"))
+    (test,) = relabel(read("Ebay_test.txt"))
     return {"train.txt": train, "test.txt": test}
 
 
 def _inshop_missing(data_path: Path, missing: str) -> InputError:
-    return InputError(f"{missing} not found in {data_path}: In-Shop cannot be downloaded automatically (it is on "
-                      f"Google Drive). Get the \"In-shop Clothes Retrieval Benchmark\" from {INSHOP_PAGE}: put "
-                      f"Eval/list_eval_partition.txt at {data_path / 'list_eval_partition.txt'} and Img/img.zip at "
-                      f"{data_path / 'img.zip'} (or unzip it there, giving {data_path / 'img'}), then run "
-                      f"`python prepare_data.py inshop`")
+    return InputError(
+        f"{missing} not found in {data_path}: In-Shop cannot be downloaded automatically (it is on "
+        f'Google Drive). Get the "In-shop Clothes Retrieval Benchmark" from {INSHOP_PAGE}: put '
+        f"Eval/list_eval_partition.txt at {data_path / 'list_eval_partition.txt'} and Img/img.zip at "
+        f"{data_path / 'img.zip'} (or unzip it there, giving {data_path / 'img'}), then run "
+        f"`python prepare_data.py inshop`"
+    )
 
 
 def prepare_inshop(data_path: Path) -> dict[str, Samples]:
     """In-Shop from files placed by hand: train, and query / gallery sharing one item numbering."""
-    partition = next((path for path in (data_path / "list_eval_partition.txt",
-                                        data_path / "Eval" / "list_eval_partition.txt") if path.is_file()), None)
+    partition = next(
+        (
+            path
+            for path in (data_path / "list_eval_partition.txt", data_path / "Eval" / "list_eval_partition.txt")
+            if path.is_file()
+        ),
+        None,
+    )
     if partition is None:
         raise _inshop_missing(data_path, "list_eval_partition.txt")
     archive = next((path for path in (data_path / "img.zip", data_path / "Img" / "img.zip") if path.is_file()), None)
@@ -167,7 +195,7 @@ def prepare_inshop(data_path: Path) -> dict[str, Samples]:
         if status not in by_status:
             raise InputError(f"{partition}: unknown evaluation_status {status!r} (expected train, query or gallery)")
         by_status[status].append((path, item))
-    train, = relabel(by_status["train"])
+    (train,) = relabel(by_status["train"])
     query, gallery = relabel(by_status["query"], by_status["gallery"])
     return {"train.txt": train, "test_query.txt": query, "test_gallery.txt": gallery}
 

@@ -80,8 +80,9 @@ class WorkerCrop:
     A JpegFile is decoded whole the first time (its grey level needs every row), and only its crop's box once
     grey_levels (share_grey_levels) holds its mean: the same pixels, 1.33-1.38x the images/s (docs/speed.md)."""
 
-    def __init__(self, resize: int | Sequence[int] | None, scale: Sequence[float], ratio: Sequence[float],
-                 hflip: bool) -> None:
+    def __init__(
+        self, resize: int | Sequence[int] | None, scale: Sequence[float], ratio: Sequence[float], hflip: bool
+    ) -> None:
         self.resize, self.hflip = resize, hflip
         self.scale, self.ratio = list(scale), list(ratio)
         self.grey_levels: GreyLevels | None = None
@@ -168,7 +169,7 @@ def pack_crops(items: Sequence[tuple[tuple[Tensor, bool, float], int]]) -> tuple
     pixels = torch.empty(sum(crop.numel() for crop in crops), dtype=torch.uint8)
     offset = 0
     for crop in crops:  # one copy of each crop (concatenating them would copy a strided crop twice)
-        pixels[offset:offset + crop.numel()].view(crop.shape).copy_(crop)
+        pixels[offset : offset + crop.numel()].view(crop.shape).copy_(crop)
         offset += crop.numel()
     flips = torch.tensor([flip for (_, flip, _), _ in items], dtype=torch.bool)
     greys = torch.tensor([grey for (_, _, grey), _ in items], dtype=torch.float32)
@@ -209,10 +210,11 @@ class DeviceAugment(nn.Module):
         images = pixels.new_empty(len(sizes), 3, self.crop_size, self.crop_size, dtype=torch.float32)
         offset = 0
         for image, (h, w), flip in zip(images, sizes, flips, strict=True):
-            crop = pixels[offset:offset + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2).float()
+            crop = pixels[offset : offset + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2).float()
             offset += h * w * 3
-            resized = nn.functional.interpolate(crop, size=(self.crop_size, self.crop_size), mode="bilinear",
-                                                antialias=True)[0]
+            resized = nn.functional.interpolate(
+                crop, size=(self.crop_size, self.crop_size), mode="bilinear", antialias=True
+            )[0]
             image.copy_(resized.flip(-1) if flip else resized)
         return images.div_(255).clamp_(0, 1)
 
@@ -220,8 +222,7 @@ class DeviceAugment(nn.Module):
         """Per image: the order of the four adjustments (a permutation, as ColorJitter's randperm(4)) and the
         factors, uniform in their ranges, drawn on the device."""
         order = torch.rand(count, 4, device=device).argsort(dim=1)
-        factors = [None if r is None else torch.empty(count, device=device).uniform_(r[0], r[1])
-                   for r in self.ranges]
+        factors = [None if r is None else torch.empty(count, device=device).uniform_(r[0], r[1]) for r in self.ranges]
         return order, factors
 
     @staticmethod
@@ -239,13 +240,21 @@ class DeviceAugment(nn.Module):
         return _hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1)), grey
 
 
-def build_split_pipeline(crop_size: int, resize: int | Sequence[int] | None,
-                         scale: Sequence[float], ratio: Sequence[float], color_jitter: Sequence[float] | None,
-                         rotate: float | None, hflip: bool) -> tuple[WorkerCrop, DeviceAugment]:
+def build_split_pipeline(
+    crop_size: int,
+    resize: int | Sequence[int] | None,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    color_jitter: Sequence[float] | None,
+    rotate: float | None,
+    hflip: bool,
+) -> tuple[WorkerCrop, DeviceAugment]:
     """The worker transform and the device module of dataset.gpu_augment=True; also builds the box decoder here,
     in the main process, so that the DataLoader workers inherit it (or its absence, after one warning)."""
     if rotate is not None:
-        raise InputError(f"dataset.rotate={rotate} is not available with dataset.gpu_augment=True: set "
-                         f"dataset.rotate=None or dataset.gpu_augment=False")
+        raise InputError(
+            f"dataset.rotate={rotate} is not available with dataset.gpu_augment=True: set "
+            f"dataset.rotate=None or dataset.gpu_augment=False"
+        )
     jpeg_box.kernel()
     return WorkerCrop(resize, scale, ratio, hflip), DeviceAugment(crop_size, color_jitter)

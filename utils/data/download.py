@@ -41,8 +41,15 @@ def disk_full(error: OSError, doing: str) -> InputError | None:
     return InputError(f"disk full while {doing}: free some space (or point data_path elsewhere) and run again")
 
 
-def download(urls: str | Sequence[str], path: str | Path, md5: str | None = None, sha256: str | None = None, *,
-             note: str = "", timeout: float = 60) -> Path:
+def download(
+    urls: str | Sequence[str],
+    path: str | Path,
+    md5: str | None = None,
+    sha256: str | None = None,
+    *,
+    note: str = "",
+    timeout: float = 60,
+) -> Path:
     """Fetch path from the first of urls (mirrors of one file, in order) that serves it with the right checksum.
 
     Nothing is fetched when path exists (its checksum is still checked). The data goes to path + ".part"
@@ -57,8 +64,10 @@ def download(urls: str | Sequence[str], path: str | Path, md5: str | None = None
     expected = ("md5", md5.lower()) if md5 else ("sha256", sha256.lower()) if sha256 else None
     if path.is_file():
         if wrong := _mismatch(path, expected):
-            raise InputError(f"{path} has {wrong}: the file is damaged, incomplete or another version; "
-                             f"delete it and run again to download it afresh")
+            raise InputError(
+                f"{path} has {wrong}: the file is damaged, incomplete or another version; "
+                f"delete it and run again to download it afresh"
+            )
         return path
     part = path.with_name(path.name + ".part")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +117,12 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
         resumed = have if response.status == 206 and _range_start(response) == have else 0
         size = response.headers.get("Content-Length")
         total = resumed + int(size) if size else None
-        with open(part, "ab" if resumed else "wb") as file, \
-                tqdm(total=total, initial=resumed, desc=part.stem, unit="B", unit_scale=True, unit_divisor=1024,
-                     leave=False) as bar:
+        with (
+            open(part, "ab" if resumed else "wb") as file,
+            tqdm(
+                total=total, initial=resumed, desc=part.stem, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+            ) as bar,
+        ):
             for chunk in iter(lambda: response.read(CHUNK), b""):
                 file.write(chunk)
                 bar.update(len(chunk))
@@ -160,8 +172,14 @@ def is_reserved(name: str) -> bool:
     return name == "manifest.json" or name.startswith(".") and name.endswith((".extracted", ".partial"))
 
 
-def extract(archive: str | Path, target: str | Path, force: bool = False, *, max_ratio: float = MAX_RATIO,
-            max_bytes: int = MAX_BYTES) -> bool:
+def extract(
+    archive: str | Path,
+    target: str | Path,
+    force: bool = False,
+    *,
+    max_ratio: float = MAX_RATIO,
+    max_bytes: int = MAX_BYTES,
+) -> bool:
     """Extract a tar (.tgz, .tar.gz, .tar) or zip archive into target; False when it was done before.
 
     Members go to a temporary folder in target, whose top-level entries are moved into place (replacing
@@ -215,8 +233,9 @@ def _extract_members(archive: Path, partial: Path, limit: int) -> None:
 
 
 def _refuse(archive: Path, member: str, why: str) -> InputError:
-    return InputError(f"{archive}: refusing to extract member {member!r}: {why}; the archive is unsafe, "
-                      f"get a trustworthy copy")
+    return InputError(
+        f"{archive}: refusing to extract member {member!r}: {why}; the archive is unsafe, get a trustworthy copy"
+    )
 
 
 def _member_path(archive: Path, root: Path, name: str) -> Path | None:
@@ -246,14 +265,21 @@ class _Budget:
     def take(self, name: str, size: int) -> None:
         self.left -= size
         if self.left < 0:
-            raise InputError(f"{self.archive} expands beyond {self.limit:,} bytes (at member {name!r}): it is not "
-                             f"the data set's archive or is a decompression bomb; get a trustworthy copy")
+            raise InputError(
+                f"{self.archive} expands beyond {self.limit:,} bytes (at member {name!r}): it is not "
+                f"the data set's archive or is a decompression bomb; get a trustworthy copy"
+            )
 
 
 # Extended headers (PAX records, GNU long names) describe the member after them, and tarfile reads each one
 # whole into memory: they count against the archive's budget, checked before tarfile reads them.
-EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                    tarfile.GNUTYPE_LONGLINK)
+EXTENDED_HEADERS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 def _budgeted_members(budget: _Budget) -> type[tarfile.TarInfo]:
@@ -314,8 +340,9 @@ def _extract_tar(archive: Path, partial: Path, limit: int) -> None:
     with tarfile.open(archive, tarinfo=_budgeted_members(budget)) as tar, _progress(archive) as bar:
         for member in tar:
             if member.issym() or member.islnk():
-                raise _refuse(archive, member.name, f"it is a link (to {member.linkname!r}); the data sets' "
-                                                    f"archives hold none")
+                raise _refuse(
+                    archive, member.name, f"it is a link (to {member.linkname!r}); the data sets' archives hold none"
+                )
             if member.isdir():
                 _mkdir(archive, root, member.name)
             elif member.isreg():

@@ -21,25 +21,38 @@ class ImageDataset(Dataset):
     decode: path -> image, what transform takes (preloaded images are always load_image's PIL images).
     """
 
-    def __init__(self, root: str | Path, split_file: str, transform: Callable | None = None,
-                 preload: bool = False, min_classes: int = 1, decode: Callable[[Path], Any] = load_image) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split_file: str,
+        transform: Callable | None = None,
+        preload: bool = False,
+        min_classes: int = 1,
+        decode: Callable[[Path], Any] = load_image,
+    ) -> None:
         self.root = Path(root)
         self.split_file = self.root / split_file
         if not self.split_file.is_file():
-            raise InputError(f"split file {self.split_file} not found; run `python prepare_data.py` "
-                             f"or point dataset.data_path at the prepared folder")
+            raise InputError(
+                f"split file {self.split_file} not found; run `python prepare_data.py` "
+                f"or point dataset.data_path at the prepared folder"
+            )
         samples = read_split(self.split_file)
         self.paths = [self.root / path for path, _ in samples]
         self.targets = [label for _, label in samples]
         self.transform, self.decode = transform, decode
         classes = len(set(self.targets))
         if classes < min_classes:
-            raise InputError(f"{self.split_file} holds {classes} class(es) but at least {min_classes} are needed "
-                             f"(retrieval among one class scores 1.0 on every metric): list more classes in it")
+            raise InputError(
+                f"{self.split_file} holds {classes} class(es) but at least {min_classes} are needed "
+                f"(retrieval among one class scores 1.0 on every metric): list more classes in it"
+            )
         missing = next((path for path in self.paths if not path.is_file()), None)
         if missing is not None:
-            raise InputError(f"image {missing} (listed in {self.split_file}) is missing; "
-                             f"re-run prepare_data.py or fix the split file")
+            raise InputError(
+                f"image {missing} (listed in {self.split_file}) is missing; "
+                f"re-run prepare_data.py or fix the split file"
+            )
         self.images = [load_image(path) for path in self.paths] if preload else None
 
     def with_transform(self, transform: Callable | None) -> "ImageDataset":
@@ -67,4 +80,3 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
-

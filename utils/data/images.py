@@ -29,19 +29,24 @@ def read_split(split_file: Path) -> list[tuple[str, int]]:
         path, _, label = line.rpartition(",")
         label = label.strip()
         if not path or not (label.isascii() and label.isdigit()):
-            raise InputError(f"{split_file}, line {number}: expected 'relative/path,label' with a label 0, 1, 2, ..., "
-                             f"got {line!r}")
+            raise InputError(
+                f"{split_file}, line {number}: expected 'relative/path,label' with a label 0, 1, 2, ..., got {line!r}"
+            )
         relative = path.strip()
         if leaves_folder(relative):
-            raise InputError(f"{split_file}, line {number}: {relative!r} leads outside the data folder; list "
-                             f"paths relative to the folder, inside it")
+            raise InputError(
+                f"{split_file}, line {number}: {relative!r} leads outside the data folder; list "
+                f"paths relative to the folder, inside it"
+            )
         samples.append((relative, int(label)))
     if not samples:
         raise InputError(f"{split_file} lists no images; re-create it with prepare_data.py")
     largest = max(label for _, label in samples)
     if largest >= len(samples):
-        raise InputError(f"{split_file}: largest label {largest:,} but only {len(samples):,} images: labels must number "
-                         f"the classes densely from 0 (0, 1, 2, ...); renumber them")
+        raise InputError(
+            f"{split_file}: largest label {largest:,} but only {len(samples):,} images: labels must number "
+            f"the classes densely from 0 (0, 1, 2, ...); renumber them"
+        )
     return samples
 
 
@@ -60,8 +65,9 @@ def _split_text(split_file: Path) -> str:
     try:
         text = data.decode("utf-8-sig")  # drops a byte-order mark
     except UnicodeDecodeError as error:
-        raise InputError(f"{split_file} is not UTF-8 (byte {error.start:,} cannot be decoded): save it as UTF-8"
-                         ) from None
+        raise InputError(
+            f"{split_file} is not UTF-8 (byte {error.start:,} cannot be decoded): save it as UTF-8"
+        ) from None
     if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with NULs
         raise InputError(f"{split_file} holds NUL characters (UTF-16 without a byte-order mark?): save it as UTF-8")
     return text
@@ -95,8 +101,10 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _too_large(path: Path, size: str) -> InputError:
-    return InputError(f"image {path} claims {size}, more than the {MAX_PIXELS:,} pixels allowed (a corrupt or "
-                      f"hostile header?); replace the file or remove its line")
+    return InputError(
+        f"image {path} claims {size}, more than the {MAX_PIXELS:,} pixels allowed (a corrupt or "
+        f"hostile header?); replace the file or remove its line"
+    )
 
 
 def _bomb_size(error: Image.DecompressionBombError) -> str:

@@ -16,8 +16,22 @@ from utils.data.samplers import EpochBatches, epoch_batches
 from utils.data.specs import DATASETS, named_configs
 from utils.data.transforms import build_transforms
 from utils.errors import InputError
-from utils.settings import (NON_NEGATIVE, SIZE, Check, CrossRule, boolean, choice, either, integer, items, number,
-                            optional, ordered_pair, register, text)
+from utils.settings import (
+    NON_NEGATIVE,
+    SIZE,
+    Check,
+    CrossRule,
+    boolean,
+    choice,
+    either,
+    integer,
+    items,
+    number,
+    optional,
+    ordered_pair,
+    register,
+    text,
+)
 
 SAMPLERS = ("random", "random_id", "balanced")
 
@@ -132,9 +146,22 @@ class MetricLoaders(NamedTuple):
 
 
 @data_ingredient.capture
-def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gallery_file: str | None, preload: bool,
-                 crop_size: int, resize, scale, ratio, color_jitter, rotate, hflip: bool, gpu_augment: bool
-                 ) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, DeviceAugment | None]:
+def get_datasets(
+    name: str,
+    data_path: str,
+    train_file: str,
+    test_file: str,
+    gallery_file: str | None,
+    preload: bool,
+    crop_size: int,
+    resize,
+    scale,
+    ratio,
+    color_jitter,
+    rotate,
+    hflip: bool,
+    gpu_augment: bool,
+) -> tuple[ImageDataset, ImageDataset, ImageDataset | None, DeviceAugment | None]:
     """The training, query and gallery images, and with gpu_augment the resampling and jitter left to the device."""
     if name not in DATASETS:
         raise InputError(f"unknown dataset.name {name!r}: choose one of {', '.join(DATASETS)}")
@@ -142,14 +169,17 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
     if name == "digits" and not (root / train_file).is_file():
         prepare_digits(root)
     if not root.is_dir():
-        raise InputError(f"data folder {root} not found: run `python prepare_data.py` "
-                         f"or point dataset.data_path at the prepared data")
+        raise InputError(
+            f"data folder {root} not found: run `python prepare_data.py` "
+            f"or point dataset.data_path at the prepared data"
+        )
     check_prepared(root)
     train_transform, test_transform = build_transforms(crop_size, resize, scale, ratio, color_jitter, rotate, hflip)
     device_augment, decode = None, load_image
     if gpu_augment:
-        train_transform, device_augment = build_split_pipeline(crop_size, resize, scale, ratio, color_jitter, rotate,
-                                                               hflip)
+        train_transform, device_augment = build_split_pipeline(
+            crop_size, resize, scale, ratio, color_jitter, rotate, hflip
+        )
         decode = load_for_crop
     train = ImageDataset(root, train_file, train_transform, preload, decode=decode)
     if gpu_augment:
@@ -160,8 +190,9 @@ def get_datasets(name: str, data_path: str, train_file: str, test_file: str, gal
 
 
 @data_ingredient.capture
-def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_per_class: int,
-                      num_iterations: int | None, _seed: int) -> EpochBatches:
+def get_train_sampler(
+    labels: list[int], batch_size: int, sampler: str, images_per_class: int, num_iterations: int | None, _seed: int
+) -> EpochBatches:
     """The training batches; batch_size is the global batch, and under torchrun each rank gets its part of every
     global batch. _seed is sacred's seed for this function, derived from the run's seed (the same on every rank)."""
     if sampler not in SAMPLERS:
@@ -170,8 +201,9 @@ def get_train_sampler(labels: list[int], batch_size: int, sampler: str, images_p
         raise InputError(f"dataset.batch_size={batch_size} exceeds the {len(labels)} training images: lower it")
     num_batches = num_iterations or len(labels) // batch_size
     distributed.check_batch(batch_size, images_per_class if sampler != "random" else None)
-    return epoch_batches(labels, batch_size, sampler, images_per_class, num_batches, _seed, distributed.rank(),
-                         distributed.world_size())
+    return epoch_batches(
+        labels, batch_size, sampler, images_per_class, num_batches, _seed, distributed.rank(), distributed.world_size()
+    )
 
 
 @data_ingredient.capture
@@ -179,19 +211,36 @@ def get_loaders(num_workers: int, pin_memory: bool, persistent_workers: bool) ->
     train, query, gallery, device_augment = get_datasets()
     batches = get_train_sampler(train.targets)
     # gpu_augment's crops differ in size until the device resamples them: pack_crops collates them.
-    train_loader = DataLoader(train, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-                              collate_fn=None if device_augment is None else pack_crops,
-                              persistent_workers=persistent_workers and num_workers > 0, generator=batches.worker_seeds)
+    train_loader = DataLoader(
+        train,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=None if device_augment is None else pack_crops,
+        persistent_workers=persistent_workers and num_workers > 0,
+        generator=batches.worker_seeds,
+    )
     return test_loaders(train, query, gallery)._replace(train=train_loader, device_augment=device_augment)
 
 
 @data_ingredient.capture
-def test_loaders(train: ImageDataset, query: ImageDataset, gallery: ImageDataset | None, test_batch_size: int,
-                 num_workers: int, pin_memory: bool) -> MetricLoaders:
+def test_loaders(
+    train: ImageDataset,
+    query: ImageDataset,
+    gallery: ImageDataset | None,
+    test_batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> MetricLoaders:
     """The test images (and the training images under the test transform, for utilization); no training batches."""
 
     def test_loader(dataset: ImageDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
-    return MetricLoaders(None, test_loader(query), test_loader(gallery) if gallery else None,
-                         test_loader(train.with_transform(query.transform)), num_classes=max(train.targets) + 1)
+    return MetricLoaders(
+        None,
+        test_loader(query),
+        test_loader(gallery) if gallery else None,
+        test_loader(train.with_transform(query.transform)),
+        num_classes=max(train.targets) + 1,
+    )

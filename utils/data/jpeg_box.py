@@ -31,8 +31,13 @@ def kernel() -> ctypes.CDLL | None:
         return None
     library = native.load(SOURCE, libraries=("jpeg",))
     if library is not None:
-        library.jpeg_box.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p, *[ctypes.c_int] * 4,
-                                     ctypes.c_void_p]
+        library.jpeg_box.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+            *[ctypes.c_int] * 4,
+            ctypes.c_void_p,
+        ]
     return library
 
 

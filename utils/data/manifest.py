@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -54,8 +54,10 @@ def exclusive(data_path: Path) -> Iterator[None]:
         if not held:
             file.seek(0)
             holder = file.read().strip() or "unknown"
-            raise InputError(f"{data_path} is being prepared by another run of prepare_data.py (process {holder}): "
-                             f"wait until that run reports, and run again only if it failed")
+            raise InputError(
+                f"{data_path} is being prepared by another run of prepare_data.py (process {holder}): "
+                f"wait until that run reports, and run again only if it failed"
+            )
         file.truncate(0)
         file.write(f"{os.getpid()}\n")
         file.flush()
@@ -84,9 +86,22 @@ def mark_incomplete(data_path: Path, dataset: str, reason: str) -> None:
 
 
 def mark_complete(data_path: Path, dataset: str, splits: dict[str, Samples]) -> None:
-    write(data_path, {"dataset": dataset, "complete": True, "verified": datetime.now(timezone.utc).isoformat(),
-                      "splits": {name: {"images": len(samples), "classes": len({label for _, label in samples}),
-                                        "sha256": digest(samples)} for name, samples in splits.items()}})
+    write(
+        data_path,
+        {
+            "dataset": dataset,
+            "complete": True,
+            "verified": datetime.now(UTC).isoformat(),
+            "splits": {
+                name: {
+                    "images": len(samples),
+                    "classes": len({label for _, label in samples}),
+                    "sha256": digest(samples),
+                }
+                for name, samples in splits.items()
+            },
+        },
+    )
 
 
 def digest(samples: Samples) -> str:
@@ -98,8 +113,9 @@ def verified_before(manifest: dict | None, splits: dict[str, Samples]) -> bool:
     if not manifest or manifest.get("complete") is not True:
         return False
     recorded = manifest.get("splits", {})
-    return recorded.keys() == splits.keys() and all(recorded[name].get("sha256") == digest(samples)
-                                                    for name, samples in splits.items())
+    return recorded.keys() == splits.keys() and all(
+        recorded[name].get("sha256") == digest(samples) for name, samples in splits.items()
+    )
 
 
 def check_prepared(data_path: Path) -> None:
@@ -107,8 +123,10 @@ def check_prepared(data_path: Path) -> None:
     manifest = read(data_path)
     if manifest is not None and manifest.get("complete") is not True:
         name = manifest.get("dataset", "")
-        raise InputError(f"data folder {data_path} is not completely prepared ({manifest.get('reason', 'unknown')}): "
-                         f"run `python prepare_data.py {name}` until it reports the data set ready")
+        raise InputError(
+            f"data folder {data_path} is not completely prepared ({manifest.get('reason', 'unknown')}): "
+            f"run `python prepare_data.py {name}` until it reports the data set ready"
+        )
 
 
 def check_counts(splits: dict[str, Samples], expected: Expected | None) -> None:
@@ -119,9 +137,11 @@ def check_counts(splits: dict[str, Samples], expected: Expected | None) -> None:
         found = (len(samples), len({label for _, label in samples}))
         if found[0] != images or classes is not None and found[1] != classes:
             published = f"{images:,} images" + (f" / {classes:,} classes" if classes is not None else "")
-            raise InputError(f"{name} would have {found[0]:,} images / {found[1]:,} classes, the published split "
-                             f"{published}: the data set is incomplete or not the official version; delete its "
-                             f"folder and run again (or set `expected` to the counts of your version)")
+            raise InputError(
+                f"{name} would have {found[0]:,} images / {found[1]:,} classes, the published split "
+                f"{published}: the data set is incomplete or not the official version; delete its "
+                f"folder and run again (or set `expected` to the counts of your version)"
+            )
 
 
 def _problem(path: Path) -> str | None:
@@ -137,8 +157,15 @@ def verify_images(data_path: Path, splits: dict[str, Samples], workers: int | No
     process that has loaded torch); refuse any image that fails."""
     paths = sorted({data_path / path for samples in splits.values() for path, _ in samples})
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
-        problems = [problem for problem in tqdm(pool.map(_problem, paths), total=len(paths), desc="decoding images",
-                                                unit=" images", leave=False) if problem]
+        problems = [
+            problem
+            for problem in tqdm(
+                pool.map(_problem, paths), total=len(paths), desc="decoding images", unit=" images", leave=False
+            )
+            if problem
+        ]
     if problems:
-        raise InputError(f"{len(problems):,} of the {len(paths):,} images do not decode (first: {problems[0]}); "
-                         f"delete the data set's folder (keep the archive if its checksum was checked) and run again")
+        raise InputError(
+            f"{len(problems):,} of the {len(paths):,} images do not decode (first: {problems[0]}); "
+            f"delete the data set's folder (keep the archive if its checksum was checked) and run again"
+        )

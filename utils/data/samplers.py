@@ -23,12 +23,20 @@ class ClassBatchSampler(Sampler[list[int]]):
     generator (torch's global one when None).
     """
 
-    def __init__(self, labels: Sequence[int], batch_size: int, images_per_class: int, num_batches: int,
-                 replace: bool, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int],
+        batch_size: int,
+        images_per_class: int,
+        num_batches: int,
+        replace: bool,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.generator = generator
         if images_per_class < 1 or batch_size % images_per_class:
-            raise InputError(f"dataset.batch_size={batch_size} must be a multiple of "
-                             f"dataset.images_per_class={images_per_class}")
+            raise InputError(
+                f"dataset.batch_size={batch_size} must be a multiple of dataset.images_per_class={images_per_class}"
+            )
         self.classes_per_batch = batch_size // images_per_class
         self.images_per_class = images_per_class
         self.num_batches = num_batches
@@ -37,12 +45,16 @@ class ClassBatchSampler(Sampler[list[int]]):
         groups = [torch.nonzero(labels == c).squeeze(1) for c in labels.unique()]
         self.groups = [g for g in groups if replace or len(g) >= images_per_class]
         if self.classes_per_batch < 2:
-            raise InputError(f"dataset.batch_size={batch_size} holds a single class of {images_per_class} images: "
-                             f"raise it to at least {2 * images_per_class} so that batches contain negatives")
+            raise InputError(
+                f"dataset.batch_size={batch_size} holds a single class of {images_per_class} images: "
+                f"raise it to at least {2 * images_per_class} so that batches contain negatives"
+            )
         if self.classes_per_batch > len(self.groups):
-            raise InputError(f"dataset.batch_size={batch_size} needs {self.classes_per_batch} classes of "
-                             f"{images_per_class} images per batch, but the training set has {len(self.groups)} such "
-                             f"classes: lower dataset.batch_size or dataset.images_per_class")
+            raise InputError(
+                f"dataset.batch_size={batch_size} needs {self.classes_per_batch} classes of "
+                f"{images_per_class} images per batch, but the training set has {len(self.groups)} such "
+                f"classes: lower dataset.batch_size or dataset.images_per_class"
+            )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -70,8 +82,14 @@ class EpochBatches(Sampler[list[int]]):
     keeps each class on one rank when the part is a whole number of classes (utils.distributed.check_batch).
     """
 
-    def __init__(self, batches: BatchSampler | ClassBatchSampler, generator: torch.Generator, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        batches: BatchSampler | ClassBatchSampler,
+        generator: torch.Generator,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.batches, self.generator, self.seed = batches, generator, seed
         self.rank, self.world_size = rank, world_size
         self.worker_seeds = torch.Generator()
@@ -89,17 +107,26 @@ class EpochBatches(Sampler[list[int]]):
         self.worker_seeds.manual_seed(stream + 1 + (self.rank << 48))  # each rank's workers their own draws
         for batch in itertools.islice(iter(self.batches), self.start, None):
             part = len(batch) // self.world_size
-            yield batch[self.rank * part:(self.rank + 1) * part]
+            yield batch[self.rank * part : (self.rank + 1) * part]
 
 
-def epoch_batches(labels: Sequence[int], batch_size: int, sampler: str, images_per_class: int, num_batches: int,
-                  seed: int, rank: int = 0, world_size: int = 1) -> EpochBatches:
+def epoch_batches(
+    labels: Sequence[int],
+    batch_size: int,
+    sampler: str,
+    images_per_class: int,
+    num_batches: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EpochBatches:
     """random: batches of distinct images drawn at random; random_id and balanced: ClassBatchSampler's."""
     generator = torch.Generator()
     if sampler == "random":
         images = RandomSampler(range(len(labels)), num_samples=num_batches * batch_size, generator=generator)
         batches = BatchSampler(images, batch_size, drop_last=True)
     else:
-        batches = ClassBatchSampler(labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced",
-                                    generator=generator)
+        batches = ClassBatchSampler(
+            labels, batch_size, images_per_class, num_batches, replace=sampler == "balanced", generator=generator
+        )
     return EpochBatches(batches, generator, seed, rank, world_size)

@@ -3,9 +3,15 @@
 from torchvision import transforms as T
 
 
-def build_transforms(crop_size: int, resize: int | tuple[int, int] | None, scale: tuple[float, float],
-                     ratio: tuple[float, float], color_jitter: tuple[float, ...] | None, rotate: float | None,
-                     hflip: bool) -> tuple[T.Compose, T.Compose]:
+def build_transforms(
+    crop_size: int,
+    resize: int | tuple[int, int] | None,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    color_jitter: tuple[float, ...] | None,
+    rotate: float | None,
+    hflip: bool,
+) -> tuple[T.Compose, T.Compose]:
     train, test = [], []
     if resize is not None:
         train.append(T.Resize(resize))
