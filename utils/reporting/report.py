@@ -39,6 +39,7 @@ IGNORED = {
     "cudnn_flag",
     "output_dir",
     "checkpoint_every",
+    "dist_timeout",
     "resume",
     "checkpoint",
     "images",
