@@ -71,7 +71,7 @@ def optimizer_groups(model: nn.Module, objective_groups: list[dict], lr: float, 
 def finite_weights(*modules: nn.Module) -> bool:
     """Whether every parameter and floating-point buffer of modules is finite (one read on the host)."""
     tensors = [t for module in modules for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def build_optimizer(
