@@ -26,6 +26,7 @@ from utils.evaluation.inference import commands_config, embed_images, evaluate_c
 from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.reporting.sacred_run import (
     SacredLogger,
+    continue_with_checkpoint_settings,
     keep_run_records,
     observe_with_run_records,
     output_directory,
@@ -42,6 +43,7 @@ ex = Experiment(
 ex.config_hook(settings_hook)  # every setting against utils/settings.py's table, before anything runs
 ex.option_hook(quiet_other_ranks)  # under torchrun only rank 0 observes the run and prints
 observe_with_run_records(ex)  # -F: records that survive a failure (utils/reporting/sacred_run.py)
+continue_with_checkpoint_settings(ex)  # resume=PATH: the checkpoint's settings, under what the command line gives
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 ex.config(commands_config)

@@ -360,6 +360,19 @@ def test_resume_extends_a_finished_run(finished_run, digits_path, experiment, tm
     assert "Resumed from" in outcome.out and "epoch 2, iteration 0" in outcome.out and "Train   2 |" in outcome.out
 
 
+def test_resume_alone_continues_with_the_checkpoints_settings(finished_run, experiment, tmp_path):
+    """Nothing but resume=: every setting is the checkpoint's (not the config's defaults, such as 30 epochs), and a
+    typed one still wins."""
+    outcome = experiment(f"-F {tmp_path} with", f"resume={finished_run}", "evaluation.backend=torch")
+    assert outcome.code == 0, outcome.err
+    saved = json.loads((finished_run / "config.json").read_text())
+    resumed = json.loads((tmp_path / "1" / "config.json").read_text())
+    assert resumed["epochs"] == 1 and resumed["evaluation"]["backend"] == "torch"
+    for key in ("epochs", "dataset", "model", "loss", "lr", "seed"):
+        if key != "evaluation":
+            assert resumed[key] == saved[key], key
+
+
 def test_checkpoints_keep_format_1(finished_run):
     """Checkpoints written before the schema had one owner (FORMAT 1) hold exactly these keys: they still load."""
     checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)

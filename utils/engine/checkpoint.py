@@ -230,6 +230,19 @@ def checkpoint_file(path: str, key: str) -> Path:
     return file
 
 
+def settings_at(path: str, experiment: str) -> dict | None:
+    """The settings of the run whose checkpoint is at path, when it is a readable checkpoint of this experiment (its
+    name); else None, and load_checkpoint says why in one line when the run starts."""
+    try:
+        checkpoint = torch.load(checkpoint_file(path, "resume"), map_location="cpu", weights_only=True)
+    except Exception:  # a missing, damaged or foreign file: the run's own loading names it
+        return None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        return None
+    code = checkpoint.get("code")
+    return checkpoint.get("config") if isinstance(code, dict) and code.get("name") == experiment else None
+
+
 def load_checkpoint(path: str, code: dict, key: str = "resume") -> dict:
     """The checkpoint of key=PATH (resume=: to continue training; checkpoint=: for its best weights), or one line
     saying why it cannot be used: not a checkpoint, written by the other experiment (code: the current run's

@@ -19,11 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from sacred import Experiment, serializer
+from sacred import Experiment, Ingredient, serializer
+from sacred.arg_parser import get_config_updates
 from sacred.observers import FileStorageObserver
 from sacred.run import Run
 
 from utils import distributed
+from utils.engine.checkpoint import settings_at
 from utils.engine.loggers import RunLogger
 from utils.errors import InputError
 from utils.files import atomic_write
@@ -111,6 +113,55 @@ def observe_with_run_records(ex: Experiment) -> None:
             options["--file_storage"] = None
 
     ex.option_hook(use_run_records)
+
+
+def continue_with_checkpoint_settings(ex: Experiment) -> None:
+    """`resume=PATH` continues a run with its checkpoint's settings. An option hook reads them before sacred builds
+    the configuration, and a config hook of the experiment and of each ingredient hands sacred its part; sacred
+    applies the command line's updates and named configs over a hook's, so a resumed run differs from the stopped
+    one only in what the user typed (epochs, to extend it; utils/engine/checkpoint.py refuses the rest)."""
+    saved: dict = {}
+
+    def read_checkpoint(options: dict) -> None:
+        saved.clear()
+        updates, _ = get_config_updates(options.get("UPDATE") or [])
+        if (options.get("COMMAND") or ex.default_command) == ex.default_command and updates.get("resume"):
+            saved.update(settings_at(str(updates["resume"]), ex.path) or {})
+
+    ingredients = {ingredient.path: ingredient for ingredient in all_ingredients(ex)}
+
+    def hand_over(path: str | None) -> Callable:
+        def checkpoint_settings(config: dict, command_name: str, logger: Any) -> dict:
+            if path is None:  # the experiment's own keys; each ingredient hands over its own
+                part = {key: value for key, value in saved.items() if key not in ingredients}
+                return settings_known_to(config, part)
+            return settings_known_to(config.get(path, {}), saved.get(path, {}))
+
+        return checkpoint_settings
+
+    ex.option_hook(read_checkpoint)
+    ex.config_hook(hand_over(None))
+    for path, ingredient in ingredients.items():
+        ingredient.config_hook(hand_over(path))
+
+
+def all_ingredients(ingredient: Ingredient) -> list[Ingredient]:
+    found = []
+    for child in ingredient.ingredients:
+        found += [child, *all_ingredients(child)]
+    return found
+
+
+def settings_known_to(config: dict, saved: dict) -> dict:
+    """The saved settings whose keys the current config has (a key of another code version is left out), but
+    resume itself."""
+    known = {}
+    for key, value in saved.items():
+        if key not in config or key == "resume" or key.startswith("__"):
+            continue
+        nested = isinstance(value, dict) and isinstance(config[key], dict)
+        known[key] = settings_known_to(config[key], value) if nested else value
+    return known
 
 
 class TeedOutput:
