@@ -119,7 +119,8 @@ def continue_with_checkpoint_settings(ex: Experiment) -> None:
     """`resume=PATH` continues a run with its checkpoint's settings. An option hook reads them before sacred builds
     the configuration, and a config hook of the experiment and of each ingredient hands sacred its part; sacred
     applies the command line's updates and named configs over a hook's, so a resumed run differs from the stopped
-    one only in what the user typed (epochs, to extend it; utils/engine/checkpoint.py refuses the rest)."""
+    one only in what the user typed (epochs, to extend it; utils/engine/checkpoint.py refuses the rest). A pre-run
+    hook records the run it continues: info.json's "parent" (parent_record)."""
     saved: dict = {}
 
     def read_checkpoint(options: dict) -> None:
@@ -139,10 +140,26 @@ def continue_with_checkpoint_settings(ex: Experiment) -> None:
 
         return checkpoint_settings
 
+    def record_parent(_run: Run) -> None:
+        """A resumed run names the run it continued in its info.json: `python -m utils.report` joins such links
+        into one chain, counted once."""
+        if _run.config.get("resume") and _run.main_function.signature.name == ex.default_command:
+            _run.info["parent"] = parent_record(str(_run.config["resume"]))
+
     ex.option_hook(read_checkpoint)
     ex.config_hook(hand_over(None))
     for path, ingredient in ingredients.items():
         ingredient.config_hook(hand_over(path))
+    ex.pre_run_hook(record_parent)
+
+
+def parent_record(resume: str) -> dict[str, str | None]:
+    """The run folder of resume=PATH (a run directory, or the folder of a checkpoint file) as an absolute path,
+    and its sacred run id: the folder's name when it holds a run.json (sacred's -F layout), else None."""
+    folder = Path(resume).expanduser().resolve()
+    if not folder.is_dir():
+        folder = folder.parent
+    return {"folder": str(folder), "id": folder.name if (folder / "run.json").is_file() else None}
 
 
 def all_ingredients(ingredient: Ingredient) -> list[Ingredient]:
