@@ -1,10 +1,12 @@
-"""Compare runs: `python -m utils.report RESULT_DIR [RESULT_DIR ...] [--csv PATH] [--chart PATH]`.
+"""Compare runs: `python -m utils.report RESULT_DIR [RESULT_DIR ...] [--csv PATH] [--chart PATH] [--status S,...]`.
 
-Reads the run folders sacred's `-F RESULT_DIR` wrote (RESULT_DIR/<id>/ with config.json, run.json,
-info.json), prints one row per group of runs whose configurations are equal but for the seed and
-the settings that do not change results (IGNORED), with the settings that differ between groups,
-the final metrics (mean +- sample std over the seeds, with their count) and, for runs started with the command
-line of a paper recipe (utils/reporting/recipes.py), the published R@1.
+Reads the run folders sacred's `-F RESULT_DIR` wrote (RESULT_DIR/<id>/ with config.json, run.json, info.json) and
+prints a table per experiment kind: one row per group of runs equal in configuration (but for the seed and the
+settings that do not change results, IGNORED) and comparability card, with the settings that differ within the
+table, the final metrics (mean +- half-width of the 95% Student-t interval over seeds, with their count), the
+gain over the frozen backbone and, for runs started with the command line of a paper recipe
+(utils/reporting/recipes.py), the published R@1. A run and the runs that resumed it are one chain, counted once;
+runs that did not complete are listed apart.
 """
 
 import argparse
