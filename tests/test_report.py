@@ -15,9 +15,11 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from sacred.initialize import create_run
 
@@ -28,6 +30,16 @@ from utils.reporting.report import LABEL_WIDTH, chart_labels, find_runs, main, r
 from utils.reporting.sacred_run import parent_record
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second thread waiting for a
+    # busy core slows these runs down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +179,7 @@ def test_a_resumed_chain_is_one_run_and_unfinished_runs_are_listed_apart(mixed_d
     values = [final(mixed_dir, run, "cosine/R@1") for run in (2, 3, 5)]
     assert rows["1>2,3,5"]["cosine/R@1"] == interval_text(values)
     assert any(line.startswith("! seed 2 counted twice: runs 3 and 5") for line in report["notes"]["lines"])
+    assert "a>b: run b resumed run a, one run whose result is its last completed link" in report["notes"]["lines"]
     assert report["metric_learning"]["title"] == "metric_learning: 3 completed runs in 1 row(s)"
     unfinished = by_runs(report["did"])
     assert set(unfinished) == {"4"} and unfinished["4"]["status"] == "FAILED"
@@ -386,6 +399,14 @@ def test_a_corrupt_run_json_is_one_clear_line(result_dir, tmp_path):
             "metrics: 'cosine/R@1' is a string, not a number",
         ),
         ("info.json", lambda info: None, "info.json holds null, not a JSON object"),
+        ("info.json", lambda info: info | {"card": "test"}, "info.json: 'card' is a string, not an object"),
+        (
+            "info.json",
+            lambda info: info | {"card": {"seed": [1]}},
+            "card: 'seed' is a list, not a string or a number or true or false or null",
+        ),
+        ("info.json", lambda info: info | {"parent": {"folder": 1}}, "parent: 'folder' is a number, not a string"),
+        ("info.json", lambda info: info | {"backbone": {"cosine/R@1": None}}, "backbone: 'cosine/R@1' is null"),
         ("config.json", lambda config: 3, "config.json holds a number, not a JSON object"),
     ],
 )

@@ -121,7 +121,14 @@ class Group:
         ]
 
 
-JSON_TYPES = {dict: "an object", list: "a list", str: "a string", float: "a number", bool: "true or false"}
+JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
 
 
 def json_type(value: object) -> str:
@@ -511,11 +518,10 @@ def report_text(runs: Sequence[Run], statuses: set[str]) -> str:
             "* selected on the test set: the best epoch was chosen on the test data (the papers' protocol), "
             "an optimistic estimate; evaluation.protocol=validation chooses it on a validation split"
         )
+    if any(len(chain.links) > 1 for table in shown for group in table.groups for chain in group.chains):
+        notes.append("a>b: run b resumed run a, one run whose result is its last completed link")
     if shown:
-        notes.append(
-            "a>b: run b resumed run a (one run, whose result is its last completed link); "
-            "mean +- half-width of the 95% Student-t interval over seeds (n runs)"
-        )
+        notes.append("mean +- half-width of the 95% Student-t interval over seeds (n runs)")
     return "\n\n".join(sections) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
