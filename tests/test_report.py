@@ -326,9 +326,17 @@ def test_a_recipe_run_gets_the_published_r1(result_dir, tmp_path, capsys):
     sop = ["dataset.sop", "model.resnet50"]
     sgd = {"epochs": 100, "lr": 0.003, "momentum": 0.99, "nesterov": True, "model": {"norm_layer": "batch"}}
     fake_recipe_run(result_dir / "1", tmp_path / "recipes" / "4", sop, {**sgd, "seed": 3})
+    # Run 5 resumed run 1 with nothing but resume=: the chain keeps the recipe of its first link.
+    resumed = tmp_path / "recipes" / "5"
+    shutil.copytree(tmp_path / "recipes" / "1", resumed)
+    run = json.loads((resumed / "run.json").read_text())
+    run["meta"].update(named_configs=[], config_updates={"resume": str(tmp_path / "recipes" / "1")})
+    (resumed / "run.json").write_text(json.dumps(run))
+    info = json.loads((resumed / "info.json").read_text())
+    (resumed / "info.json").write_text(json.dumps(info | {"parent": parent_record(str(tmp_path / "recipes" / "1"))}))
     table = printed(capsys, str(tmp_path / "recipes"))["metric_learning"]
     published = {run: row["published R@1"] for run, row in by_runs(table).items()}
-    assert published == {"1": "0.674 (Metrix paper)", "2": "-", "3": "-", "4": "0.811 (CE paper)"}
+    assert published == {"1>5": "0.674 (Metrix paper)", "2": "-", "3": "-", "4": "0.811 (CE paper)"}
     assert "epochs" in table["header"]
     # The recipes come from their registry: the report never builds the experiment for them.
     check = (

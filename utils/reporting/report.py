@@ -107,6 +107,7 @@ class Group:
 
     @property
     def runs(self) -> list[Run]:
+        """The samples: each chain's result."""
         return [chain.last for chain in self.chains]
 
     def values(self, metric: str) -> list[float]:
@@ -331,7 +332,8 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         card = sorted((key, repr(value)) for key, value in run.card.items() if key not in UNSPLIT_CARD)
         groups.setdefault((run.experiment, *config, "card", *card), Group([])).chains.append(chain)
     for group in groups.values():
-        group.published = published_for(group.runs[0])
+        # A chain's first link holds the command line it was started with (a resumed link's is resume= alone).
+        group.published = published_for(group.chains[0].links[0])
     return list(groups.values())
 
 
