@@ -23,6 +23,7 @@ from models.backbones import get_backbone
 from models.metric_model import EmbeddingHead, MetricModel
 from models.vit import TokenLayout
 from tests.conftest import REPO, assert_input_error, digits_updates
+from utils.engine.speed import Precision, batch_mover, prepare_model
 from utils.errors import InputError
 
 # timm's defaults overridden: 32 px images in 8 px patches, 2 blocks of width 32.
@@ -348,3 +349,28 @@ def test_a_killed_vit_run_resumes_to_the_uninterrupted_metrics(digits_path, vit_
         for run in (tmp_path / "alone" / "1", tmp_path / "runs" / "2")
     ]
     assert metrics[0] == metrics[1]
+
+
+def vit_gradient(amp: str | None, channels_last: bool) -> tuple[float, torch.Tensor]:
+    """One feature-mode Metrix step of a tiny ViT with the experiment's precision and memory-format helpers."""
+    backbone = tiny("vit_s14_reg4_dinov2")
+    model = MetricModel(backbone, EmbeddingHead(32, 16, pooling="cls+mean", remap=True, layout=backbone.layout))
+    prepare_model(model.train(), channels_last, compile=False)
+    criterion = Criterion({"multisimilarity": (1.0, MultiSimilarityLoss())}, Metrix("feature"))
+    images = batch_mover(torch.device("cpu"), channels_last)(
+        torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    )
+    precision = Precision(amp, torch.device("cpu"))
+    torch.manual_seed(2)
+    with precision.autocast():
+        loss, _ = criterion(model, images, torch.arange(8) % 4)
+    precision.backward(loss)
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("amp, channels_last, tolerance", [("bf16", False, 0.03), (None, True, 1e-5)])
+def test_a_vit_gradient_with_bf16_or_channels_last_is_close_to_float32s(amp, channels_last, tolerance):
+    loss, grads = vit_gradient(amp, channels_last)
+    reference_loss, reference = vit_gradient(None, False)
+    assert loss == pytest.approx(reference_loss, rel=tolerance)
+    assert 1 - torch.nn.functional.cosine_similarity(grads, reference, dim=0) < tolerance
