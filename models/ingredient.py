@@ -59,7 +59,7 @@ register(
     {
         "model.arch": Check(
             lambda v: v is None or type(v) is str and arch_exists(v),
-            f"None, one of {', '.join(BACKBONES)}, or {TIMM_PREFIX}<timm ViT name>",
+            f"one of None, {', '.join(BACKBONES)}, {TIMM_PREFIX}<timm ViT name> (docs/models.md)",
         ),
         "model.pretrained": optional(boolean()),
         "model.weights": optional(text()),

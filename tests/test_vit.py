@@ -16,6 +16,7 @@ import safetensors.torch
 import timm
 import torch
 
+import models.ingredient  # noqa: F401  (registers the model's settings rules)
 from losses.criterion import Criterion
 from losses.metrix import Metrix
 from losses.multi_similarity import MultiSimilarityLoss
@@ -23,8 +24,10 @@ from models.backbones import get_backbone
 from models.metric_model import EmbeddingHead, MetricModel
 from models.vit import TokenLayout
 from tests.conftest import REPO, assert_input_error, digits_updates
+from utils.engine import sync_batchnorm
 from utils.engine.speed import Precision, batch_mover, prepare_model
 from utils.errors import InputError
+from utils.settings import violations
 
 # timm's defaults overridden: 32 px images in 8 px patches, 2 blocks of width 32.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -270,6 +273,14 @@ def test_resnet_stages_are_depths_too():
     assert all(p.requires_grad for p in model.head.parameters())
     model.train()
     assert not any(module.training for module in model.backbone.modules())
+    # Frozen stages keep their BatchNorm statistics, also once sync_bn has replaced the BatchNorm layers.
+    model = sync_batchnorm.convert(
+        MetricModel(get_backbone("resnet18", None), EmbeddingHead(512, 512), freeze_blocks=2)
+    )
+    model.train()
+    stem_bn, layer2_bn, layer3_bn = model.backbone[1][1], model.backbone[1][5][0].bn1, model.backbone[1][6][0].bn1
+    assert isinstance(stem_bn, sync_batchnorm.GlobalBatchNorm)
+    assert not stem_bn.training and not layer2_bn.training and layer3_bn.training
 
 
 def test_pooled_features_are_the_heads_pooling_without_norm_or_remap():
@@ -374,3 +385,11 @@ def test_a_vit_gradient_with_bf16_or_channels_last_is_close_to_float32s(amp, cha
     reference_loss, reference = vit_gradient(None, False)
     assert loss == pytest.approx(reference_loss, rel=tolerance)
     assert 1 - torch.nn.functional.cosine_similarity(grads, reference, dim=0) < tolerance
+
+
+@pytest.mark.parametrize("arch", ["timm:resnet50", "timm:vit_foo", "timm:vit_small_patch16_224.foo"])
+def test_a_timm_name_that_is_no_vit_is_refused_before_anything_runs(arch):
+    lines = violations({"model": {"arch": arch}})
+    assert len(lines) == 1 and lines[0].startswith(f"model.arch={arch!r} is invalid: expected one of None, resnet18")
+    assert "timm:<timm ViT name>" in lines[0]
+    assert violations({"model": {"arch": "timm:vit_small_patch16_224.augreg_in21k", "pooling": "mean"}}) == []
