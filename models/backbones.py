@@ -288,6 +288,11 @@ def get_backbone(
         if weights_file is not None or drop_path or architecture:
             raise InputError(f"model.weights_file and model.drop_path are for ViT backbones, not {arch}: unset them")
         return spec.build(weights)
+    if weights is None and weights_file is not None:
+        raise InputError(
+            f"model.weights_file replaces pretrained weights, and {arch} loads none here (it has none, or "
+            "model.pretrained=False): unset model.weights_file"
+        )
     path = Path(weights_file) if weights_file is not None else None
     return spec.build(
         weights=weights, weights_file=path, drop_path=drop_path, input_size=spec.input_size, **architecture

@@ -42,7 +42,7 @@ class VitInfo(NamedTuple):
     """What the registry and the settings rules need to know of a timm ViT, from its pretrained config."""
 
     timm_name: str  # without the weights tag
-    weights: tuple[str, ...]  # the timm tags of its published weights, the default first; () for none
+    weights: tuple[str, ...]  # the tag of its weights (the name's, else timm's default); () for none
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -60,6 +60,10 @@ def vit_info(name: str) -> VitInfo:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as error:  # an unknown tag
         raise InputError(f"model.arch {TIMM_PREFIX}{name}: {error}") from None
+    if cfg is None:  # where timm knows no input size, normalisation or weights
+        raise InputError(
+            f"timm model {name!r} has no pretrained config: choose a ViT that python -m models.backbones lists"
+        )
     base = name.split(".")[0]
     _, size, _ = cfg.input_size
     return VitInfo(base, (cfg.tag,) if cfg.hf_hub_id else (), size, tuple(cfg.mean), tuple(cfg.std), cfg.hf_hub_id)

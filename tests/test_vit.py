@@ -121,6 +121,20 @@ def test_a_raw_checkpoint_loads_as_timm_converts_it(layout, tmp_path):
     torch.testing.assert_close(loaded(images), reference(images))
 
 
+def test_a_checkpoint_for_larger_images_has_its_position_embedding_resampled(tmp_path):
+    """As DINOv2's 518 px checkpoints load into the 224 px registry entries: here an 8 x 8 grid into a 4 x 4 one."""
+    torch.manual_seed(0)
+    large = get_backbone("vit_s14_dinov2", None, **(TINY | {"img_size": 64}))
+    state = timm_state(large)
+    torch.save(dinov2_layout(state), tmp_path / "dinov2_64px.pth")
+    loaded = tiny("vit_s14_dinov2", "lvd142m", tmp_path / "dinov2_64px.pth")
+    grid = state["pos_embed"][:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    resampled = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True)
+    expected = torch.cat([state["pos_embed"][:, :1], resampled.permute(0, 2, 3, 1).reshape(1, 16, -1)], dim=1)
+    torch.testing.assert_close(loaded.vit.pos_embed.detach(), expected)
+    torch.testing.assert_close(loaded.vit.blocks[1].mlp.fc2.weight.detach(), state["blocks.1.mlp.fc2.weight"])
+
+
 def test_a_safetensors_file_in_timms_layout_loads_and_normalisation_is_the_backbones(tmp_path):
     reference = tiny("vit_b16_clip")
     state = timm_state(reference)
@@ -136,6 +150,12 @@ def test_a_file_of_another_model_is_refused_naming_the_keys(tmp_path):
     torch.save(timm_state(tiny("vit_s16_dino")), tmp_path / "dino.pth")
     with pytest.raises(InputError, match=r"weight file .*dino.pth does not fit vit_small_patch14_reg4_dinov2"):
         tiny("vit_s14_reg4_dinov2", "lvd142m", tmp_path / "dino.pth")
+
+
+def test_a_weight_file_without_pretrained_weights_to_replace_is_refused(tmp_path):
+    torch.save(timm_state(tiny("vit_s16_dino")), tmp_path / "dino.pth")
+    with pytest.raises(InputError, match=r"vit_s16_dino loads none here .*: unset model.weights_file"):
+        tiny("vit_s16_dino", None, tmp_path / "dino.pth")
 
 
 def test_a_file_that_is_not_tensors_is_refused(tmp_path):
