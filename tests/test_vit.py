@@ -329,8 +329,15 @@ def vit_finished(digits_path, vit_weights, tmp_path_factory) -> Path:
     from experiment import ex
 
     observed = tmp_path_factory.mktemp("vit_finished")
-    words = [*VIT_RUN, f"model.weights_file={vit_weights}", "epochs=1", *digits_updates(digits_path)]
-    ex.run_commandline(["experiment.py", "-F", str(observed), "with", *words])
+    # Device augmentation and channels-last as with any backbone.
+    words = [
+        *VIT_RUN,
+        f"model.weights_file={vit_weights}",
+        "epochs=1",
+        "dataset.gpu_augment=True",
+        "channels_last=True",
+    ]
+    ex.run_commandline(["experiment.py", "-F", str(observed), "with", *words, *digits_updates(digits_path)])
     return observed / "1"
 
 
