@@ -1,7 +1,8 @@
 """benchmarks/gpu_check.py cannot rot: its CPU dry run runs every section (each in its own process) and reports
-rows without touching docs/gpu.md; a section that fails loses nothing of the others; a bad --images is refused
-before any section starts."""
+rows without touching docs/gpu.md; a section that fails or hangs loses nothing of the others; a bad --images is
+refused before any section starts."""
 
+import os
 import re
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_the_dry_run_reports_every_section_and_leaves_docs_alone():
     checks = {row[0]: row for rows in found.values() for row in rows}
     # The CPU compared with itself: the comparisons are exact.
     assert checks["1200 x 8: torch metrics against the CPU engine's"][1] == "largest gap 0.0e+00"
-    assert checks["torchrun --nproc_per_node=1 experiment.py, digits, gloo"][1].startswith("COMPLETED")
+    assert checks["torchrun --nproc_per_node=1 experiment.py: an epoch of the digits on cpu"][1].startswith("COMPLETED")
     assert checks["its checkpoint (cpu) resumed on the CPU for one more epoch"][1].startswith("COMPLETED")
     assert any(check.startswith("projected CUB CE recipe") for check in checks)
 
@@ -79,3 +80,16 @@ def test_images_without_jpegs_are_refused_before_any_section(tmp_path):
         f"gpu_check: --images {tmp_path}: no .jpg file under it; give a folder of JPEGs or leave it out"
     )
     assert "##" not in done.stdout
+
+
+def test_a_hung_section_is_killed_at_its_budget_and_the_next_one_runs(tmp_path):
+    """A FIFO named like a JPEG blocks the loop section's first read for ever: killed at the budget (with its
+    workers), it reports a timeout, and the checkpoint section after it still reports."""
+    Image.fromarray(np.zeros((75, 100, 3), np.uint8)).save(tmp_path / "0.jpg")
+    os.mkfifo(tmp_path / "1.jpg")
+    done = gpu_check("--dry-run", "--sections", "loop", "checkpoint", "--images", str(tmp_path), "--budget", "120")
+    assert done.returncode == 1, done.stderr[-3000:]
+    found = sections(done.stdout)
+    assert found["loop"][-1][:1] == ["section"] and found["loop"][-1][2] == "FAIL"
+    assert found["loop"][-1][1].startswith("TIMEOUT: killed after its budget of 120 s")
+    assert found["checkpoint"][0][0].startswith("checkpoint of small_cnn")
