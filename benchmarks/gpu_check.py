@@ -587,7 +587,18 @@ def nvidia_driver() -> str:
 
 
 def time_budget(name: str, args: argparse.Namespace) -> int:
-    return args.budget or (DRY_BUDGET if args.dry_run else SECTIONS[name][0])
+    return args.budget.get(name) or (DRY_BUDGET if args.dry_run else SECTIONS[name][0])
+
+
+def budgets(words: list[str]) -> dict[str, int]:
+    """--budget's NAME=SECONDS words as a dict, or one line that says what is wrong."""
+    found = {}
+    for word in words:
+        name, _, seconds = word.partition("=")
+        if name not in SECTIONS or not seconds.isdigit() or int(seconds) == 0:
+            sys.exit(f"gpu_check: --budget {word}: give NAME=SECONDS with NAME one of {', '.join(SECTIONS)}")
+        found[name] = int(seconds)
+    return found
 
 
 def run_section(name: str, args: argparse.Namespace) -> tuple[list[list[str]], float]:
@@ -633,13 +644,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; print, leave docs/gpu.md")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--images", help="a folder of JPEGs (e.g. CUB's images) for the loop instead of synthetic")
-    parser.add_argument("--budget", type=int, help="seconds for every section (default: each its own; dry run 300)")
+    parser.add_argument(
+        "--budget", nargs="+", default=[], metavar="NAME=SECONDS", help="another time budget for these sections"
+    )
     parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # internal: run one section
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    args.budget = budgets(args.budget)
     if args.section:
         device = torch.device("cpu" if args.dry_run else "cuda")
         SECTIONS[args.section][1](DRY if args.dry_run else GPU, device, args)
