@@ -23,18 +23,15 @@ from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 from utils.engine.checkpoint import save_checkpoint, training_checkpoint  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--num-features", type=int, default=512)
-    parser.add_argument("--classes", type=int, default=11318)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (the disk is measured too)")
-    args = parser.parse_args()
-
-    backbone = get_backbone(args.arch, None)
-    model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, args.num_features, "avg+max", remap=True))
-    objective = CrossEntropyLoss(args.num_features, args.classes)
+def checkpoint_cost(
+    *, arch: str, num_features: int, classes: int, repeats: int, directory: str, device: torch.device
+) -> dict[str, float]:
+    """Parameters, checkpoint size and write times (median and fastest of repeats) of the driver's checkpoint of
+    this model, with the model and the optimizer's state on device (a GPU's tensors are copied to the host)."""
+    backbone = get_backbone(arch, None)
+    model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, num_features, "avg+max", remap=True))
+    model.to(device)
+    objective = CrossEntropyLoss(num_features, classes).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()])
     for p in optimizer.param_groups[0]["params"]:  # one step's worth of state: Adam's two moments
         p.grad = torch.zeros_like(p)
@@ -47,27 +44,49 @@ def main() -> None:
         objective=objective,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        scaler=torch.amp.GradScaler(device.type, enabled=False),
         best=(0, {"cosine/R@1": 0.0}, model.state_dict()),
         settings={},
         code={},
         rebuild={},
         curves={},
     )
-    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        path = Path(directory) / "checkpoint.pt"
+    with tempfile.TemporaryDirectory(dir=directory) as folder:
+        path = Path(folder) / "checkpoint.pt"
         seconds = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             save_checkpoint(checkpoint, path)
             seconds.append(time.perf_counter() - start)
         size = path.stat().st_size
-    parameters = sum(p.numel() for p in [*model.parameters(), *objective.parameters()])
-    median = sorted(seconds)[len(seconds) // 2]
+    return {
+        "parameters": sum(p.numel() for p in [*model.parameters(), *objective.parameters()]),
+        "bytes": size,
+        "median_s": sorted(seconds)[len(seconds) // 2],
+        "fastest_s": min(seconds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--num-features", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=11318)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (the disk is measured too)")
+    args = parser.parse_args()
+    cost = checkpoint_cost(
+        arch=args.arch,
+        num_features=args.num_features,
+        classes=args.classes,
+        repeats=args.repeats,
+        directory=args.dir,
+        device=torch.device("cpu"),
+    )
     print(
-        f"{args.arch}, {args.num_features}-d, {args.classes:,} classes: {parameters / 1e6:.1f} M parameters; "
-        f"checkpoint {size / 2**20:.0f} MiB; write + fsync + read back: median {median:.2f} s "
-        f"(fastest {min(seconds):.2f} s) in {args.dir}"
+        f"{args.arch}, {args.num_features}-d, {args.classes:,} classes: {cost['parameters'] / 1e6:.1f} M parameters; "
+        f"checkpoint {cost['bytes'] / 2**20:.0f} MiB; write + fsync + read back: median {cost['median_s']:.2f} s "
+        f"(fastest {cost['fastest_s']:.2f} s) in {args.dir}"
     )
 
 

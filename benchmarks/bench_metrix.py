@@ -3,14 +3,14 @@
     python benchmarks/bench_metrix.py                       # the defaults below, a few minutes on 2 CPU cores
     python benchmarks/bench_metrix.py --batch 64 --repeats 3 --loss multisimilarity --memory-batches 32 64
 
-A step is forward, loss, backward and an Adam step of small_cnn (the repo's CPU model) on random 32 px images,
-for two label layouts. Every setup trains its own copy of the same initial model; the setups take turns, one
-step each, so that load from other processes spreads evenly over them, and each time is the median over the
-repeats after the warm-up steps (the first steps of a process run much slower). Peak memory is measured in a
-fresh subprocess per configuration, the median of --memory-repeats of them: on the CPU the peak resident set
-size (VmHWM, reset before the first step) above what the process held then, on CUDA
-torch.cuda.max_memory_allocated. On the CPU that peak includes what the allocator keeps after a free, which varies
-from process to process; --memory live fixes glibc's mmap threshold so that it is the peak of the live tensors.
+A step is forward, loss, backward and an Adam step of small_cnn (the repo's CPU model; --arch another backbone) on
+random 32 px images, for two label layouts. Every setup trains its own copy of the same initial model; the setups
+take turns, one step each, so that load from other processes spreads evenly over them, and each time is the median
+over the repeats after the warm-up steps (the first steps of a process run much slower). Peak memory is measured in
+a fresh subprocess per configuration, the median of --memory-repeats of them: on the CPU the peak resident set size
+(VmHWM, reset before the first step) above what the process held then, on CUDA torch.cuda.max_memory_allocated. On
+the CPU that peak includes what the allocator keeps after a free, which varies from process to process; --memory
+live fixes glibc's mmap threshold so that it is the peak of the live tensors.
 """
 
 import argparse
@@ -32,7 +32,7 @@ from losses.contrastive import ContrastiveLoss  # noqa: E402
 from losses.criterion import Criterion  # noqa: E402
 from losses.metrix import Metrix  # noqa: E402
 from losses.multi_similarity import MultiSimilarityLoss  # noqa: E402
-from models.backbones import small_cnn  # noqa: E402
+from models.backbones import get_backbone  # noqa: E402
 from models.metric_model import EmbeddingHead, MetricModel  # noqa: E402
 
 # wall: elapsed time; cpu: CPU time of this process (all its threads), less disturbed by other processes' load on
@@ -85,9 +85,12 @@ def usable_pairs(labels: torch.Tensor) -> tuple[int, int]:
     return int((different & has_positive[:, None]).sum()), int((different & ~has_positive[:, None]).sum())
 
 
-def build(setup: Setup, loss_name: str, device: torch.device) -> tuple[MetricModel, Criterion, torch.optim.Optimizer]:
+def build(
+    setup: Setup, loss_name: str, device: torch.device, arch: str = "small_cnn"
+) -> tuple[MetricModel, Criterion, torch.optim.Optimizer]:
     torch.manual_seed(0)  # the same initial weights for every setup
-    model = MetricModel(small_cnn(None), EmbeddingHead(256, 128, pooling="avg+max"))
+    backbone = get_backbone(arch, None)
+    model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, 128, pooling="avg+max"))
     loss = ContrastiveLoss() if loss_name == "contrastive" else MultiSimilarityLoss()
     mixer = Metrix(setup.mode, max_pairs=setup.max_pairs) if setup.mode else None
     criterion = Criterion({loss_name: (1.0, loss)}, mixer)
@@ -118,7 +121,7 @@ def time_layout(layout: str, args: argparse.Namespace, device: torch.device) -> 
     labels = make_labels(layout, args.batch).to(device)
     images = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
     setups = timing_setups(args.cap, args.input_all_pairs)
-    runs = {setup.name: build(setup, args.loss, device) for setup in setups}
+    runs = {setup.name: build(setup, args.loss, device, args.arch) for setup in setups}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(args.warmup + args.repeats):
         for name, (model, criterion, optimizer) in runs.items():
@@ -150,7 +153,7 @@ def probe_memory(args: argparse.Namespace, device: torch.device) -> dict[str, fl
     setup = next(s for s in memory_setups(args.cap) if s.name == args.memory_probe)
     labels = make_labels("balanced", args.batch).to(device)
     images = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
-    model, criterion, optimizer = build(setup, args.loss, device)
+    model, criterion, optimizer = build(setup, args.loss, device, args.arch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -192,6 +195,8 @@ def measure_memory(args: argparse.Namespace, batch: int) -> dict[str, float]:
                 args.loss,
                 "--device",
                 args.device,
+                "--arch",
+                args.arch,
             ]
             output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
             peaks[name].append(json.loads(output.strip().splitlines()[-1])["peak"])
@@ -254,8 +259,10 @@ def memory_table(args: argparse.Namespace) -> str:
     return markdown(["batch", "all pairs", *[f"{name} (MiB)" for name in names]], rows)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings; argv (default: sys.argv's) lets another benchmark take them with its own."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="small_cnn", help="backbone of the step (models/backbones.py)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--cap", type=int, default=200, help="max_pairs of the capped setups")
@@ -283,7 +290,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one memory measurement
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:
@@ -295,7 +302,7 @@ def main() -> None:
     started = time.perf_counter()
     print(f"# Metrix step cost: {machine(device)}, torch {torch.__version__}; load average {load_average()}")
     print(
-        f"small_cnn at {args.image_size} px, batch {args.batch}, {args.loss} loss, Metrix's defaults (the "
+        f"{args.arch} at {args.image_size} px, batch {args.batch}, {args.loss} loss, Metrix's defaults (the "
         f"released code's: random strategy, one lam per step, mix weight 0.4), Adam; median of {args.repeats} "
         f"steps after {args.warmup} warm-up\n"
     )

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
@@ -87,7 +88,8 @@ def rates(works: dict[str, Callable[[], int]], seconds: float, rounds: int = 5) 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, float]:
+def pipelines(root: Path, device: torch.device, seconds: float, device_batch: int = 128) -> dict[str, float]:
+    """Images/s of one worker's pipelines (one thread), and of gpu_augment's device part on device_batch crops."""
     default, _ = build_transforms(**CUB_RECIPE)
     worker, jitter = build_split_pipeline(**CUB_RECIPE)
     old = ImageDataset(root, "train.txt", default)
@@ -124,9 +126,10 @@ def pipelines(root: Path, device: torch.device, seconds: float) -> dict[str, flo
         seconds,
     )
     torch.set_num_threads(os.cpu_count() or 1)
-    batch, _ = pack_crops([new[i % len(new)] for i in range(128)])
+    batch, _ = pack_crops([new[i % len(new)] for i in range(device_batch)])
     results |= rates(
-        {"device part (resample, flip, jitter)": lambda: (synchronize(jitter(batch, device)), 128)[1]}, seconds
+        {"device part (resample, flip, jitter)": lambda: (synchronize(jitter(batch, device)), device_batch)[1]},
+        seconds,
     )
     return results
 
@@ -137,30 +140,40 @@ def synchronize(result: object = None) -> object:
     return result
 
 
-def make_step(
-    arch: str, device: torch.device, amp: str | None, channels_last: bool, compile: bool
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def fresh_backbone(arch: str) -> nn.Module:
+    """The registry's backbone, randomly initialised from one seed: every step variant starts from the same weights."""
     torch.manual_seed(0)
-    backbone = get_backbone(arch, None)
+    return get_backbone(arch, None)
+
+
+def make_step(
+    backbone: nn.Module, device: torch.device, amp: str | None, channels_last: bool, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One training step of the CE recipe (forward, cross-entropy, backward, SGD) on backbone; it returns the loss."""
     model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, backbone.out_channels)).to(device).train()
     prepare_model(model, channels_last, compile)
     criterion = Criterion({"ce": (1.0, CrossEntropyLoss(backbone.out_channels, 100))}).to(device)
     optimizer = torch.optim.SGD([*model.parameters(), *criterion.parameters()], lr=1e-3, momentum=0.9)
     precision, move = Precision(amp, device), batch_mover(device, channels_last)
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with precision.autocast():
             loss, _ = criterion(model, move(images), labels)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.step(optimizer)
+        return loss.detach()
 
     return step
 
 
+# name: (amp, channels_last, compile)
+Variants = dict[str, tuple[str | None, bool, bool]]
+
+
 def steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     amp = "bf16" if device.type == "cpu" else "fp16"
-    variants = {
+    variants: Variants = {
         "float32": (None, False, False),
         amp: (amp, False, False),
         "channels_last": (None, True, False),
@@ -170,23 +183,55 @@ def steps(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
         variants["bf16 + channels_last"] = ("bf16", True, False)
     if args.compile:
         variants[f"{amp} + channels_last + compile"] = (amp, True, True)
-    images = torch.rand(args.batch, 3, args.size, args.size, device=device)
-    labels = torch.randint(0, 100, (args.batch,), device=device)
+    return step_rates(
+        variants,
+        backbone=lambda: fresh_backbone(args.arch),
+        batch=args.batch,
+        size=args.size,
+        device=device,
+        seconds=args.seconds,
+    )
+
+
+def step_rates(
+    variants: Variants,
+    *,
+    backbone: Callable[[], nn.Module],
+    batch: int,
+    size: int,
+    device: torch.device,
+    seconds: float,
+) -> dict[str, float]:
+    """Images/s of the step of each variant on one device-resident batch; backbone() builds a fresh backbone."""
+    images = torch.rand(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
     works = {}
     for name, options in variants.items():
-        step = make_step(args.arch, device, *options)
+        step = make_step(backbone(), device, *options)
         for _ in range(3):  # warm-up (and compilation)
             step(images, labels)
-        works[name] = lambda step=step: (step(images, labels), synchronize(), args.batch)[2]
-    return rates(works, args.seconds)
+        works[name] = lambda step=step: (step(images, labels), synchronize(), batch)[2]
+    return rates(works, seconds)
 
 
-def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> dict[str, float]:
-    recipe = dict(CUB_RECIPE, crop_size=args.size, resize=args.size * 8 // 7)
+def full_loops(
+    root: Path,
+    *,
+    arch: str,
+    batch: int,
+    size: int,
+    workers: int,
+    device: torch.device,
+    seconds: float,
+    amp: str | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Images/s of DataLoader workers alone and feeding the step, default pipeline against gpu_augment."""
+    recipe = dict(CUB_RECIPE, crop_size=size, resize=size * 8 // 7)
     default, _ = build_transforms(**recipe)
     worker, jitter = build_split_pipeline(**recipe)
-    step = make_step(args.arch, device, None, False, False)
-    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
+    step = make_step(fresh_backbone(arch), device, amp, channels_last, False)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
     works = {}
     for name, transform, augment in (("default", default, None), ("gpu_augment", worker, jitter)):
         dataset = ImageDataset(root, "train.txt", transform, decode=load_image if augment is None else load_for_crop)
@@ -194,26 +239,26 @@ def full_loops(args: argparse.Namespace, root: Path, device: torch.device) -> di
             transform.share_grey_levels(dataset.paths)
         loader = DataLoader(
             dataset,
-            batch_size=args.batch,
+            batch_size=batch,
             sampler=RandomSampler(dataset, num_samples=10**7),
-            num_workers=args.workers,
+            num_workers=workers,
             pin_memory=device.type == "cuda",
             collate_fn=None if augment is None else pack_crops,
-            persistent_workers=args.workers > 0,
+            persistent_workers=workers > 0,
         )
-        batches, move = iter(loader), batch_mover(device, False, augment)
+        batches, move = iter(loader), batch_mover(device, channels_last, augment)
 
         def data(batches=batches, move=move) -> int:
             synchronize(move(next(batches)[0]))
-            return args.batch
+            return batch
 
         def data_and_step(batches=batches, move=move) -> int:
             step(move(next(batches)[0]), labels)
             synchronize()
-            return args.batch
+            return batch
 
         works[f"{name}: data only"], works[f"{name}: data + step"] = data, data_and_step
-    return rates(works, args.seconds)
+    return rates(works, seconds)
 
 
 def gather_worker(rank: int, port: int, shapes: dict[str, tuple[int, ...]], repeats: int, out: str) -> None:
@@ -288,7 +333,17 @@ def main() -> None:
             "float32",
         )
         table(
-            f"3. full loop, images/s ({args.workers} workers)", full_loops(args, root, device), "default: data + step"
+            f"3. full loop, images/s ({args.workers} workers)",
+            full_loops(
+                root,
+                arch=args.arch,
+                batch=args.batch,
+                size=args.size,
+                workers=args.workers,
+                device=device,
+                seconds=args.seconds,
+            ),
+            "default: data + step",
         )
     backbone = get_backbone(args.arch, None)
     side = -(-args.size // 32)  # a ResNet's last feature map
