@@ -42,7 +42,7 @@ import bench_metrix  # noqa: E402
 import bench_pipeline  # noqa: E402
 import faiss  # noqa: E402
 
-from models.backbones import BACKBONES, get_backbone  # noqa: E402
+from models.backbones import get_backbone  # noqa: E402
 from models.mixing import mixed_pool  # noqa: E402
 from utils.data.specs import DATASETS  # noqa: E402
 from utils.evaluation.knn import faiss_has_gpu, resolve_backend  # noqa: E402
@@ -465,25 +465,10 @@ def report_rates(shape: str, rates: dict[str, float], float32: float | None = No
     return float32
 
 
-class TokenMaps(nn.Module):
-    """timm's ViT-S/16 as a backbone: its tokens as a (B, C, tokens, 1) map, which the head pools like a CNN's."""
-
-    out_channels = 384
-
-    def __init__(self) -> None:
-        super().__init__()
-        import timm
-
-        self.vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_features(images).transpose(1, 2)[..., None]
-
-
 def vit_small() -> nn.Module:
-    """ViT-S/16 from the backbone registry when it is there, else straight from timm."""
+    """ViT-S/16 (DINO's architecture) from the backbone registry, with random weights."""
     torch.manual_seed(0)
-    return get_backbone("vit_small_patch16_224", None) if "vit_small_patch16_224" in BACKBONES else TokenMaps()
+    return get_backbone("vit_s16_dino", None)
 
 
 def loop(sizes: Sizes, device: torch.device, args: argparse.Namespace) -> None:
