@@ -168,6 +168,7 @@ def main(select_by: str, _config: dict, _run) -> float:
         rebuild=rebuild,
         after_epoch=after_epoch,
     )
+    directory = output_directory(_run, _config["output_dir"], stem)
     outcome = fit(
         task,
         loaders.train,
@@ -175,8 +176,8 @@ def main(select_by: str, _config: dict, _run) -> float:
         final_metrics=evaluate.final_metrics,
         device=device,
         config=TrainingConfig.from_settings(_config, _run.experiment_info),
-        directory=output_directory(_run, _config["output_dir"], stem),
-        loggers=run_loggers(_run, _config["visdom_port"], PLOT_TITLES, stem),
+        directory=directory,
+        loggers=run_loggers(_run, _config["visdom_port"], PLOT_TITLES, stem, directory),
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes

@@ -128,6 +128,7 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         warm_epochs=warm_epochs,
     )
     name = f"{rebuild['arch']}_{_config['dataset']['name']}"
+    directory = output_directory(_run, _config["output_dir"], name)
     outcome = fit(
         task,
         loaders.train,
@@ -135,8 +136,8 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         final_metrics=evaluate.final_metrics,
         device=device,
         config=TrainingConfig.from_settings(_config, _run.experiment_info),
-        directory=output_directory(_run, _config["output_dir"], name),
-        loggers=run_loggers(_run, _config["visdom_port"], {"/R@1": "Recall@1"}, name),
+        directory=directory,
+        loggers=run_loggers(_run, _config["visdom_port"], {"/R@1": "Recall@1"}, name, directory),
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes

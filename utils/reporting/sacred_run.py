@@ -11,6 +11,7 @@ in place and quiet the other ranks under torchrun, the run's logger and the outp
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -254,12 +255,23 @@ class SacredLogger(RunLogger):
         self.run.info["metrics"] = metrics
 
 
-def run_loggers(run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str) -> list[RunLogger]:
-    """The run's loggers: sacred's on every rank; live curves (with visdom_port) and curves.png on rank 0 only.
-    plot_titles: metric-name suffix -> visdom window (VisdomCurves)."""
+def run_loggers(
+    run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str, directory: Path
+) -> list[RunLogger]:
+    """The run's loggers: sacred's on every rank; live curves (with visdom_port, in the visdom environment named
+    after the run's folder) and curves.png on rank 0 only. plot_titles: metric-name suffix -> visdom window
+    (VisdomCurves)."""
     loggers: list[RunLogger] = [SacredLogger(run)]
     if distributed.is_main():
         if visdom_port:
-            loggers.append(VisdomCurves(visdom_port, plot_titles))
+            loggers.append(VisdomCurves(visdom_port, plot_titles, visdom_env(run, directory)))
         loggers.append(CurvesPicture(name))
     return loggers
+
+
+def visdom_env(run: Run, directory: Path) -> str:
+    """The run's own visdom environment: the experiment and the run's folder, e.g. metric_learning_result_dir_3
+    (-F result_dir) or metric_learning_outputs_small_cnn_digits_20250101-120000_4242. visdom keeps an environment
+    in a file of that name, so characters other than letters, digits, '.', '-' and '_' become '-'."""
+    name = f"{run.experiment_info['name']}_{directory.parent.name}_{directory.name}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
