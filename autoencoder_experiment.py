@@ -41,9 +41,11 @@ from utils.evaluation.ingredient import (
 from utils.reporting.plots import draw_reconstructions
 from utils.reporting.sacred_run import (
     SacredLogger,
+    add_artifacts,
     continue_with_checkpoint_settings,
     keep_run_records,
     observe_with_run_records,
+    observers_config,
     output_directory,
     quiet_other_ranks,
     run_loggers,
@@ -59,6 +61,7 @@ continue_with_checkpoint_settings(ex)  # resume=PATH: the checkpoint's settings,
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 ex.config(commands_config)
+ex.config(observers_config)
 
 # Where each selection metric lives in the evaluation results, and whether lower is better.
 SELECTION = {"recall": ("cosine/R@1", False), "reconstruction": ("test/reconstruction", True)}
@@ -190,6 +193,7 @@ def main(select_by: str, _config: dict, _run) -> float:
         first_epoch.get("reconstructions"),
     )
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
+    add_artifacts(_run, outcome.directory, _config["checkpoint_artifact"])  # to every observer (-F, -m, ...)
     print(
         f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
         f"{outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)"

@@ -47,6 +47,7 @@ IGNORED = {
     "bad_images",
     "visdom_port",
     "visdom_freq",
+    "checkpoint_artifact",
 }
 METRIC_COLUMNS = ("cosine/R@1", "l2/R@1", "cosine/MAP@R", "NMI", "test/reconstruction")
 
