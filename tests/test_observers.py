@@ -64,6 +64,21 @@ def test_checkpoint_artifact_false_hands_the_pictures_only(digits_path, experime
     assert (folder / CHECKPOINT).exists()  # written all the same, for evaluate and resume
 
 
+def test_an_autoencoder_run_hands_over_its_reconstructions_too(digits_path, autoencoder_experiment, tmp_path):
+    outcome = autoencoder_experiment(
+        f"-F {tmp_path / 'runs'} with vae.ae epochs=1",
+        f"dataset.data_path={digits_path}",
+        "dataset.train_file=train_small.txt",
+        "dataset.test_file=test_small.txt",
+        "dataset.batch_size=32",
+        "vae.hidden_dims=[8,16]",
+        "vae.latent_dim=8",
+    )
+    assert outcome.code == 0, outcome.err
+    record = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())
+    assert set(record["artifacts"]) == {"curves.png", "reconstructions.png", "retrieval.png", CHECKPOINT}
+
+
 def test_mongo_observer_without_pymongo_is_one_line(tmp_path):
     # Whether or not pymongo is installed here, a module of that name that cannot be imported stands in for it.
     (tmp_path / "pymongo.py").write_text("raise ModuleNotFoundError(\"No module named 'pymongo'\", name='pymongo')\n")
