@@ -6,9 +6,9 @@ what the install already brought (the files vendored in utils/reporting/visdom_s
 plotly package), then runs visdom's own server, which takes the same options (-port, -env_path, ...).
 It also mends the page's template for tornado >= 6.6, whose static_url refuses the template's link
 to the user's style sheet outside the static folder (the page answered 403). The page's optional
-extras, MathJax for LaTeX text and d3 with saveSvgAsPng for network graphs, are not installed and the page no
-longer asks for them (five 404s): our runs draw neither, visdom's main.js calls d3 only in its network pane and
-never MathJax, and plotly looks for MathJax only if it is there (a LaTeX title then shows as typed).
+extras, MathJax for LaTeX text and d3 with saveSvgAsPng for network graphs, are not installed, and the mended page
+does not ask for them (each would be a 404 and a console error): our runs draw neither, visdom's main.js calls d3
+only in its network pane and never MathJax, and plotly uses MathJax only if it is there (LaTeX shows as typed).
 
 The server listens on 127.0.0.1 only: whoever reaches its port reads every curve and writes, replaces and
 deletes environments, so `--host ADDRESS` (e.g. 0.0.0.0) widens it only on request, with a warning; an SSH
