@@ -41,9 +41,11 @@ from utils.evaluation.ingredient import (
 from utils.reporting.plots import draw_reconstructions
 from utils.reporting.sacred_run import (
     SacredLogger,
+    add_artifacts,
     continue_with_checkpoint_settings,
     keep_run_records,
     observe_with_run_records,
+    observers_config,
     output_directory,
     quiet_other_ranks,
     run_loggers,
@@ -59,6 +61,7 @@ continue_with_checkpoint_settings(ex)  # resume=PATH: the checkpoint's settings,
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 ex.config(commands_config)
+ex.config(observers_config)
 
 # Where each selection metric lives in the evaluation results, and whether lower is better.
 SELECTION = {"recall": ("cosine/R@1", False), "reconstruction": ("test/reconstruction", True)}
@@ -168,6 +171,7 @@ def main(select_by: str, _config: dict, _run) -> float:
         rebuild=rebuild,
         after_epoch=after_epoch,
     )
+    directory = output_directory(_run, _config["output_dir"], stem)
     outcome = fit(
         task,
         loaders.train,
@@ -175,8 +179,8 @@ def main(select_by: str, _config: dict, _run) -> float:
         final_metrics=evaluate.final_metrics,
         device=device,
         config=TrainingConfig.from_settings(_config, _run.experiment_info),
-        directory=output_directory(_run, _config["output_dir"], stem),
-        loggers=run_loggers(_run, _config["visdom_port"], PLOT_TITLES, stem),
+        directory=directory,
+        loggers=run_loggers(_run, _config["visdom_port"], PLOT_TITLES, stem, directory),
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes
@@ -189,6 +193,7 @@ def main(select_by: str, _config: dict, _run) -> float:
         first_epoch.get("reconstructions"),
     )
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
+    add_artifacts(_run, outcome.directory, _config["checkpoint_artifact"])  # to every observer (-F, -m, ...)
     print(
         f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
         f"{outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)"

@@ -26,9 +26,11 @@ from utils.evaluation.inference import commands_config, embed_images, evaluate_c
 from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.reporting.sacred_run import (
     SacredLogger,
+    add_artifacts,
     continue_with_checkpoint_settings,
     keep_run_records,
     observe_with_run_records,
+    observers_config,
     output_directory,
     quiet_other_ranks,
     run_loggers,
@@ -47,6 +49,7 @@ continue_with_checkpoint_settings(ex)  # resume=PATH: the checkpoint's settings,
 ex.captured_out_filter = apply_backspaces_and_linefeeds  # keep tqdm's redraws out of cout.txt
 ex.config(training_config)
 ex.config(commands_config)
+ex.config(observers_config)
 
 
 @ex.config
@@ -128,6 +131,7 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         warm_epochs=warm_epochs,
     )
     name = f"{rebuild['arch']}_{_config['dataset']['name']}"
+    directory = output_directory(_run, _config["output_dir"], name)
     outcome = fit(
         task,
         loaders.train,
@@ -135,13 +139,14 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         final_metrics=evaluate.final_metrics,
         device=device,
         config=TrainingConfig.from_settings(_config, _run.experiment_info),
-        directory=output_directory(_run, _config["output_dir"], name),
-        loggers=run_loggers(_run, _config["visdom_port"], {"/R@1": "Recall@1"}, name),
+        directory=directory,
+        loggers=run_loggers(_run, _config["visdom_port"], {"/R@1": "Recall@1"}, name, directory),
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics[task.best_key]
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
+    add_artifacts(_run, outcome.directory, _config["checkpoint_artifact"])  # to every observer (-F, -m, ...)
     print(
         f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
         f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"

@@ -1,5 +1,6 @@
 """The run's pictures: each is opened with Pillow as a PNG of the size its layout promises."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +9,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
+from tests.conftest import digits_updates
 from utils.data.image_dataset import ImageDataset, load_image
 from utils.reporting.plots import (
     RIGHT,
     WRONG,
     curve_panels,
+    distance_decimals,
     draw_curves,
     draw_dataset_retrieval,
     draw_reconstructions,
@@ -51,12 +54,52 @@ METRICS = {
 
 def test_curves_group_loss_terms_and_distances():
     assert curve_panels(METRICS) == {
-        "training accuracy": ["train.accuracy"],
-        "training loss terms": ["train.cross_entropy", "train.loss", "train.mixed_contrastive"],
-        "eval R@1": ["eval.cosine/R@1", "eval.l2/R@1"],
-        "eval R@2": ["eval.cosine/R@2"],
-        "eval reconstruction": ["eval.test/reconstruction"],
+        "training accuracy": [["train.accuracy"]],
+        "training loss terms": [["train.cross_entropy"], ["train.loss"], ["train.mixed_contrastive"]],
+        "eval R@1": [["eval.cosine/R@1"], ["eval.l2/R@1"]],
+        "eval R@2": [["eval.cosine/R@2"]],
+        "eval reconstruction": [["eval.test/reconstruction"]],
     }
+
+
+def test_panels_follow_the_numbers_in_their_names():
+    recalls = [32, 16, 8, 4, 2, 1, 100]
+    metrics = {f"eval.{distance}/R@{k}": series([0], [k / 100]) for k in recalls for distance in ("l2", "cosine")}
+    metrics["eval.cosine/MAP@R"] = series([0], [0.1])
+    assert [panel for panel in curve_panels(metrics)] == [
+        "eval MAP@R",
+        *(f"eval R@{k}" for k in sorted(recalls)),
+    ]
+
+
+def test_a_series_identical_to_another_is_one_line_named_after_both():
+    # The total loss of a lone cross-entropy term is that term: drawn apart, one line would hide the other.
+    lone = series([0, 0.5, 1], [1.6, 1.5, 1.2])
+    metrics = {
+        "train.loss": {**lone, "timestamps": ["12:00:01", "12:00:02", "12:00:03"]},  # logged a moment apart
+        "train.cross_entropy": {**lone, "timestamps": ["12:00:00", "12:00:01", "12:00:02"]},
+        "train.contrastive": series([0, 0.5, 1], [1.6, 1.5, 1.3]),  # equal but for one point: a line of its own
+        "eval.cosine/R@1": series([0, 1], [0.2, 0.3]),
+        "eval.l2/R@1": series([0, 1], [0.2, 0.3]),
+    }
+    assert curve_panels(metrics) == {
+        "training loss terms": [["train.contrastive"], ["train.cross_entropy", "train.loss"]],
+        "eval R@1": [["eval.cosine/R@1", "eval.l2/R@1"]],
+    }
+
+
+def test_curves_of_a_real_run_are_in_numeric_order_with_no_line_hidden(digits_path, experiment, tmp_path):
+    outcome = experiment(
+        f"-F {tmp_path / 'runs'} with epochs=1 evaluation.recalls=[1,2,4,8,16,32]", *digits_updates(digits_path)
+    )
+    assert outcome.code == 0, outcome.err
+    metrics = json.loads((tmp_path / "runs" / "1" / "metrics.json").read_text())
+    panels = curve_panels(metrics)
+    assert [panel for panel in panels if panel.startswith("eval R@")] == [f"eval R@{k}" for k in (1, 2, 4, 8, 16, 32)]
+    # The lone cross-entropy term is the loss: one line named after both.
+    assert panels["training loss terms"] == [["train.cross_entropy", "train.loss"]]
+    drawn = [name for lines in panels.values() for line in lines for name in line]
+    assert sorted(drawn) == sorted(metrics)  # every series is drawn, once
 
 
 def test_curves_png(tmp_path):
@@ -122,3 +165,21 @@ def test_reconstructions_png(test_set, tmp_path):
     assert pixels.shape == (888, 1184, 3)
     draw_reconstructions(images[:4], images[:4], tmp_path / "two_rows.png", title="AE, epoch 3")
     assert open_png(tmp_path / "two_rows.png").shape == (336, 672, 3)
+
+
+@pytest.mark.parametrize(
+    ("row", "decimals"),
+    [
+        ([0.00001, 0.00002, 0.00004, 0.00008, 0.00016], 5),  # near-duplicates: 0.000 across the row at 3 decimals
+        ([0.51234, 0.51237, 0.6, 0.7, 0.8], 4),
+        ([0.0, 0.0, 0.0003, 0.9, 1.2], 4),  # equal distances may print alike; 0.0003 must not print as 0.000
+        ([0.2, 0.25, 0.3, 0.9, 1.2], 3),
+    ],
+)
+def test_distances_of_a_row_get_the_fewest_decimals_that_print_them_apart(row, decimals):
+    assert distance_decimals(row) == decimals
+
+
+def test_distances_that_differ_only_in_float32_noise_stop_at_seven_decimals():
+    assert distance_decimals([0.5, 0.5 + 1e-12]) == 7
+    assert distance_decimals([0.25, 0.5, 0.75]) == 3

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import visdom
+import websocket
 from PIL import Image
 
 from tests.conftest import assert_input_error, digits_updates
@@ -154,28 +156,46 @@ def test_logger_appends_to_named_curves(server):
     assert traces(found["Recall@1"]) == {"cosine/R@1": ([0], [0.5])}
 
 
-def test_experiment_draws_training_and_recall_curves(server, digits_path, experiment):
-    outcome = experiment(f"with epochs=1 visdom_port={server} visdom_freq=1", *digits_updates(digits_path))
-    assert outcome.code == 0, outcome.err
-    found = windows(server, "main")
-    assert set(found) == {"Training", "Recall@1"}
-    training = traces(found["Training"])
-    assert set(training) == {"loss", "cross_entropy", "accuracy"}
-    # 50 training images in batches of 16: 3 iterations, a point after each at epoch + i / 3.
-    assert training["loss"][0] == pytest.approx([1 / 3, 2 / 3, 1])
-    recall = traces(found["Recall@1"])
-    assert set(recall) == {"l2/R@1", "cosine/R@1"}
-    assert recall["cosine/R@1"][0] == [0, 1]
-    assert outcome.run.result in recall["cosine/R@1"][1]
+def test_each_run_draws_its_curves_in_its_own_environment(server, digits_path, experiment, tmp_path):
+    updates = [f"visdom_port={server}", "visdom_freq=1", *digits_updates(digits_path)]
+    recorded = experiment(f"-F {tmp_path / 'runs'} with epochs=1", *updates)
+    assert recorded.code == 0, recorded.err
+    unrecorded = experiment("with epochs=1", *updates)
+    assert unrecorded.code == 0, unrecorded.err
+    folder = next(path for path in tmp_path.iterdir() if path.name.startswith("small_cnn_digits_"))
+    envs = [
+        (recorded, "metric_learning_runs_1"),  # -F runs: the folder runs/1
+        (unrecorded, f"metric_learning_{tmp_path.name}_{folder.name}"),  # output_dir=tmp_path
+    ]
+    for outcome, env in envs:
+        found = windows(server, env)
+        assert set(found) == {"Training", "Recall@1"}
+        training = traces(found["Training"])
+        assert set(training) == {"loss", "cross_entropy", "accuracy"}
+        # 50 training images in batches of 16: 3 iterations, a point after each at epoch + i / 3; only this run's.
+        assert training["loss"][0] == pytest.approx([1 / 3, 2 / 3, 1])
+        recall = traces(found["Recall@1"])
+        assert set(recall) == {"l2/R@1", "cosine/R@1"}
+        assert recall["cosine/R@1"][0] == [0, 1]
+        assert outcome.run.result in recall["cosine/R@1"][1]
+    assert windows(server, "main") == {}  # the environment every run shared before
 
 
 def test_install_assets_fills_the_static_folder(tmp_path):
-    (tmp_path / "index.html").write_text(f"<link href={USER_STYLE}>")
+    extras = "".join(
+        f'<script src={{{{ static_url("{script}") }}}}></script>\n'
+        for script in ("js/mathjax/2.7.5/MathJax.js", "js/d3.v3.min.js", "js/saveSvgAsPng.js")
+    )
+    page = f'<link href={USER_STYLE}>\n{extras}<script src={{{{ static_url("js/main.js") }}}}></script>\n'
+    (tmp_path / "index.html").write_text(page)
     install_assets(tmp_path)
     for relative, source in asset_sources().items():
         assert (tmp_path / relative).read_bytes() == source.read_bytes()
     assert {"js/plotly-plotly.min.js", "js/react-react.min.js", "css/bootstrap.min.css"} <= set(asset_sources())
-    assert (tmp_path / "index.html").read_text() == f"<link href={USER_STYLE_LINK}>"
+    mended = f'<link href={USER_STYLE_LINK}>\n<script src={{{{ static_url("js/main.js") }}}}></script>\n'
+    assert (tmp_path / "index.html").read_text() == mended
+    install_assets(tmp_path)  # again, as every start does
+    assert (tmp_path / "index.html").read_text() == mended
 
 
 def test_unwritable_static_folder_is_a_clear_error(tmp_path):
@@ -192,18 +212,30 @@ def test_no_server_is_a_clear_error(capsys):
 
 
 def test_experiment_without_server(digits_path, experiment):
-    outcome = experiment(f"with epochs=1 visdom_port={free_port()}", *digits_updates(digits_path))
-    assert_input_error(outcome, "no visdom server answers", "python -m visdom.server", "leave visdom_port unset")
+    port = free_port()
+    outcome = experiment(f"with epochs=1 visdom_port={port}", *digits_updates(digits_path))
+    assert_input_error(
+        outcome,
+        "no visdom server answers",
+        # The offline server, started as running_server starts it (`python -m visdom.server` fails offline).
+        f"start one with `python -m utils.visdom_server -port {port}` (offline)",
+        "leave visdom_port unset",
+    )
 
 
 PLOTLY_BLUE = np.array([31, 119, 180])  # plotly's first trace colour, #1f77b4
 
 
-def screenshot(url: str, path: Path) -> np.ndarray:
-    """The page at url as headless Chromium draws it, once its scripts have run, as RGB pixels."""
+def chromium() -> str:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's `chromium` package)")
+    return browser
+
+
+def screenshot(url: str, path: Path) -> np.ndarray:
+    """The page at url as headless Chromium draws it, once its scripts have run, as RGB pixels."""
+    browser = chromium()
     # A profile of its own: a shared one would clash with other browsers; --no-sandbox: CI runs as root.
     subprocess.run(
         [
@@ -240,3 +272,85 @@ def test_browser_shows_the_logged_curve(server, tmp_path):
     for x in range(2, 11):
         plot("loss", "Training", x, 1 / x)
     assert trace_pixels(screenshot(url, tmp_path / "after.png")) > before + 200
+
+
+@contextmanager
+def devtools(profile: Path) -> Iterator[websocket.WebSocket]:
+    """A blank page of headless Chromium, driven through the DevTools protocol (the connection to its page)."""
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
+    # Port 0: Chromium picks a free port and writes it in the profile's DevToolsActivePort.
+    browser = subprocess.Popen([*command, "--remote-debugging-port=0", "about:blank"], stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (port_file.exists() and "\n" in port_file.read_text()):
+            assert browser.poll() is None and time.monotonic() < deadline, "chromium did not start"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=30).json()
+        page = next(target for target in targets if target["type"] == "page")
+        connection = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        try:
+            yield connection
+        finally:
+            connection.close()
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+
+
+def page_problem(event: str, details: dict) -> str | None:
+    """What a DevTools event says went wrong on the page: a failed request (a status >= 400, or none), a console
+    error or an uncaught exception; None for any other event."""
+    if event == "Network.responseReceived" and details["response"]["status"] >= 400:
+        return f"{details['response']['status']} {details['response']['url']}"
+    if event == "Network.loadingFailed":
+        return f"request failed: {details['errorText']}"
+    if event == "Runtime.exceptionThrown":
+        return f"uncaught: {details['exceptionDetails']}"
+    if event == "Runtime.consoleAPICalled" and details["type"] in ("error", "assert"):
+        return f"console.{details['type']}: {details['args']}"
+    if event == "Log.entryAdded" and details["entry"]["level"] == "error":
+        return f"log: {details['entry']['text']}"
+    return None
+
+
+def load_page(url: str, profile: Path, plots: int, settle: float = 2.0) -> list[str]:
+    """Open url in headless Chromium and wait until it has drawn plots plotly plots, and settle seconds more: every
+    problem of the page until then (page_problem)."""
+    problems, count = [], "document.querySelectorAll('.js-plotly-plot').length"
+    with devtools(profile) as page:
+        for number, method in enumerate(("Runtime.enable", "Log.enable", "Network.enable"), 1):
+            page.send(json.dumps({"id": number, "method": method}))
+        page.send(json.dumps({"id": 10, "method": "Page.navigate", "params": {"url": url}}))
+        page.settimeout(0.5)
+        drawn, deadline, asked = None, time.monotonic() + START_TIMEOUT, 0.0
+        while drawn is None or time.monotonic() < drawn + settle:
+            assert time.monotonic() < deadline, f"{url} drew no {plots} plots in {START_TIMEOUT} s: {problems}"
+            if drawn is None and time.monotonic() > asked + 0.5:  # the answer comes back among the events
+                asked = time.monotonic()
+                page.send(json.dumps({"id": 11, "method": "Runtime.evaluate", "params": {"expression": count}}))
+            try:
+                message = json.loads(page.recv())
+            except websocket.WebSocketTimeoutException:
+                continue
+            answer = message.get("result", {}).get("result", {}) if message.get("id") == 11 else {}
+            if drawn is None and answer.get("value") == plots:
+                drawn = time.monotonic()
+            problem = page_problem(message.get("method", ""), message.get("params", {}))
+            if problem is not None:
+                problems.append(problem)
+    return problems
+
+
+def test_the_page_loads_every_file_it_asks_for_without_a_console_error(server, server_folder, tmp_path):
+    plot = VisdomLogger(server, env="test_page")
+    for x in range(1, 4):
+        plot("loss", "Training", x, 1 / x)
+    log = server_folder / "server.log"
+    log_before = log.stat().st_size
+    # Once the page's scripts have drawn the window's plot, and a moment more.
+    assert load_page(f"http://127.0.0.1:{server}/env/test_page", tmp_path / "profile", plots=1) == []
+    with open(log, "rb") as lines:
+        lines.seek(log_before)
+        assert b" 404 " not in lines.read()  # tornado logs each request it answers 404 at WARNING

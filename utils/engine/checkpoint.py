@@ -46,6 +46,7 @@ RESUMABLE = (
     "checkpoint_every",
     "visdom_port",
     "visdom_freq",
+    "checkpoint_artifact",
     "eval_every",
     "cpu",
     "cudnn_flag",

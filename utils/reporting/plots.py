@@ -5,6 +5,7 @@ Figures are built with matplotlib's object API (Figure, no pyplot): no GUI backe
 safe in DataLoader workers and on machines without a display.
 """
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,11 +38,11 @@ def draw_curves(metrics: dict[str, Series], path: str | Path, title: str = "") -
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, (panel, lines) in zip(axes, panels.items(), strict=False):
         x_label = "epoch" if panel.startswith("eval ") else "epoch (per iteration)"
-        for name in lines:
+        for names in lines:
             ax.plot(
-                metrics[name]["steps"],
-                metrics[name]["values"],
-                label=curve_label(name),
+                metrics[names[0]]["steps"],
+                metrics[names[0]]["values"],
+                label=" = ".join(curve_label(name) for name in names),
                 marker="o" if panel.startswith("eval ") else None,
                 markersize=3,
             )
@@ -57,18 +58,36 @@ def draw_curves(metrics: dict[str, Series], path: str | Path, title: str = "") -
     figure.savefig(path)
 
 
-def curve_panels(metrics: dict[str, Series]) -> dict[str, list[str]]:
-    """Panel title -> the series drawn in it. Loss terms share a panel, as do the distances of one
-    evaluation metric; a series that is neither gets its own panel."""
-    panels: dict[str, list[str]] = {}
-    for name in sorted(metrics, key=lambda name: (not name.startswith("train."), name)):
+def curve_panels(metrics: dict[str, Series]) -> dict[str, list[list[str]]]:
+    """Panel title -> its lines, each the names of the series it draws. Loss terms share a panel, as do the
+    distances of one evaluation metric; a series that is neither gets its own panel. Panels and lines follow the
+    names in numeric order (R@2 before R@16), and series identical to another of their panel are one line (the
+    loss equals its only term): drawn apart, the last would hide the others."""
+    panels: dict[str, list[list[str]]] = {}
+    for name in sorted(metrics, key=lambda name: (not name.startswith("train."), numeric_order(name))):
         split, _, metric = name.partition(".")
         if split == "train":
             panel = "training loss terms" if metric != "accuracy" else "training accuracy"
         else:
             panel = f"eval {metric.rpartition('/')[2]}"
-        panels.setdefault(panel, []).append(name)
+        lines = panels.setdefault(panel, [])
+        same = next((line for line in lines if same_curve(metrics[line[0]], metrics[name])), None)
+        if same is None:
+            lines.append([name])
+        else:
+            same.append(name)
     return panels
+
+
+def same_curve(a: Series, b: Series) -> bool:
+    """The same points (metrics.json also stamps each point with the time it was logged)."""
+    return a["steps"] == b["steps"] and a["values"] == b["values"]
+
+
+def numeric_order(name: str) -> list:
+    """A sort key reading the numbers in a name as numbers: R@1, R@2, R@16 rather than R@1, R@16, R@2."""
+    # re.split with a group alternates text and numbers, starting with text (maybe empty).
+    return [int(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+)", name))]
 
 
 def curve_label(name: str) -> str:
@@ -122,12 +141,25 @@ def draw_retrieval_grid(
     axes = figure.subplots(rows, k + 1, squeeze=False)
     for row, (query, label) in enumerate(zip(query_images, query_labels, strict=True)):
         show_tile(axes[row, 0], query, f"query, class {label}", "black", above=True)
+        decimals = distance_decimals(distances[row])
         for col in range(k):
             right = neighbour_labels[row][col] == label
-            caption = f"class {neighbour_labels[row][col]}\nd = {distances[row][col]:.3f}"
+            caption = f"class {neighbour_labels[row][col]}\nd = {distances[row][col]:.{decimals}f}"
             show_tile(axes[row, col + 1], neighbour_images[row][col], caption, RIGHT if right else WRONG)
     figure.suptitle(title or f"top-{k} neighbours: green = same class, red = another class")
     figure.savefig(path)
+
+
+def distance_decimals(row: Sequence[float], least: int = 3, most: int = 7) -> int:
+    """The fewest decimals, from least, that print the distinct distances of a row apart and a distance above zero
+    as more than zero; most at most, as float32 distances carry about seven significant digits."""
+    values = np.unique(np.asarray(row, dtype=np.float64))
+    for decimals in range(least, most):
+        printed = [f"{value:.{decimals}f}" for value in values]
+        above_zero = all(float(text) > 0 for value, text in zip(values, printed, strict=True) if value > 0)
+        if len(set(printed)) == len(values) and above_zero:
+            return decimals
+    return most
 
 
 def draw_dataset_retrieval(

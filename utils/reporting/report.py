@@ -51,6 +51,7 @@ IGNORED = {
     "bad_images",
     "visdom_port",
     "visdom_freq",
+    "checkpoint_artifact",
 }
 RESULT_METRIC = "cosine/R@1"  # a metric-learning run's result: what the chart draws and the gain is in
 METRIC_COLUMNS = ("cosine/R@1", "l2/R@1", "cosine/MAP@R", "NMI", "test/reconstruction")

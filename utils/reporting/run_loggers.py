@@ -8,11 +8,11 @@ from utils.reporting.visdom_logger import VisdomLogger
 
 
 class VisdomCurves(RunLogger):
-    """Live curves on a visdom server: the training terms in one window, and each evaluation metric whose name ends
-    with a suffix of titles in the window of that title (e.g. {"/R@1": "Recall@1"})."""
+    """Live curves in the environment env of a visdom server: the training terms in one window, and each evaluation
+    metric whose name ends with a suffix of titles in the window of that title (e.g. {"/R@1": "Recall@1"})."""
 
-    def __init__(self, port: int, titles: dict[str, str]) -> None:
-        self.plot = VisdomLogger(port)
+    def __init__(self, port: int, titles: dict[str, str], env: str) -> None:
+        self.plot = VisdomLogger(port, env=env)
         self.titles = titles
 
     def progress(self, name: str, value: float, step: float) -> None:

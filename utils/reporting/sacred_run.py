@@ -1,16 +1,20 @@
 """Sacred at the experiments' edge: the -F observer that keeps a failed run's records whole, the hooks that put it
-in place and quiet the other ranks under torchrun, the run's logger and the output folder of a run.
+in place and quiet the other ranks under torchrun, the run's logger, the output folder of a run and the files it
+hands to every observer.
 
     ex.option_hook(quiet_other_ranks)   # first: under torchrun only rank 0 observes the run and prints
-    observe_with_run_records(ex)        # -F DIR writes through RunRecords
+    observe_with_run_records(ex)        # -F DIR writes through RunRecords; -m without pymongo is one line
+    ex.config(observers_config)         # checkpoint_artifact
     @ex.main
     @keep_run_records                   # on every command taking _run
     def main(..., _run): ...
+        add_artifacts(_run, directory, _config["checkpoint_artifact"])   # once the pictures are drawn
 """
 
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -25,11 +29,12 @@ from sacred.observers import FileStorageObserver
 from sacred.run import Run
 
 from utils import distributed
-from utils.engine.checkpoint import settings_at
+from utils.engine.checkpoint import CHECKPOINT, settings_at
 from utils.engine.loggers import RunLogger
 from utils.errors import InputError
 from utils.files import atomic_write
 from utils.reporting.run_loggers import CurvesPicture, VisdomCurves
+from utils.settings import boolean, register
 
 
 def save_json_atomically(directory: str, obj: object, filename: str) -> None:
@@ -101,9 +106,22 @@ def check_run_folder(options: dict) -> None:
         ) from None
 
 
+def check_database_client(options: dict) -> None:
+    """A sacred option hook: `-m` without pymongo (an optional extra) is one line, not sacred's traceback."""
+    if not options.get("--mongo_db"):
+        return
+    try:
+        import pymongo  # noqa: F401
+    except ImportError:
+        raise InputError(
+            "-m (sacred's MongoDB observer) needs pymongo, which is not installed: "
+            "`pip install -r requirements-mongo.txt`, or leave -m out"
+        ) from None
+
+
 def observe_with_run_records(ex: Experiment) -> None:
     """Make `-F DIR` observe the experiment's runs with RunRecords instead of sacred's own file observer (through
-    an option hook: the run is built after it, with ex.observers)."""
+    an option hook: the run is built after it, with ex.observers), and refuse -m without pymongo in one line."""
 
     def use_run_records(options: dict) -> None:
         ex.observers[:] = [observer for observer in ex.observers if not isinstance(observer, RunRecords)]
@@ -113,6 +131,7 @@ def observe_with_run_records(ex: Experiment) -> None:
             options["--file_storage"] = None
 
     ex.option_hook(use_run_records)
+    ex.option_hook(check_database_client)
 
 
 def continue_with_checkpoint_settings(ex: Experiment) -> None:
@@ -245,6 +264,24 @@ def quiet_other_ranks(options: dict) -> None:
         sys.stdout = open(os.devnull, "w")  # for the life of the process
 
 
+def observers_config():
+    # The checkpoint is a run's largest file (hundreds of MiB with a large classifier): with -F it stays where it is,
+    # listed in run.json, but a database observer (-m) stores a copy of every artifact.
+    checkpoint_artifact = True  # hand checkpoint.pt to sacred's observers with the pictures; False: the pictures only
+
+
+register({"checkpoint_artifact": boolean()})
+
+
+def add_artifacts(run: Run, directory: Path, checkpoint: bool) -> None:
+    """Hand the run's pictures (the PNG files in directory) and, if checkpoint, its checkpoint to every observer of
+    the run as sacred artifacts: -m stores them in MongoDB; -F, whose run folder is directory, lists them in
+    run.json (sacred's file observer leaves a file that is already its own in place: no second copy)."""
+    files = sorted(directory.glob("*.png")) + ([directory / CHECKPOINT] if checkpoint else [])
+    for path in files:
+        run.add_artifact(str(path), name=path.name)
+
+
 def output_directory(run: Run, output_dir: str, name: str) -> Path:
     """The -F run directory, or a new folder in output_dir named after the run, the time and the process."""
     for observer in run.observers:
@@ -271,12 +308,23 @@ class SacredLogger(RunLogger):
         self.run.info["metrics"] = metrics
 
 
-def run_loggers(run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str) -> list[RunLogger]:
-    """The run's loggers: sacred's on every rank; live curves (with visdom_port) and curves.png on rank 0 only.
-    plot_titles: metric-name suffix -> visdom window (VisdomCurves)."""
+def run_loggers(
+    run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str, directory: Path
+) -> list[RunLogger]:
+    """The run's loggers: sacred's on every rank; live curves (with visdom_port, in the visdom environment named
+    after the run's folder) and curves.png on rank 0 only. plot_titles: metric-name suffix -> visdom window
+    (VisdomCurves)."""
     loggers: list[RunLogger] = [SacredLogger(run)]
     if distributed.is_main():
         if visdom_port:
-            loggers.append(VisdomCurves(visdom_port, plot_titles))
+            loggers.append(VisdomCurves(visdom_port, plot_titles, visdom_env(run, directory)))
         loggers.append(CurvesPicture(name))
     return loggers
+
+
+def visdom_env(run: Run, directory: Path) -> str:
+    """The run's own visdom environment: the experiment and the run's folder, e.g. metric_learning_result_dir_3
+    (-F result_dir) or metric_learning_outputs_small_cnn_digits_20250101-120000_4242. visdom keeps an environment
+    in a file of that name, so characters other than letters, digits, '.', '-' and '_' become '-'."""
+    name = f"{run.experiment_info['name']}_{directory.parent.name}_{directory.name}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)

@@ -22,7 +22,7 @@ class VisdomLogger:
         if not server_answers(f"{server}:{port}"):
             raise InputError(
                 f"no visdom server answers at {server}:{port}: start one with "
-                f"`python -m visdom.server -port {port}`, or leave visdom_port unset"
+                f"`python -m utils.visdom_server -port {port}` (offline), or leave visdom_port unset"
             )
         self.vis = visdom.Visdom(server=server, port=port, env=env, raise_exceptions=False)
         self.env = env

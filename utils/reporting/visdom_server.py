@@ -6,7 +6,9 @@ what the install already brought (the files vendored in utils/reporting/visdom_s
 plotly package), then runs visdom's own server, which takes the same options (-port, -env_path, ...).
 It also mends the page's template for tornado >= 6.6, whose static_url refuses the template's link
 to the user's style sheet outside the static folder (the page answered 403). The page's optional
-extras (MathJax for LaTeX text, d3 for network graphs) are left out.
+extras, MathJax for LaTeX text and d3 with saveSvgAsPng for network graphs, are not installed, and the mended page
+does not ask for them (each would be a 404 and a console error): our runs draw neither, visdom's main.js calls d3
+only in its network pane and never MathJax, and plotly uses MathJax only if it is there (LaTeX shows as typed).
 
 The server listens on 127.0.0.1 only: whoever reaches its port reads every curve and writes, replaces and
 deletes environments, so `--host ADDRESS` (e.g. 0.0.0.0) widens it only on request, with a warning; an SSH
@@ -33,6 +35,14 @@ PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 # The same address, built without static_url: the prefix ends in /static/, the user's sheet is at /user/.
 USER_STYLE = '{{ static_url("../user/style.css") }}'
 USER_STYLE_LINK = '"{{ handler.settings.get("static_url_prefix", "/static/") }}../user/style.css"'
+# The template's lines that load the optional extras (and configure MathJax), dropped from the page.
+EXTRAS = (
+    "js/mathjax/",
+    "text/x-mathjax-config",
+    "js/d3.v3.min.js",
+    "js/d3-selection-multi.v1.js",
+    "js/saveSvgAsPng.js",
+)
 
 
 def asset_sources() -> dict[str, Path]:
@@ -51,12 +61,18 @@ def install_assets(static: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
         index = static / "index.html"
-        index.write_text(index.read_text().replace(USER_STYLE, USER_STYLE_LINK))
+        index.write_text(mended_page(index.read_text()))
     except OSError as error:
         raise InputError(
             f"cannot install visdom's web page scripts into {static}: {error}; "
             "make that folder writable (it is inside the virtual environment)"
         ) from error
+
+
+def mended_page(template: str) -> str:
+    """visdom's page template linking the user's style sheet as tornado >= 6.6 allows, without the extras."""
+    lines = template.replace(USER_STYLE, USER_STYLE_LINK).splitlines(keepends=True)
+    return "".join(line for line in lines if not any(extra in line for extra in EXTRAS))
 
 
 LOOPBACK = "127.0.0.1"
