@@ -323,7 +323,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("result_dirs", nargs="+", metavar="RESULT_DIR")
     parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the table, every metric, as CSV")
     parser.add_argument("--chart", type=Path, metavar="PATH", help="also draw cosine R@1 per group as a PNG")
+    parser.add_argument(
+        "--reality-check",
+        action="store_true",
+        help="combine the four fold runs (dataset.folds=4) into the Reality Check's concatenated and separated results",
+    )
     args = parser.parse_args(argv)
+    if args.reality_check:
+        # Imported here: the combination needs torch and faiss, the table of runs only their JSON files.
+        from utils.evaluation.protocol import format_reality_check, reality_check
+
+        try:
+            print(format_reality_check(reality_check(args.result_dirs)))
+        except InputError as error:
+            raise SystemExit(f"error: {error}") from None
+        return
     try:
         runs = find_runs(args.result_dirs)
     except InputError as error:
