@@ -69,14 +69,14 @@ def config(dataset, evaluation):
     warm_epochs = 0  # first epochs train only the new layers (embedding head, classifier, proxies)
     label_smoothing = 0.1  # of the cross-entropy loss
     # The metric that chooses the best epoch: recall (cosine R@1, the papers') | map_at_r | r_precision
-    select_by = "map_at_r" if evaluation["protocol"] == "validation" else "recall"
+    selection_metric = "map_at_r" if evaluation["protocol"] == "validation" else "recall"
 
 
 register(
     {
         "warm_epochs": integer(0),
         "label_smoothing": number(0, 1, high_open=True),
-        "select_by": choice(tuple(SELECTION_KEYS)),
+        "selection_metric": choice(tuple(SELECTION_KEYS)),
     },
     [CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs")],
 )
@@ -153,7 +153,7 @@ def reality_check():
 
 @ex.main
 @keep_run_records
-def main(label_smoothing: float, warm_epochs: int, select_by: str, _config: dict, _run) -> float:
+def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _config: dict, _run) -> float:
     """Train an embedding and evaluate it (the default command)."""
     device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
@@ -163,7 +163,7 @@ def main(label_smoothing: float, warm_epochs: int, select_by: str, _config: dict
     evaluate = get_evaluator(loaders, device)  # the test set
     # Every evaluated epoch is scored on the validation split under evaluation.protocol=validation, else on the test
     # set; the final evaluation is always the test set's.
-    metrics = list(dict.fromkeys([*evaluate.metrics, select_by]))
+    metrics = list(dict.fromkeys([*evaluate.metrics, selection_metric]))
     select = validation_evaluator(evaluate, metrics) if validation else evaluate
     default_arch = "small_cnn" if _config["dataset"]["name"] == "digits" else "resnet18"
     _run.info["model"] = resolve_model(default_arch)
@@ -180,7 +180,7 @@ def main(label_smoothing: float, warm_epochs: int, select_by: str, _config: dict
         model,
         criterion,
         lambda metrics: select(model, metrics),
-        best_key=SELECTION_KEYS[select_by],
+        best_key=SELECTION_KEYS[selection_metric],
         rebuild=rebuild,
         warmup_frozen=backbone,
         warm_epochs=warm_epochs,
