@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
+from utils.evaluation.ingredient import Evaluator
 from utils.evaluation.metrics import RETRIEVAL_METRICS, evaluate_embeddings
 from utils.files import atomic_write
 
@@ -74,6 +75,23 @@ def save_test_embeddings(
     with atomic_write(path, "wb") as file:
         np.savez(file, **arrays)
     return path
+
+
+def save_fold_embeddings(evaluator: Evaluator, directory: Path, *, fold: int, folds: int) -> Path:
+    """The test embeddings of the evaluator's last evaluation (the final one of a fold run) and their labels (the
+    test loaders are not shuffled: the data sets' order)."""
+    query, gallery = evaluator.last
+    loaders = evaluator.loaders
+    return save_test_embeddings(
+        directory,
+        query=query,
+        query_labels=loaders.query.dataset.targets,
+        gallery=gallery,
+        gallery_labels=loaders.gallery.dataset.targets if loaders.gallery is not None else None,
+        fold=fold,
+        folds=folds,
+        ks=evaluator.recalls,
+    )
 
 
 def fold_files(directories: Sequence[str]) -> list[Path]:
