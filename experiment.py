@@ -201,7 +201,16 @@ def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _confi
     )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics["cosine/R@1"]
-    _run.info["card"] = comparability_card(_config, _run.info["model"], model.head.num_features, outcome.epochs_run)
+    resolved = _run.info["model"]
+    described = {
+        "embedding_size": model.head.num_features,
+        "normalized": _config["model"]["normalize"],
+        "backbone": resolved["arch"],
+        "weights": resolved["weights"],
+        "pooling": _config["model"]["pooling"],
+        "bn_frozen": resolved["set_bn_eval"],
+    }
+    _run.info["card"] = comparability_card(_config, described, outcome.epochs_run)
     if _config["dataset"]["folds"]:  # what `python -m utils.report --reality-check` combines, without the data
         save_fold_embeddings(
             evaluate, outcome.directory, fold=_config["dataset"]["fold"], folds=_config["dataset"]["folds"]

@@ -184,6 +184,14 @@ def test_the_autoencoder_refuses_the_validation_protocol(autoencoder_experiment,
     assert_input_error(outcome, "evaluation.protocol=validation is experiment.py's")
 
 
+def test_the_autoencoder_run_carries_a_card(autoencoder_experiment, digits_path, tmp_path):
+    outcome = autoencoder_experiment(f"-F {tmp_path} with", *digits_updates(digits_path), "epochs=1", "cpu=True")
+    assert outcome.code == 0, outcome.err
+    card = json.loads((tmp_path / "1" / "info.json").read_text())["card"]
+    assert card.keys() == CARD_KEYS
+    assert (card["split"], card["backbone"], card["embedding_size"], card["epochs_run"]) == ("test", "ae", 64, 1)
+
+
 def test_resume_refuses_another_protocol(experiment, digits_path, tmp_path):
     assert experiment(f"-F {tmp_path} with", *digits_updates(digits_path), "epochs=1", "cpu=True").code == 0
     outcome = experiment(

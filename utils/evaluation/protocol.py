@@ -22,22 +22,20 @@ from utils.files import atomic_write
 TEST_EMBEDDINGS = "test_embeddings.npz"
 
 
-def comparability_card(config: dict, model_info: dict, embedding_size: int, epochs_run: int) -> dict:
-    """What decides whether two results may be compared (info.json's "card"), from the run's config, its resolved
-    model (arch, weights, set_bn_eval) and what the run did."""
-    dataset, model = config["dataset"], config["model"]
+MODEL_CARD_KEYS = ("embedding_size", "normalized", "backbone", "weights", "pooling", "bn_frozen")
+
+
+def comparability_card(config: dict, model: dict, epochs_run: int) -> dict:
+    """What decides whether two results may be compared (info.json's "card"): the run's config (data, protocol,
+    seed), its model as the experiment describes it (MODEL_CARD_KEYS) and the epochs it trained."""
+    dataset = config["dataset"]
     protocol = config["evaluation"]["protocol"]
     return {
         "split": f"fold {dataset['fold']}/{dataset['folds']}" if dataset["folds"] else protocol,
         "selection": protocol,
         "train_size": dataset["crop_size"],
         "test_size": dataset["crop_size"],
-        "embedding_size": embedding_size,
-        "normalized": model["normalize"],
-        "backbone": model_info["arch"],
-        "weights": model_info["weights"],
-        "pooling": model["pooling"],
-        "bn_frozen": model_info["set_bn_eval"],
+        **{key: model[key] for key in MODEL_CARD_KEYS},
         "batch_size": dataset["batch_size"],
         "sampler": dataset["sampler"],
         "epochs_run": epochs_run,
