@@ -331,3 +331,24 @@ def test_the_concatenated_and_separated_results_match_a_hand_computation(tmp_pat
     for name in ("R@1", "R-Precision", "MAP@R"):
         assert results["concatenated"][f"cosine/{name}"] == pytest.approx(expected[name], abs=1e-6)
         assert results["separated"][f"cosine/{name}"] == pytest.approx(np.mean([e[name] for e in each]), abs=1e-6)
+
+
+def save_fold(directory: Path, fold: int, labels: list[int]) -> None:
+    directory.mkdir()
+    embeddings = torch.randn(len(labels), 4)
+    save_test_embeddings(
+        directory, query=embeddings, query_labels=labels, gallery=None, gallery_labels=None, fold=fold, folds=2, ks=[1]
+    )
+
+
+def test_the_reality_check_refuses_what_it_cannot_combine(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty: no test_embeddings.npz there; point --reality-check at the run"):
+        report_main(["--reality-check", str(tmp_path / "empty")])
+    save_fold(tmp_path / "a", 1, [0, 0, 1, 1])
+    save_fold(tmp_path / "b", 2, [0, 1, 0, 1])
+    with pytest.raises(SystemExit, match=r"hold different test images \(query_labels\)"):
+        report_main(["--reality-check", str(tmp_path / "a"), str(tmp_path / "b")])
+    save_fold(tmp_path / "c", 1, [0, 0, 1, 1])
+    with pytest.raises(SystemExit, match=r"each fold of one split exactly once, got: .*\(fold 1/2\), .*\(fold 1/2\)"):
+        report_main(["--reality-check", str(tmp_path / "a"), str(tmp_path / "c")])

@@ -99,8 +99,8 @@ def fold_files(directories: Sequence[str]) -> list[Path]:
         found = [directory] if directory.is_file() else sorted(directory.rglob(TEST_EMBEDDINGS))
         if not found:
             raise InputError(
-                f"{directory}: no {TEST_EMBEDDINGS} there; point --reality-check at the run folders of "
-                f"`python experiment.py -F DIR with reality_check dataset.fold=K` (K = 1..4)"
+                f"{directory}: no {TEST_EMBEDDINGS} there; point --reality-check at the run folders of fold runs "
+                f"(`python experiment.py -F DIR with dataset.cub reality_check dataset.fold=K`, K = 1..4)"
             )
         files.extend(found)
     return files
