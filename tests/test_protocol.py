@@ -280,6 +280,16 @@ def test_resume_keeps_the_patience_counter(tmp_path):
     assert (resumed.epochs_run, resumed.best_epoch) == (3, 1)
 
 
+def test_a_checkpoint_without_the_counter_resumes_with_0(tmp_path):
+    scripted_fit(tmp_path, [0.5, 0.6, 0.4], epochs=2)  # one evaluation since the best
+    path = tmp_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["best"]["stale_evaluations"]  # as written before early stopping existed
+    torch.save(checkpoint, path)
+    resumed, _ = scripted_fit(tmp_path, [0.3, 0.2, 0.9, 0.9], epochs=6, resume=str(tmp_path))
+    assert (resumed.epochs_run, resumed.best_epoch) == (4, 1)
+
+
 # ------------------------------------------------------------------------------------------ the combination
 
 
