@@ -38,6 +38,7 @@ from utils.evaluation.ingredient import (
     evaluation_ingredient,
     get_evaluator,
 )
+from utils.evaluation.protocol import comparability_card
 from utils.reporting.plots import draw_reconstructions
 from utils.reporting.sacred_run import (
     SacredLogger,
@@ -145,6 +146,11 @@ def rebuild_autoencoder(rebuild: dict, settings: dict) -> Autoencoder:
 def main(select_by: str, _config: dict, _run) -> float:
     """Train an autoencoder and evaluate its codes (the default command)."""
     check_choice("select_by", select_by, SELECTION)
+    if _config["evaluation"]["protocol"] != "test":
+        raise InputError(
+            "evaluation.protocol=validation is experiment.py's: the autoencoder baseline chooses its epoch on the "
+            "test set by select_by; drop evaluation.protocol"
+        )
     device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
     torch.manual_seed(_config["seed"])
@@ -185,6 +191,16 @@ def main(select_by: str, _config: dict, _run) -> float:
     )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics[task.best_key]
+    # The codes are the encoder's (posterior) means: trained from scratch (BatchNorm too), unpooled, unnormalised.
+    described = dict(
+        embedding_size=_config["vae"]["latent_dim"],
+        normalized=False,
+        backbone=_config["vae"]["arch"],
+        weights=None,
+        pooling=None,
+        bn_frozen=False,
+    )
+    _run.info["card"] = comparability_card(_config, described, outcome.epochs_run)
     draw_reconstructions(
         shown,
         reconstruct(model, shown, device),

@@ -193,6 +193,11 @@ def test_the_issues_examples(key, value, description):
             {"model": {"arch": "vit_s14_dinov2"}, "dataset": {"crop_size": 32}},
             "expected dataset.crop_size a multiple of the ViT's patch size",
         ),
+        ({"dataset": {"folds": 4, "fold": 5}, "evaluation": {"protocol": "validation"}}, "expected dataset.fold <= "),
+        (
+            {"dataset": {"folds": 4, "fold": 1}, "evaluation": {"protocol": "test"}},
+            "expected evaluation.protocol=validation with dataset.folds",
+        ),
     ],
     ids=[
         "crop-resize",
@@ -209,6 +214,8 @@ def test_the_issues_examples(key, value, description):
         "vit-options",
         "weights-file-pretrained",
         "vit-crop",
+        "fold-in-folds",
+        "folds-validate",
     ],
 )
 def test_cross_key_rules(config, line):
@@ -235,9 +242,11 @@ def test_every_cross_rule_is_tested_and_passes_when_consistent():
         "lr_step": 10,
         "nesterov": True,
         "momentum": 0.9,
+        "evaluation": {"protocol": "validation"},
     }
+    consistent["dataset"].update(folds=4, fold=4)
     assert violations(consistent) == []
-    assert len(CROSS_RULES) == 13  # one parametrised case above per rule
+    assert len(CROSS_RULES) == 15  # one parametrised case above per rule
 
 
 def test_absent_keys_are_skipped_and_every_violation_gets_a_line():
