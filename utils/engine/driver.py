@@ -373,7 +373,7 @@ def log_evaluation(
     loggers: Sequence[RunLogger], curves: dict, epoch: int, metrics: dict[str, float], series: str = "eval"
 ) -> None:
     """Print the metrics and log them as <series>.<key>."""
-    print(format_metrics(f"Epoch {epoch:3d}", metrics))
+    print(format_metrics(f"Epoch {epoch:3d}" + (" (validation)" if series == "val" else ""), metrics))
     for key, value in metrics.items():
         log_scalar(loggers, curves, f"{series}.{key}", value, epoch)
 

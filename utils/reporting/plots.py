@@ -37,13 +37,13 @@ def draw_curves(metrics: dict[str, Series], path: str | Path, title: str = "") -
     figure = Figure(figsize=(5.5 * columns, 3.8 * rows), dpi=DPI, layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for ax, (panel, lines) in zip(axes, panels.items(), strict=False):
-        x_label = "epoch" if panel.startswith("eval ") else "epoch (per iteration)"
+        x_label = "epoch (per iteration)" if panel.startswith("training") else "epoch"
         for names in lines:
             ax.plot(
                 metrics[names[0]]["steps"],
                 metrics[names[0]]["values"],
                 label=" = ".join(curve_label(name) for name in names),
-                marker="o" if panel.startswith("eval ") else None,
+                marker=None if panel.startswith("training") else "o",
                 markersize=3,
             )
         ax.set(title=panel, xlabel=x_label)
@@ -69,7 +69,7 @@ def curve_panels(metrics: dict[str, Series]) -> dict[str, list[list[str]]]:
         if split == "train":
             panel = "training loss terms" if metric != "accuracy" else "training accuracy"
         else:
-            panel = f"eval {metric.rpartition('/')[2]}"
+            panel = f"{split} {metric.rpartition('/')[2]}"  # eval: the test split's, val: the validation split's
         lines = panels.setdefault(panel, [])
         same = next((line for line in lines if same_curve(metrics[line[0]], metrics[name])), None)
         if same is None:

@@ -9,7 +9,8 @@ from utils.reporting.visdom_logger import VisdomLogger
 
 class VisdomCurves(RunLogger):
     """Live curves in the environment env of a visdom server: the training terms in one window, and each evaluation
-    metric whose name ends with a suffix of titles in the window of that title (e.g. {"/R@1": "Recall@1"})."""
+    metric (of the test or the validation split) whose name ends with a suffix of titles in the window of that
+    title (e.g. {"/R@1": "Recall@1"})."""
 
     def __init__(self, port: int, titles: dict[str, str], env: str) -> None:
         self.plot = VisdomLogger(port, env=env)
@@ -19,10 +20,10 @@ class VisdomCurves(RunLogger):
         self.plot(name, "Training", step, value)
 
     def scalar(self, name: str, value: float, step: float) -> None:
-        metric = name.removeprefix("eval.")
+        split, _, metric = name.partition(".")
         title = next((title for suffix, title in self.titles.items() if metric.endswith(suffix)), None)
-        if name.startswith("eval.") and title is not None:
-            self.plot(metric, title, step, value)
+        if split in ("eval", "val") and title is not None:  # val: the validation split's (evaluation.protocol)
+            self.plot(f"{split}.{metric}" if split == "val" else metric, title, step, value)
 
 
 class CurvesPicture(RunLogger):
