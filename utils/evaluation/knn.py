@@ -205,7 +205,7 @@ def neighbours_within(
     # Every tile is written into these two buffers: allocating a fresh tile each time lets the
     # C allocator's free lists grow by gigabytes over a large evaluation.
     tile_buffer = torch.empty(min(sample, n_query) * min(sample, n_gallery), device=device)
-    mask_buffer = torch.empty(len(tile_buffer), dtype=torch.bool, device=device)
+    mask_buffer = torch.empty(max(len(tile_buffer), 2 * block * block), dtype=torch.bool, device=device)
     found = []
     with _ieee_float32_matmul():
         for start in range(0, n_query, sample):
@@ -223,13 +223,31 @@ def neighbours_within(
                 if not self_search and columns.start < sample:
                     continue
                 tile = distances.distance_block(rows, columns, out=tile_buffer)
-                found.append(_within(tile, radii[rows], rows.start, columns.start, mask_buffer))
                 if self_search:
-                    found.append(_within(tile.T, radii[columns], columns.start, rows.start, mask_buffer))
+                    found += _within_both_ways(
+                        tile, radii[rows], radii[columns], rows.start, columns.start, mask_buffer
+                    )
+                else:
+                    found.append(_within(tile, radii[rows], rows.start, columns.start, mask_buffer))
     query, item, dist = (torch.cat(part).cpu().numpy() for part in zip(*found, strict=True))
-    dist += 0  # -0.0 and 0.0 are one distance: make them one sort key
-    order = np.lexsort((item, dist, query))
+    order = _order(query, item, dist)
     return query[order], item[order], dist[order]
+
+
+def _order(query: np.ndarray, item: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """The permutation that sorts by (query, distance, item): one sort of a 64-bit (query, distance)
+    key, then a sort by item of the few runs of equal keys (exact ties)."""
+    bits = (dist + np.float32(0)).view(np.uint32)  # + 0: -0.0 and 0.0 are one distance, one key
+    # IEEE floats order like their bits once negative ones have all bits flipped, positive ones the sign.
+    bits = bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    key = (query.astype(np.uint64) << np.uint64(32)) | bits
+    order = np.argsort(key)
+    key = key[order]
+    tied = np.flatnonzero(key[1:] == key[:-1])
+    if tied.size:
+        runs = np.union1d(tied, tied + 1)
+        order[runs] = order[runs][np.lexsort((item[order[runs]], key[runs]))]
+    return order
 
 
 def _blocks(n: int, size: int) -> Iterator[slice]:
@@ -244,6 +262,22 @@ def _within(
     mask = torch.le(tile, radii[:, None], out=mask_buffer[: tile.numel()].view(tile.shape))
     rows, columns = mask.nonzero(as_tuple=True)
     return rows + row_offset, columns + column_offset, tile[rows, columns]
+
+
+def _within_both_ways(
+    tile: Tensor, row_radii: Tensor, column_radii: Tensor, row_offset: int, column_offset: int, mask_buffer: Tensor
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """_within for the rows as queries and for the columns as queries, from one scan of the tile."""
+    size = tile.numel()
+    near_row = torch.le(tile, row_radii[:, None], out=mask_buffer[:size].view(tile.shape))
+    near_column = torch.le(tile, column_radii, out=mask_buffer[size : 2 * size].view(tile.shape))
+    rows, columns = near_row.logical_or_(near_column).nonzero(as_tuple=True)
+    dist = tile[rows, columns]
+    for_row, for_column = dist <= row_radii[rows], dist <= column_radii[columns]
+    return [
+        (rows[for_row] + row_offset, columns[for_row] + column_offset, dist[for_row]),
+        (columns[for_column] + column_offset, rows[for_column] + row_offset, dist[for_column]),
+    ]
 
 
 def exact_knn(searcher: Searcher, rows: np.ndarray, k: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
