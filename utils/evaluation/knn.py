@@ -280,6 +280,40 @@ def _within_both_ways(
     ]
 
 
+def first_positive_ranks(
+    distances: TorchSearcher,
+    rows: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    self_search: bool,
+    max_bytes: int,
+) -> np.ndarray:
+    """The rank (from 0) in (distance, index) order of each query row's first same-label gallery
+    item, inf if it has none: the number of items closer, or as close with a lower index. Each row
+    is computed whole, so its count and its positives' distances come from the same numbers."""
+    ranks = np.full(len(rows), np.inf)
+    device = distances.query.device
+    labels = torch.as_tensor(gallery_labels, device=device)
+    columns = torch.arange(distances.gallery_size, device=device)
+    batch = max(1, max_bytes // (16 * distances.gallery_size))
+    with _ieee_float32_matmul():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start : start + batch]
+            dist = distances.distances(chunk)
+            if self_search:
+                dist[torch.arange(len(chunk), device=device), torch.as_tensor(chunk, device=device)] = torch.inf
+            positive = labels == torch.as_tensor(query_labels[chunk], device=device)[:, None]
+            if self_search:
+                positive[torch.arange(len(chunk), device=device), torch.as_tensor(chunk, device=device)] = False
+            best = torch.where(positive, dist, torch.inf).min(dim=1, keepdim=True).values
+            first = torch.where(positive & (dist == best), columns, distances.gallery_size).min(dim=1, keepdim=True)
+            before = (dist < best) | ((dist == best) & (columns < first.values))
+            found = positive.any(dim=1).cpu().numpy()
+            ranks[start : start + len(chunk)] = np.where(found, before.sum(dim=1).cpu().numpy(), np.inf)
+    return ranks
+
+
 def exact_knn(searcher: Searcher, rows: np.ndarray, k: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """The first k neighbours of the query rows in (distance, gallery index) order.
 

@@ -21,6 +21,7 @@ from utils.evaluation.knn import (
     Searcher,
     TorchSearcher,
     exact_knn,
+    first_positive_ranks,
     make_searcher,
     neighbours_within,
     prepare,
@@ -172,10 +173,9 @@ class _Retrieval:
         g = q if gallery is None else prepare(gallery, distance).to(q.device)
         tally = _Tally(self.ks, self.ranked)
         block = chunk_size or int(math.isqrt(CHUNK_BYTES // 4)) // SAMPLE_BLOCKS
-        found = neighbours_within(
-            TorchSearcher(q, g, distance), self_search=self.self_search, radius=self._radius, block=block
-        )
-        rest = self._tally_found(*found, tally)
+        distances = TorchSearcher(q, g, distance)
+        found = neighbours_within(distances, self_search=self.self_search, radius=self._radius, block=block)
+        rest = self._tally_found(*found, tally, distances)
         if rest.size:
             searcher = make_searcher(q, g, distance, backend)
             # In self-search the query itself is among its neighbours: ask for one more and drop it.
@@ -203,12 +203,15 @@ class _Retrieval:
             radius[at] = nearest[at, needed[at] - 1]
         return radius
 
-    def _tally_found(self, query: np.ndarray, item: np.ndarray, dist: np.ndarray, tally: "_Tally") -> np.ndarray:
+    def _tally_found(
+        self, query: np.ndarray, item: np.ndarray, dist: np.ndarray, tally: "_Tally", distances: TorchSearcher
+    ) -> np.ndarray:
         """Tally the valid queries that the candidates settle; return the others.
 
         The candidates of a query are all items within its radius, in order, so they are the exact
         head of its neighbour list: its first R neighbours if it has at least R candidates, and the
         rank of its first positive if one is among them (or at least max(ks) if it has that many).
+        Where only that rank is missing, first_positive_ranks counts it on the whole distance row.
         """
         counts = np.bincount(query, minlength=len(self.query_codes))
         position = np.arange(len(query)) - (np.cumsum(counts) - counts)[query]
@@ -216,10 +219,17 @@ class _Retrieval:
         first_hit = np.full(len(self.query_codes), np.inf)
         hit_queries, first = np.unique(query[hit], return_index=True)
         first_hit[hit_queries] = position[hit][first]
-        settled = np.isfinite(first_hit) | (counts >= self.deepest_k)
-        if self.ranked:
-            settled &= counts >= self.positives
+        settled = counts >= self.positives if self.ranked else np.ones(len(counts), dtype=bool)
         settled[self.positives <= 0] = False
+        unranked = np.flatnonzero(settled & np.isinf(first_hit) & (counts < self.deepest_k))
+        first_hit[unranked] = first_positive_ranks(
+            distances,
+            unranked,
+            self.query_codes,
+            self.gallery_codes,
+            self_search=self.self_search,
+            max_bytes=CHUNK_BYTES,
+        )
         rows = np.flatnonzero(settled)
         hits = None
         if self.ranked and rows.size:
