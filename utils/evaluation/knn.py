@@ -281,37 +281,47 @@ def _within_both_ways(
 
 
 def first_positive_ranks(
-    distances: TorchSearcher,
-    rows: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    *,
-    self_search: bool,
-    max_bytes: int,
+    distances: TorchSearcher, rows: np.ndarray, positives: np.ndarray, *, self_search: bool, max_bytes: int
 ) -> np.ndarray:
-    """The rank (from 0) in (distance, index) order of each query row's first same-label gallery
-    item, inf if it has none: the number of items closer, or as close with a lower index. Each row
-    is computed whole, so its count and its positives' distances come from the same numbers."""
-    ranks = np.full(len(rows), np.inf)
+    """The rank (from 0) in (distance, index) order of each query row's first positive: the number
+    of gallery items closer to it, or as close with a lower index.
+
+    positives holds each row's positive gallery indices, padded with -1; every row has one. Each
+    row's distances are computed whole, so that its count and its positives' distances come from
+    the same numbers.
+    """
+    ranks = np.empty(len(rows))
     device = distances.query.device
-    labels = torch.as_tensor(gallery_labels, device=device)
-    columns = torch.arange(distances.gallery_size, device=device)
-    batch = max(1, max_bytes // (16 * distances.gallery_size))
+    n = distances.gallery_size
+    batch = max(1, max_bytes // (6 * n + 16 * positives.shape[1]))
     with _ieee_float32_matmul():
         for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            dist = distances.distances(chunk)
+            chunk = torch.as_tensor(rows[start : start + batch], device=device)
+            dist = distances.distances(chunk.cpu().numpy())
             if self_search:
-                dist[torch.arange(len(chunk), device=device), torch.as_tensor(chunk, device=device)] = torch.inf
-            positive = labels == torch.as_tensor(query_labels[chunk], device=device)[:, None]
-            if self_search:
-                positive[torch.arange(len(chunk), device=device), torch.as_tensor(chunk, device=device)] = False
-            best = torch.where(positive, dist, torch.inf).min(dim=1, keepdim=True).values
-            first = torch.where(positive & (dist == best), columns, distances.gallery_size).min(dim=1, keepdim=True)
-            before = (dist < best) | ((dist == best) & (columns < first.values))
-            found = positive.any(dim=1).cpu().numpy()
-            ranks[start : start + len(chunk)] = np.where(found, before.sum(dim=1).cpu().numpy(), np.inf)
+                dist[torch.arange(len(chunk), device=device), chunk] = torch.inf
+            index = torch.as_tensor(positives[start : start + batch], device=device)
+            positive_dist = dist.gather(1, index.clamp(min=0)).masked_fill_(index < 0, torch.inf)
+            best = positive_dist.min(dim=1, keepdim=True).values
+            first = torch.where(positive_dist == best, index, n).min(dim=1).values
+            closer, (tied_row, tied_column) = _count_below(dist, best), _equal(dist, best)
+            first = first.cpu().numpy()
+            tied_before = np.bincount(tied_row[tied_column < first[tied_row]], minlength=len(chunk))
+            ranks[start : start + len(chunk)] = closer + tied_before
     return ranks
+
+
+def _count_below(dist: Tensor, limit: Tensor) -> np.ndarray:
+    """How many entries of each row lie below the row's limit."""
+    if dist.is_cuda:
+        return (dist < limit).sum(dim=1).cpu().numpy()
+    # torch sums a bool tensor several times slower than numpy counts it on the CPU.
+    return np.count_nonzero(dist.numpy() < limit.numpy(), axis=1)
+
+
+def _equal(dist: Tensor, value: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the entries equal to their row's value."""
+    return tuple(index.cpu().numpy() for index in (dist == value).nonzero(as_tuple=True))
 
 
 def exact_knn(searcher: Searcher, rows: np.ndarray, k: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -223,12 +223,7 @@ class _Retrieval:
         settled[self.positives <= 0] = False
         unranked = np.flatnonzero(settled & np.isinf(first_hit) & (counts < self.deepest_k))
         first_hit[unranked] = first_positive_ranks(
-            distances,
-            unranked,
-            self.query_codes,
-            self.gallery_codes,
-            self_search=self.self_search,
-            max_bytes=CHUNK_BYTES,
+            distances, unranked, self._positives_of(unranked), self_search=self.self_search, max_bytes=CHUNK_BYTES
         )
         rows = np.flatnonzero(settled)
         hits = None
@@ -240,6 +235,17 @@ class _Retrieval:
             hits[row_of[query[keep]], position[keep]] = True
         tally.add(first_hit[rows], hits, self.positives[rows])
         return np.setdiff1d(self.valid, rows)
+
+    def _positives_of(self, rows: np.ndarray) -> np.ndarray:
+        """The gallery indices of each row's label, padded with -1 (in self-search the row itself
+        among them: first_positive_ranks puts it at distance +inf)."""
+        by_label = np.argsort(self.gallery_codes, kind="stable")
+        counts = np.bincount(self.gallery_codes)
+        starts = np.cumsum(counts) - counts
+        codes = self.query_codes[rows]
+        width = np.arange(int(counts[codes].max(initial=0)))
+        at = starts[codes, None] + width
+        return np.where(width < counts[codes, None], by_label[np.minimum(at, len(by_label) - 1)], -1)
 
 
 class _Tally:
