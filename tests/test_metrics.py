@@ -11,7 +11,15 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from utils.evaluation.knn import FaissSearcher, TorchSearcher, exact_knn, faiss_has_gpu, neighbours_within, prepare
+from utils.evaluation.knn import (
+    SAMPLE_BLOCKS,
+    FaissSearcher,
+    TorchSearcher,
+    exact_knn,
+    faiss_has_gpu,
+    neighbours_within,
+    prepare,
+)
 from utils.evaluation.metrics import evaluate_embeddings, kmeans_assignments
 
 BACKENDS = [
@@ -175,7 +183,7 @@ HARD_CASES = ["ties", "singletons", "in-shop", "r-beyond-k", "large-classes"]
 @pytest.mark.parametrize("chunk_size", [None, 4])
 @pytest.mark.parametrize("case", HARD_CASES)
 def test_hard_cases_match_oracle(case, chunk_size, backend):
-    # chunk_size 4 bounds each radius on a sample of 16 items: loose radii, many candidates, and
+    # chunk_size 4 bounds each radius on a sample of 8 items: loose radii, many candidates, and
     # queries left open for the k-NN search; None samples everything: exact radii.
     query, query_labels, gallery, gallery_labels, ks = hard_case(case, np.random.default_rng(HARD_CASES.index(case)))
     results = run(query, query_labels, gallery, gallery_labels, ks=ks, backend=backend, chunk_size=chunk_size)
@@ -207,8 +215,8 @@ def test_neighbours_within_returns_every_item_within_each_radius_in_order(distan
     full = searcher.distances(np.arange(50)).numpy()
     if self_search:
         np.fill_diagonal(full, np.inf)
-    # The radii as neighbours_within computed them: the sample is the first 4 x block gallery items.
-    sample = min(4 * block, len(gallery))
+    # The radii as neighbours_within computed them: the sample is SAMPLE_BLOCKS x block items.
+    sample = min(SAMPLE_BLOCKS * block, len(gallery))
     expected = []
     for i in range(50):
         start = i // sample * sample if self_search else 0

@@ -32,7 +32,7 @@ BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 FAISS_GPU_MAX_K = 2048
 # neighbours_within takes each query's radius from SAMPLE_BLOCKS x SAMPLE_BLOCKS tiles around the
 # diagonal: a larger sample gives tighter radii, hence fewer candidates, at the price of a larger tile.
-SAMPLE_BLOCKS = 4
+SAMPLE_BLOCKS = 2
 
 
 class Searcher(Protocol):
