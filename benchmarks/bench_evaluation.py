@@ -1,11 +1,14 @@
 """Time and peak memory of SOP-size retrieval evaluation: our engine, PML's AccuracyCalculator, bare faiss.
 
-    python benchmarks/bench_evaluation.py [--dim 128 2048] [--n 60502] [--classes 11316]
+    python benchmarks/bench_evaluation.py [--dim 128 2048] [--n 60502] [--classes 11316] [--threads T]
 
 Every method runs in its own subprocess on the same synthetic embeddings (class-clustered Gaussians,
 at least two images per class like SOP, self-search with cosine), so that each peak RSS (VmHWM) is
 its own. Times (wall clock, and CPU time of all threads, which suffers less from other jobs on a
-shared machine) cover the evaluation only, not data generation or imports.
+shared machine) cover the evaluation only, not data generation or imports. --threads sets the
+threads of torch and faiss in every method alike: on a machine shared with other jobs, OpenMP
+threads that wait for a busy core spin and count as CPU time, so --threads 1 measures the work
+itself.
 """
 
 import argparse
@@ -43,10 +46,11 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["faiss", "ours", "pml"])
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; the fastest time is kept")
+    parser.add_argument("--threads", type=int, help="torch and faiss threads (default: theirs)")
     parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.dim[0], args.n, args.classes, args.ks)))
+        print(json.dumps(run_worker(args.worker, args.dim[0], args.n, args.classes, args.ks, args.threads)))
         return
     for dim in args.dim:
         rows: dict[str, dict] = {}
@@ -63,19 +67,23 @@ def main() -> None:
 def run_subprocess(method: str, dim: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", method, "--dim", str(dim), "--n", str(args.n)]
     command += ["--classes", str(args.classes), "--ks", *map(str, args.ks)]
+    command += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_worker(method: str, dim: int, n: int, classes: int, ks: list[int]) -> dict:
+def run_worker(method: str, dim: int, n: int, classes: int, ks: list[int], threads: int | None) -> dict:
     # Import everything before the data exists, so that the baseline RSS includes the libraries.
     sys.path.insert(0, str(ROOT))
-    import faiss  # noqa: F401
-    import torch  # noqa: F401
+    import faiss
+    import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # noqa: F401
 
     from utils.evaluation.knn import prepare
 
+    if threads:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
     embeddings, labels = synthetic_embeddings(n, dim, classes)
     if not method.startswith("ours"):
         # Our engine normalises inside the timed call; the others get the very same unit vectors
@@ -167,7 +175,8 @@ def print_table(dim: int, args: argparse.Namespace, rows: dict[str, dict]) -> No
     metric_names = [f"R@{k}" for k in args.ks] + ["MAP@R", "R-Precision"]
     bare = rows.get("faiss", {"seconds": float("nan"), "cpu_seconds": float("nan")})
     gib = 2**20
-    print(f"\n{args.n} x {dim} embeddings, {args.classes} classes, cosine self-search\n")
+    threads = f", {args.threads} threads" if args.threads else ""
+    print(f"\n{args.n} x {dim} embeddings, {args.classes} classes, cosine self-search{threads}\n")
     header = [
         "method",
         "wall s",

@@ -11,7 +11,15 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from utils.evaluation.knn import FaissSearcher, TorchSearcher, exact_knn, faiss_has_gpu, prepare
+from utils.evaluation.knn import (
+    SAMPLE_BLOCKS,
+    FaissSearcher,
+    TorchSearcher,
+    exact_knn,
+    faiss_has_gpu,
+    neighbours_within,
+    prepare,
+)
 from utils.evaluation.metrics import evaluate_embeddings, kmeans_assignments
 
 BACKENDS = [
@@ -146,6 +154,78 @@ def test_self_excluded_by_index_not_by_distance(backend):
         "l2/MAP@R": 0.25,
         "l2/R-Precision": 0.25,
     }
+
+
+def hard_case(case: str, rng: np.random.Generator) -> tuple:
+    """(query, query_labels, gallery, gallery_labels, ks) of one labelling the engine must get right."""
+    x = quantised(120, rng)
+    if case == "ties":  # 16 distinct vectors: every query ties with dozens of items
+        x = rng.choice([-1.0, 1.0], (120, 4)).astype(np.float32)
+        return x, rng.integers(0, 10, 120), None, None, (1, 3, 30)
+    if case == "singletons":  # most classes have one image: few valid queries, far positives
+        return x, labels_with_singletons(120, 6, 80, rng), None, None, (1, 9, 50)
+    if case == "in-shop":  # separate gallery; some query classes are absent from it
+        gallery = quantised(150, rng)
+        gallery[:30] = x[:30]
+        return x, rng.integers(0, 40, 120), gallery, rng.integers(0, 35, 150), (1, 10, 50)
+    if case == "r-beyond-k":  # R up to 69 while Recall@K stops at 4
+        labels = np.where(rng.random(120) < 0.6, 0, rng.integers(1, 20, 120))
+        return x, labels, None, None, (1, 2, 4)
+    if case == "large-classes":  # three classes: R about 40, far beyond the candidates per query
+        return x, rng.integers(0, 3, 120), None, None, (1, 16, 100)
+    raise ValueError(case)
+
+
+HARD_CASES = ["ties", "singletons", "in-shop", "r-beyond-k", "large-classes"]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("case", HARD_CASES)
+def test_hard_cases_match_oracle(case, chunk_size, backend):
+    # chunk_size 4 bounds each radius on a sample of 8 items: loose radii, many candidates, and
+    # queries left open for the k-NN search; None samples everything: exact radii.
+    query, query_labels, gallery, gallery_labels, ks = hard_case(case, np.random.default_rng(HARD_CASES.index(case)))
+    results = run(query, query_labels, gallery, gallery_labels, ks=ks, backend=backend, chunk_size=chunk_size)
+    for distance in ("l2", "cosine"):
+        assert_matches(results, oracle(query, query_labels, gallery, gallery_labels, ks, distance))
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("self_search", [True, False])
+@pytest.mark.parametrize("block", [3, 64])
+def test_neighbours_within_returns_every_item_within_each_radius_in_order(distance, self_search, block):
+    rng = np.random.default_rng(9)
+    query = quantised(50, rng)
+    gallery = query if self_search else quantised(70, rng)
+    # Radii that fall exactly on tied distances, and one query that wants nothing.
+    radius_rank = rng.integers(0, 30, 50)
+    radius_rank[7] = -1
+
+    def radius(rows: slice, sample: torch.Tensor) -> torch.Tensor:
+        ordered = sample.sort(dim=1).values
+        ranks = torch.as_tensor(radius_rank[rows]).clamp(max=sample.shape[1] - 1 - int(self_search))
+        chosen = ordered[torch.arange(len(ordered)), ranks.clamp(min=0)]
+        return torch.where(ranks < 0, -torch.inf, chosen)
+
+    searcher = TorchSearcher(prepare(query, distance), prepare(gallery, distance), distance)
+    found_query, found_item, found_dist = neighbours_within(
+        searcher, self_search=self_search, radius=radius, block=block
+    )
+    full = searcher.distances(np.arange(50)).numpy()
+    if self_search:
+        np.fill_diagonal(full, np.inf)
+    # The radii as neighbours_within computed them: the sample is SAMPLE_BLOCKS x block items.
+    sample = min(SAMPLE_BLOCKS * block, len(gallery))
+    expected = []
+    for i in range(50):
+        start = i // sample * sample if self_search else 0
+        columns = full[i, start : start + sample] if self_search else full[i, :sample]
+        rank = min(radius_rank[i], len(columns) - 1 - int(self_search))
+        limit = -np.inf if rank < 0 else np.sort(columns)[rank]
+        expected += sorted((full[i, j], j, i) for j in range(len(gallery)) if full[i, j] <= limit)
+    assert list(zip(found_query, found_item, strict=True)) == [(i, j) for _, j, i in expected]
+    np.testing.assert_array_equal(found_dist, [d for d, _, _ in expected])
 
 
 class TieBreakingAdversary:

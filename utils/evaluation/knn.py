@@ -15,7 +15,7 @@ data such as the quantised test sets); otherwise they can differ only where two 
 within float32 rounding of each other.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -30,6 +30,9 @@ DISTANCES = ("l2", "cosine")
 BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 # faiss's GPU k-selection handles at most this many neighbours; larger k runs on the CPU index.
 FAISS_GPU_MAX_K = 2048
+# neighbours_within takes each query's radius from SAMPLE_BLOCKS x SAMPLE_BLOCKS tiles around the
+# diagonal: a larger sample gives tighter radii, hence fewer candidates, at the price of a larger tile.
+SAMPLE_BLOCKS = 2
 
 
 class Searcher(Protocol):
@@ -130,11 +133,23 @@ class TorchSearcher:
 
     def distances(self, rows: np.ndarray) -> Tensor:
         """(len(rows), gallery size) float32 distances, computed like faiss does."""
-        q = self.query[torch.as_tensor(rows, device=self.query.device)]
+        return self._distances(self.query[torch.as_tensor(rows, device=self.query.device)], slice(None))
+
+    def distance_block(self, rows: slice, columns: slice, out: Tensor) -> Tensor:
+        """Distances of the query rows to the gallery columns, like `distances`, written into the
+        first elements of out."""
+        q = self.query[rows]
+        return self._distances(q, columns, out[: len(q) * len(self.gallery[columns])])
+
+    def _distances(self, q: Tensor, columns: slice, out: Tensor | None = None) -> Tensor:
+        gallery = self.gallery[columns]
+        if out is None:
+            out = torch.empty(len(q) * len(gallery), device=q.device)
+        out = out.view(len(q), len(gallery))
         if not self.l2:
-            return -(q @ self.gallery.T)
-        sq = (q * q).sum(1, keepdim=True) + self.gallery_sq_norms
-        return torch.addmm(sq, q, self.gallery.T, alpha=-2).clamp_(min=0)
+            return torch.mm(q, gallery.T, out=out).neg_()
+        torch.add((q * q).sum(1, keepdim=True), self.gallery_sq_norms[columns], out=out)
+        return out.addmm_(q, gallery.T, alpha=-2).clamp_(min=0)
 
     def search(self, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with _ieee_float32_matmul():
@@ -163,6 +178,150 @@ def make_searcher(query: Tensor, gallery: Tensor, distance: str, backend: str) -
     if backend == "torch":
         return TorchSearcher(query, gallery, distance)
     return FaissSearcher(query, gallery, distance, gpu=backend == "faiss-gpu")
+
+
+def neighbours_within(
+    distances: TorchSearcher,
+    *,
+    self_search: bool,
+    radius: Callable[[slice, Tensor], Tensor],
+    block: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (query, gallery index, distance) with a distance at most the query's radius, sorted by
+    (query, distance, gallery index); in self-search (the gallery is the query set) without the
+    query itself.
+
+    Each query's radius comes from `radius(rows, sample)`: the query rows' distances to a sample of
+    the gallery (the block of SAMPLE_BLOCKS x block queries around the diagonal in self-search, the
+    first as many gallery items otherwise; the query itself at +inf). Everything else is searched
+    in block x block tiles. Self-search computes each distance once and reads its tile both ways, as
+    the distances of the rows to the columns and of the columns to the rows: half the matrix
+    products of a search, which is what makes the evaluation cheaper than the k-NN search.
+    """
+    n_query, n_gallery = len(distances.query), distances.gallery_size
+    sample = SAMPLE_BLOCKS * block
+    device = distances.query.device
+    radii = torch.empty(n_query, device=device)
+    # Every tile is written into these two buffers: allocating a fresh tile each time lets the
+    # C allocator's free lists grow by gigabytes over a large evaluation.
+    tile_buffer = torch.empty(min(sample, n_query) * min(sample, n_gallery), device=device)
+    mask_buffer = torch.empty(max(len(tile_buffer), 2 * block * block), dtype=torch.bool, device=device)
+    found = []
+    with _ieee_float32_matmul():
+        for start in range(0, n_query, sample):
+            rows = slice(start, min(start + sample, n_query))
+            columns = rows if self_search else slice(0, min(sample, n_gallery))
+            tile = distances.distance_block(rows, columns, out=tile_buffer)
+            if self_search:
+                tile.fill_diagonal_(float("inf"))
+            radii[rows] = radius(rows, tile)
+            found.append(_within(tile, radii[rows], rows.start, columns.start, mask_buffer))
+        for rows in _blocks(n_query, block):
+            for columns in _blocks(n_gallery, block):
+                if self_search and (columns.start <= rows.start or columns.start // sample == rows.start // sample):
+                    continue  # the lower triangle, and the sample tiles: done already
+                if not self_search and columns.start < sample:
+                    continue
+                tile = distances.distance_block(rows, columns, out=tile_buffer)
+                if self_search:
+                    found += _within_both_ways(
+                        tile, radii[rows], radii[columns], rows.start, columns.start, mask_buffer
+                    )
+                else:
+                    found.append(_within(tile, radii[rows], rows.start, columns.start, mask_buffer))
+    query, item, dist = (torch.cat(part).cpu().numpy() for part in zip(*found, strict=True))
+    order = _order(query, item, dist)
+    return query[order], item[order], dist[order]
+
+
+def _order(query: np.ndarray, item: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """The permutation that sorts by (query, distance, item): one sort of a 64-bit (query, distance)
+    key, then a sort by item of the few runs of equal keys (exact ties)."""
+    bits = (dist + np.float32(0)).view(np.uint32)  # + 0: -0.0 and 0.0 are one distance, one key
+    # IEEE floats order like their bits once negative ones have all bits flipped, positive ones the sign.
+    bits = bits ^ np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    key = (query.astype(np.uint64) << np.uint64(32)) | bits
+    order = np.argsort(key)
+    key = key[order]
+    tied = np.flatnonzero(key[1:] == key[:-1])
+    if tied.size:
+        runs = np.union1d(tied, tied + 1)
+        order[runs] = order[runs][np.lexsort((item[order[runs]], key[runs]))]
+    return order
+
+
+def _blocks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _within(
+    tile: Tensor, radii: Tensor, row_offset: int, column_offset: int, mask_buffer: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, column, distance) of the tile's entries within their row's radius."""
+    mask = torch.le(tile, radii[:, None], out=mask_buffer[: tile.numel()].view(tile.shape))
+    rows, columns = mask.nonzero(as_tuple=True)
+    return rows + row_offset, columns + column_offset, tile[rows, columns]
+
+
+def _within_both_ways(
+    tile: Tensor, row_radii: Tensor, column_radii: Tensor, row_offset: int, column_offset: int, mask_buffer: Tensor
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """_within for the rows as queries and for the columns as queries, from one scan of the tile."""
+    size = tile.numel()
+    near_row = torch.le(tile, row_radii[:, None], out=mask_buffer[:size].view(tile.shape))
+    near_column = torch.le(tile, column_radii, out=mask_buffer[size : 2 * size].view(tile.shape))
+    rows, columns = near_row.logical_or_(near_column).nonzero(as_tuple=True)
+    dist = tile[rows, columns]
+    for_row, for_column = dist <= row_radii[rows], dist <= column_radii[columns]
+    return [
+        (rows[for_row] + row_offset, columns[for_row] + column_offset, dist[for_row]),
+        (columns[for_column] + column_offset, rows[for_column] + row_offset, dist[for_column]),
+    ]
+
+
+def first_positive_ranks(
+    distances: TorchSearcher, rows: np.ndarray, positives: np.ndarray, *, self_search: bool, max_bytes: int
+) -> np.ndarray:
+    """The rank (from 0) in (distance, index) order of each query row's first positive: the number
+    of gallery items closer to it, or as close with a lower index.
+
+    positives holds each row's positive gallery indices, padded with -1; every row has one. Each
+    row's distances are computed whole, so that its count and its positives' distances come from
+    the same numbers.
+    """
+    ranks = np.empty(len(rows))
+    device = distances.query.device
+    n = distances.gallery_size
+    batch = max(1, max_bytes // (6 * n + 16 * positives.shape[1]))
+    with _ieee_float32_matmul():
+        for start in range(0, len(rows), batch):
+            chunk = torch.as_tensor(rows[start : start + batch], device=device)
+            dist = distances.distances(chunk.cpu().numpy())
+            if self_search:
+                dist[torch.arange(len(chunk), device=device), chunk] = torch.inf
+            index = torch.as_tensor(positives[start : start + batch], device=device)
+            positive_dist = dist.gather(1, index.clamp(min=0)).masked_fill_(index < 0, torch.inf)
+            best = positive_dist.min(dim=1, keepdim=True).values
+            first = torch.where(positive_dist == best, index, n).min(dim=1).values
+            closer, (tied_row, tied_column) = _count_below(dist, best), _equal(dist, best)
+            first = first.cpu().numpy()
+            tied_before = np.bincount(tied_row[tied_column < first[tied_row]], minlength=len(chunk))
+            ranks[start : start + len(chunk)] = closer + tied_before
+    return ranks
+
+
+def _count_below(dist: Tensor, limit: Tensor) -> np.ndarray:
+    """How many entries of each row lie below the row's limit."""
+    if dist.is_cuda:
+        return (dist < limit).sum(dim=1).cpu().numpy()
+    # torch sums a bool tensor several times slower than numpy counts it on the CPU.
+    return np.count_nonzero(dist.numpy() < limit.numpy(), axis=1)
+
+
+def _equal(dist: Tensor, value: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the entries equal to their row's value."""
+    return tuple(index.cpu().numpy() for index in (dist == value).nonzero(as_tuple=True))
 
 
 def exact_knn(searcher: Searcher, rows: np.ndarray, k: int, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:

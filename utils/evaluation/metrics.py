@@ -15,12 +15,26 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
 from utils.errors import check_choice
-from utils.evaluation.knn import DISTANCES, Searcher, exact_knn, make_searcher, prepare, resolve_backend
+from utils.evaluation.knn import (
+    DISTANCES,
+    SAMPLE_BLOCKS,
+    Searcher,
+    TorchSearcher,
+    exact_knn,
+    first_positive_ranks,
+    make_searcher,
+    neighbours_within,
+    prepare,
+    resolve_backend,
+)
 
 METRICS = ("recall", "map_at_r", "r_precision", "nmi", "utilization")
 RETRIEVAL_METRICS = ("recall", "map_at_r", "r_precision")
 # Memory a chunk of queries may spend on its distance rows and k-NN results.
 CHUNK_BYTES = 256 * 2**20
+# Recall@K collects at least min(max(ks), CANDIDATES) nearest neighbours of each query; a first
+# positive beyond them (and within max(ks)) sends the query to the k-NN search.
+CANDIDATES = 8
 KMEANS_SEED = 1234
 KMEANS_ITERATIONS = 20
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -112,7 +126,14 @@ def utilization(
 
 
 class _Retrieval:
-    """Recall@K, MAP@R and R-Precision of one query/gallery labelling, for any distance."""
+    """Recall@K, MAP@R and R-Precision of one query/gallery labelling, for any distance.
+
+    Recall@K needs only the rank of each query's first positive, MAP@R and R-Precision only its
+    first R neighbours (R: its positives). neighbours_within collects, for each query, every item
+    within a radius that holds that many neighbours: its R nearest, and min(max(ks), CANDIDATES)
+    more for Recall@K. Whatever that leaves open (a first positive beyond the collected items but
+    within max(ks), a query whose radius the sample could not bound) is searched the usual way.
+    """
 
     def __init__(
         self,
@@ -132,9 +153,13 @@ class _Retrieval:
         self.positives = np.bincount(gallery_codes, minlength=n_codes)[query_codes] - int(self_search)
         self.valid = np.flatnonzero(self.positives > 0)
         self.without_positive = len(query_codes) - len(self.valid)
+        self.deepest_k = max(self.ks, default=0)
         # Recall@K needs max(ks) neighbours, MAP@R and R-Precision need R of them.
         ranked_depth = int(self.positives.max(initial=0)) if self.ranked else 0
-        self.depth = max([*self.ks, ranked_depth])
+        self.depth = max(self.deepest_k, ranked_depth)
+        # How many nearest neighbours each query's radius must hold (0: the query takes no part).
+        self.needed = np.maximum(self.positives if self.ranked else 0, min(self.deepest_k, CANDIDATES))
+        self.needed[self.positives <= 0] = 0
 
     def run(
         self,
@@ -145,17 +170,82 @@ class _Retrieval:
         chunk_size: int | None,
     ) -> dict[str, float]:
         q = prepare(query, distance)
-        g = q if gallery is None else prepare(gallery, distance)
-        searcher = make_searcher(q, g, distance, backend)
-        # In self-search the query itself is among its neighbours: ask for one more and drop it.
-        depth = self.depth + int(self.self_search)
+        g = q if gallery is None else prepare(gallery, distance).to(q.device)
         tally = _Tally(self.ks, self.ranked)
-        for rows in _chunks(self.valid, chunk_size or _default_chunk(searcher, depth)):
-            _, idx = exact_knn(searcher, rows, depth, CHUNK_BYTES)
-            if self.self_search:
-                idx = _drop_self(idx, rows)
-            tally.add(self.gallery_codes[idx] == self.query_codes[rows, None], self.positives[rows])
+        block = chunk_size or int(math.isqrt(CHUNK_BYTES // 4)) // SAMPLE_BLOCKS
+        distances = TorchSearcher(q, g, distance)
+        found = neighbours_within(distances, self_search=self.self_search, radius=self._radius, block=block)
+        rest = self._tally_found(*found, tally, distances)
+        if rest.size:
+            searcher = make_searcher(q, g, distance, backend)
+            # In self-search the query itself is among its neighbours: ask for one more and drop it.
+            depth = self.depth + int(self.self_search)
+            for rows in _chunks(rest, chunk_size or _default_chunk(searcher, depth)):
+                _, idx = exact_knn(searcher, rows, depth, CHUNK_BYTES)
+                if self.self_search:
+                    idx = _drop_self(idx, rows)
+                hits = self.gallery_codes[idx] == self.query_codes[rows, None]
+                first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), np.inf)
+                tally.add(first_hit, hits, self.positives[rows])
         return tally.summary(distance, self.metrics)
+
+    def _radius(self, rows: slice, sample: Tensor) -> Tensor:
+        """A distance within which each query row has at least its needed neighbours: the needed-th
+        smallest distance to the sample, or -inf (no candidates) where the sample is too small."""
+        needed = torch.as_tensor(self.needed[rows], device=sample.device)
+        usable = sample.shape[1] - int(self.self_search)
+        needed[needed > usable] = 0
+        radius = torch.full((len(needed),), -math.inf, device=sample.device)
+        depth = int(needed.max()) if len(needed) else 0
+        if depth:
+            nearest = torch.topk(sample, depth, dim=1, largest=False).values
+            at = needed > 0
+            radius[at] = nearest[at, needed[at] - 1]
+        return radius
+
+    def _tally_found(
+        self, query: np.ndarray, item: np.ndarray, dist: np.ndarray, tally: "_Tally", distances: TorchSearcher
+    ) -> np.ndarray:
+        """Tally the valid queries that the candidates settle; return the others.
+
+        The candidates of a query are all items within its radius, in order, so they are the exact
+        head of its neighbour list: its first R neighbours if it has at least R candidates, and the
+        rank of its first positive if one is among them (or at least max(ks) if it has that many).
+        Where only that rank is missing, first_positive_ranks counts it on the whole distance row.
+        """
+        counts = np.bincount(query, minlength=len(self.query_codes))
+        position = np.arange(len(query)) - (np.cumsum(counts) - counts)[query]
+        hit = self.gallery_codes[item] == self.query_codes[query]
+        first_hit = np.full(len(self.query_codes), np.inf)
+        hit_queries, first = np.unique(query[hit], return_index=True)
+        first_hit[hit_queries] = position[hit][first]
+        settled = counts >= self.positives if self.ranked else np.ones(len(counts), dtype=bool)
+        settled[self.positives <= 0] = False
+        unranked = np.flatnonzero(settled & np.isinf(first_hit) & (counts < self.deepest_k))
+        first_hit[unranked] = first_positive_ranks(
+            distances, unranked, self._positives_of(unranked), self_search=self.self_search, max_bytes=CHUNK_BYTES
+        )
+        rows = np.flatnonzero(settled)
+        hits = None
+        if self.ranked and rows.size:
+            row_of = np.full(len(self.query_codes), -1)
+            row_of[rows] = np.arange(len(rows))
+            keep = hit & (position < self.positives[query]) & settled[query]
+            hits = np.zeros((len(rows), int(self.positives[rows].max())), dtype=bool)
+            hits[row_of[query[keep]], position[keep]] = True
+        tally.add(first_hit[rows], hits, self.positives[rows])
+        return np.setdiff1d(self.valid, rows)
+
+    def _positives_of(self, rows: np.ndarray) -> np.ndarray:
+        """The gallery indices of each row's label, padded with -1 (in self-search the row itself
+        among them: first_positive_ranks puts it at distance +inf)."""
+        by_label = np.argsort(self.gallery_codes, kind="stable")
+        counts = np.bincount(self.gallery_codes)
+        starts = np.cumsum(counts) - counts
+        codes = self.query_codes[rows]
+        width = np.arange(int(counts[codes].max(initial=0)))
+        at = starts[codes, None] + width
+        return np.where(width < counts[codes, None], by_label[np.minimum(at, len(by_label) - 1)], -1)
 
 
 class _Tally:
@@ -169,13 +259,14 @@ class _Tally:
         self.r_precision = 0.0
         self.count = 0
 
-    def add(self, hits: np.ndarray, positives: np.ndarray) -> None:
-        """hits: (rows, depth) whether each neighbour, in order, shares the query's label; positives: R per row."""
-        self.count += len(hits)
+    def add(self, first_hit: np.ndarray, hits: np.ndarray | None, positives: np.ndarray) -> None:
+        """first_hit: the rank (from 0) of each row's first positive, inf if beyond max(ks); hits:
+        (rows, >= R) whether each of the first neighbours, in order, shares the query's label (needed
+        only for MAP@R and R-Precision); positives: R per row."""
+        self.count += len(first_hit)
         if len(self.ks):
-            first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), np.inf)
             self.found += (first_hit[:, None] < self.ks).sum(axis=0)
-        if self.ranked:
+        if self.ranked and len(first_hit):
             depth = int(positives.max())
             relevant = hits[:, :depth] & (np.arange(depth) < positives[:, None])
             correct_so_far = relevant.cumsum(axis=1)
