@@ -21,7 +21,7 @@ from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.engine.checkpoint import best_model
 from utils.engine.config import TrainingConfig, training_config
-from utils.engine.driver import Task, fit, select_device
+from utils.engine.driver import Task, best_epoch_words, fit, select_device
 from utils.evaluation.inference import commands_config, embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
 from utils.reporting.sacred_run import (
@@ -31,9 +31,10 @@ from utils.reporting.sacred_run import (
     observe_with_run_records,
     output_directory,
     quiet_other_ranks,
+    run_commandline,
     run_loggers,
 )
-from utils.settings import CrossRule, integer, number, register, settings_hook
+from utils.settings import CrossRule, add_named_config, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment(
@@ -68,34 +69,32 @@ register(
 )
 
 
-@ex.named_config
-def metrix_recipe():
-    """The Metrix paper's training recipe (ResNet-50, 512-d); add a loss and a mixing mode, e.g.
-    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1).
-    Batches are random on CUB and Cars and balanced (5 images per class) on SOP and In-Shop, as the released code
-    draws them."""
-    epochs = 60
-    optimizer = "adam"
-    lr = 1e-4
-    weight_decay = 1e-4
-    scheduler = "step"
-    lr_step = 10
-    lr_gamma = 0.1
-    warm_epochs = 1
-    grad_clip = 10.0
-    model = dict(
-        arch="resnet50",
-        weights="IMAGENET1K_V1",
-        pooling="avg+max",
-        num_features=512,
-        remap=True,
-        normalize=True,
-        freeze_bn=True,
-        dropout=0.0,
-    )
-    # A named config cannot read the data set's name (sacred runs it before the dataset ingredient's config), so
-    # pair_batches lets the dataset ingredient pick the sampler from the data set's specification.
-    dataset = dict(batch_size=100, pair_batches=True, images_per_class=5)
+# The Metrix paper's training recipe. A named config cannot read the data set's name (sacred runs it before the
+# dataset ingredient's config), so pair_batches lets the dataset ingredient pick the sampler from the data set's
+# specification: random batches on CUB and Cars, balanced (5 images per class) on SOP and In-Shop, as the released
+# code draws them.
+METRIX_RECIPE = dict(
+    epochs=60,
+    optimizer="adam",
+    lr=1e-4,
+    weight_decay=1e-4,
+    scheduler="step",
+    lr_step=10,
+    lr_gamma=0.1,
+    warm_epochs=1,
+    grad_clip=10.0,
+    model=dict(
+        arch="resnet50", pooling="avg+max", num_features=512, remap=True, normalize=True, freeze_bn=True, dropout=0.0
+    ),
+    dataset=dict(batch_size=100, pair_batches=True, images_per_class=5),
+)
+add_named_config(
+    ex,
+    "metrix_recipe",
+    METRIX_RECIPE,
+    "the Metrix paper's recipe (ResNet-50, 512-d, main.py --embedding_size 512 --warm 1); add a loss and a mode, "
+    "e.g. `with dataset.cub metrix_recipe loss.contrastive metrix.feature`",
+)
 
 
 @ex.main
@@ -143,8 +142,8 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         return outcome.metrics[task.best_key]
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     print(
-        f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
-        f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
+        f"Best epoch {best_epoch_words(outcome.best_epoch)}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; "
+        f"results in {outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
     )
     return outcome.metrics["cosine/R@1"]
 
@@ -172,4 +171,4 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

@@ -6,7 +6,7 @@ from sacred import Ingredient
 
 from models.vae import Autoencoder
 from utils.errors import check_choice
-from utils.settings import NON_NEGATIVE, SIZE, Check, choice, items, optional, register
+from utils.settings import NON_NEGATIVE, SIZE, Check, add_named_config, choice, items, optional, register
 
 ARCHS = ("ae", "vae")
 CODE_SIDE = 4  # the encoder halves the image down to feature maps of this side
@@ -36,16 +36,10 @@ register(
 )
 
 
-@vae_ingredient.named_config
-def ae():
-    arch = "ae"
-    kl_weight = 0.0
-
-
-@vae_ingredient.named_config
-def vae():
-    arch = "vae"
-    kl_weight = 1.0
+add_named_config(vae_ingredient, "ae", {"arch": "ae", "kl_weight": 0.0}, "a plain autoencoder (reconstruction only)")
+add_named_config(
+    vae_ingredient, "vae", {"arch": "vae", "kl_weight": 1.0}, "a variational autoencoder (reconstruction + KL term)"
+)
 
 
 def default_widths(image_size: int) -> list[int]:

@@ -21,6 +21,7 @@ from utils.settings import (
     SIZE,
     Check,
     CrossRule,
+    add_named_config,
     boolean,
     choice,
     either,
@@ -76,7 +77,9 @@ def config():
 
 
 for _name, _settings in named_configs().items():
-    data_ingredient.add_named_config(_name, _settings)
+    _spec = DATASETS[_name.removesuffix("_vae")]
+    _use = "64 px images for the autoencoder baselines" if _name.endswith("_vae") else _spec.split_rule
+    add_named_config(data_ingredient, _name, _settings, f"{_spec.title} in {_spec.folder}: {_use}")
 
 
 def _shorter_side(resize: int | list[int]) -> int:
