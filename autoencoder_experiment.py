@@ -219,7 +219,13 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_autoencoder).to(device).eval()
     embedded = embed_images(
-        lambda batch: model(batch)[1], config, device, images=images, out=out, bad_images=bad_images
+        lambda batch: model(batch)[1],
+        config,
+        device,
+        images=images,
+        out=out,
+        bad_images=bad_images,
+        selected_by=SELECTION[config["select_by"]][0],
     )
     return str(embedded)
 

@@ -37,6 +37,7 @@ from utils.reporting.sacred_run import (
 from utils.settings import CrossRule, add_named_config, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
+BEST_KEY = "cosine/R@1"  # the metric that picks the best epoch and is the run's result
 ex = Experiment(
     "metric_learning",
     ingredients=[data_ingredient, evaluation_ingredient, model_ingredient, loss_ingredient, metrix_ingredient],
@@ -121,7 +122,7 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         model,
         criterion,
         lambda metrics: evaluate(model, metrics),
-        best_key="cosine/R@1",
+        best_key=BEST_KEY,
         rebuild=rebuild,
         warmup_frozen=backbone,
         warm_epochs=warm_epochs,
@@ -145,7 +146,7 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         f"Best epoch {best_epoch_words(outcome.best_epoch)}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; "
         f"results in {outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
     )
-    return outcome.metrics["cosine/R@1"]
+    return outcome.metrics[BEST_KEY]
 
 
 @ex.command
@@ -158,7 +159,7 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     results = evaluate_checkpoint(
         lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved, [SacredLogger(_run)]
     )
-    return results["cosine/R@1"]
+    return results[BEST_KEY]
 
 
 @ex.command
@@ -167,7 +168,8 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_model).to(device).eval()
-    return str(embed_images(model, config, device, images=images, out=out, bad_images=bad_images))
+    embedded = embed_images(model, config, device, images=images, out=out, bad_images=bad_images, selected_by=BEST_KEY)
+    return str(embedded)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,6 @@ def get_criterion(
     if not losses:
         raise InputError(
             f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
-            f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`"
+            f"loss.pair_weight={pair_weight}): pick one, e.g. with loss.ce_weight=1.0 (cross-entropy)"
         )
     return Criterion(losses, mixer)

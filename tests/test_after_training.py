@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 
 from models.ingredient import rebuild_model
-from tests.conftest import REPO, assert_input_error, digits_updates
+from tests.conftest import assert_input_error, digits_updates
 from utils.data.images import load_image
 from utils.data.transforms import build_transforms
 from utils.engine.checkpoint import best_model
@@ -210,17 +209,3 @@ def test_embed_on_a_full_disk_fails_in_one_line_leaving_nothing(finished, experi
     outcome = experiment(f"embed with checkpoint={finished} images={tmp_path / 'mine'} out={disk / 'e.npz'}")
     assert_input_error(outcome, f"out={disk / 'e.npz'}: cannot write it", "No space left on device")
     assert sorted(path.name for path in disk.iterdir()) == ["filler"]
-
-
-def readme_block(title: str) -> str:
-    """The python code block under a README heading."""
-    section = (REPO / "README.md").read_text().split(f"### {title}", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_the_readme_loop_runs(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # its data/digits is rendered there
-    scope: dict = {}
-    exec(compile(readme_block("Using the pieces in your own loop"), "README.md", "exec"), scope)
-    assert 0 <= scope["results"]["cosine/R@1"] <= 1
-    assert sum(scope["losses"][-5:]) < sum(scope["losses"][:5])  # it learns
