@@ -104,9 +104,9 @@ def metrix_config():
     weight = 0.4  # weight of the loss on mixed examples (positive-negative steps)
     anchor_negative_weight = 0.3 if mode == "embed" else weight  # on anchor-negative steps (the paper's per mode)
     max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
-    # which pairs: all (every ordered pair, or the max_pairs hardest) | hardest_negative (per anchor and positive, the
-    # anchor's hardest negative: the paper's input mode)
-    selection = "hardest_negative" if mode == "input" else "all"
+    # all: every ordered pair, or the max_pairs hardest; hardest_negative: per anchor and positive, the anchor's
+    # hardest negative.
+    selection = "hardest_negative" if mode == "input" else "all"  # all | hardest_negative (the paper's input mode)
 
 
 register(

@@ -19,8 +19,7 @@ def config():
     arch = "ae"  # ae: deterministic autoencoder | vae: variational autoencoder
     in_channels = 3  # the data sets are read as RGB
     latent_dim = 64  # size of the code used for retrieval (the posterior mean for the vae)
-    # One stride-2 conv block per width; None: as many as halve the image to 4 x 4 (3 for 32 px, 4 for 64 px).
-    hidden_dims = None
+    hidden_dims = None  # a stride-2 conv block per width; None: enough to halve the image to 4 x 4 (3 at 32 px)
     kl_weight = 1.0 if arch == "vae" else 0.0  # vae only: weight of the KL term (objective: reconstruction + KL)
 
 

@@ -3,6 +3,8 @@ commands that work, a best epoch 0 called what it is, embeddings that say how to
 a log file, and a last line that says where the run went."""
 
 import fcntl
+import inspect
+import itertools
 import json
 import os
 import re
@@ -220,3 +222,27 @@ def test_the_readme_loop_runs_outside_the_repository_and_shows_progress(tmp_path
     assert len(losses) == 30  # a line per batch: 15 batches of the 901 digits, twice
     assert sum(losses[-5:]) < sum(losses[:5])  # it learns
     assert 0 <= float(re.search(r"cosine R@1 ([\d.]+)", done.stdout.splitlines()[-1]).group(1)) <= 1
+
+
+def config_scopes(script: str) -> list:
+    """The function configs of an experiment and of its ingredients."""
+    from sacred.config.config_scope import ConfigScope
+
+    from utils.reporting.sacred_run import all_ingredients
+
+    ex = __import__(script.removesuffix(".py")).ex
+    owners = [ex, *all_ingredients(ex)]
+    return [config for owner in owners for config in owner.configurations if isinstance(config, ConfigScope)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_print_config_shows_whole_comments(script):
+    # sacred's print_config shows a key's inline comment, else only the last line of the comment block above it.
+    cut = []
+    for scope in config_scopes(script):
+        lines = inspect.getsource(scope._func).splitlines()
+        for number, line in enumerate(lines):
+            above = list(itertools.takewhile(lambda text: text.strip().startswith("#"), reversed(lines[:number])))
+            if re.match(r"\s+\w+ = ", line) and "  # " not in line and len(above) >= 2:
+                cut.append(f"{scope._func.__name__}: {line.strip()}")
+    assert not cut

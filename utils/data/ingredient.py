@@ -63,9 +63,8 @@ def config():
     num_workers = 0  # DataLoader worker processes
     pin_memory = False  # page-locked batches: asynchronous copies to the GPU
     persistent_workers = False  # keep the workers between epochs (with num_workers > 0)
-    # Training batches: decode, crop and flip in the workers on uint8, colour jitter batched on the device
-    # (utils/data/device_augment.py; same distribution, other random draws than the default pipeline).
-    gpu_augment = False
+    # Same distribution, other random draws than the default pipeline (utils/data/device_augment.py).
+    gpu_augment = False  # training batches decoded, cropped and flipped in the workers, colour-jittered on the device
 
     crop_size = 32  # side of the (random in training, central in test) square crop
     resize = None  # resize before cropping (test images too)
