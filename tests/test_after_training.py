@@ -182,9 +182,10 @@ def test_embed_prints_a_name_that_is_not_utf8(finished, experiment, digits_path,
     observed, out = tmp_path / "observed", tmp_path / "e.npz"
     outcome = experiment(f"embed -F {observed} with checkpoint={finished} images={folder} out={out} bad_images=skip")
     assert outcome.code == 0, outcome.err
-    printed = f"Embedded 1 images into {out}; skipped 1 unreadable: {folder}/caf\\xe9.jpg"
-    assert printed in outcome.out
-    assert printed in (observed / "1" / "cout.txt").read_text()
+    printed = f"Embedded 1 images into {out} ("
+    skipped = f"; skipped 1 unreadable: {folder}/caf\\xe9.jpg"
+    assert printed in outcome.out and skipped in outcome.out
+    assert skipped in (observed / "1" / "cout.txt").read_text()
     assert [os.fsencode(name) for name in np.load(out)["skipped"]] == [os.fsencode(bad)]
 
 

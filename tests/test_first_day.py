@@ -134,7 +134,7 @@ def test_the_readme_search_gives_the_runs_r1(finished, experiment, digits_path, 
     split = digits_path / "test_small.txt"
     outcome = experiment(f"embed with checkpoint={finished} images={split} out={tmp_path / 'embeddings.npz'}")
     assert outcome.code == 0, outcome.err
-    assert "unnormalised embeddings" in outcome.out and "by cosine distance" in outcome.out
+    assert "(not L2-normalised; the run was selected by cosine/R@1: search them by cosine distance)" in outcome.out
     saved = np.load(tmp_path / "embeddings.npz")
     norms = np.linalg.norm(saved["embeddings"], axis=1)
     assert not saved["normalized"] and not np.allclose(norms, 1)  # the default head does not normalise

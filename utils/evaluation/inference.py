@@ -192,10 +192,10 @@ def embed_images(
         raise InputError(
             f"out={out}: cannot write it ({error.strerror or error}): free some space or choose another out="
         ) from None
-    search = "" if not distance else f"; search them by {distance} distance, the run's selection ({selected_by})"
+    search = f": search them by {distance} distance" if distance else ""
     print(
-        f"Embedded {len(kept):,} {'L2-normalised' if normalized else 'unnormalised'} embeddings into "
-        f"{printable(target)}{search}"
+        f"Embedded {len(kept):,} images into {printable(target)} ({'' if normalized else 'not '}L2-normalised; "
+        f"the run was selected by {selected_by}{search})"
         + (f"; skipped {len(skipped)} unreadable: {', '.join(map(printable, skipped))}" if skipped else "")
     )
     return target
