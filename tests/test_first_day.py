@@ -153,7 +153,7 @@ def test_a_best_epoch_0_says_so(digits_path, autoencoder_experiment):
     assert outcome.code == 0, outcome.err
     assert outcome.run.info["best_epoch"] == 0 and outcome.run.info["best_epoch_untrained"]
     last = outcome.out.strip().splitlines()[-2:]
-    assert last[0].startswith("Best epoch 0 is the untrained network")
+    assert last[0].startswith("Note: the untrained network (epoch 0) is the best")
     assert last[1].startswith("Best epoch 0 (the untrained network): test/reconstruction")
 
 

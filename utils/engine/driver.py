@@ -371,7 +371,7 @@ def report_final(loggers: Sequence[RunLogger], epoch: int, metrics: dict[str, fl
     """Print the final evaluation of the best epoch's weights and hand it to the loggers."""
     print(format_metrics(f"Best  {epoch:3d}", metrics))
     if epoch == 0:
-        print("Best epoch 0 is the untrained network: no epoch of training improved on it (lower lr or train longer)")
+        print("Note: the untrained network (epoch 0) is the best; no epoch of training improved on it")
     for logger in loggers:
         logger.final(epoch, metrics)
 
