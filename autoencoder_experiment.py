@@ -27,7 +27,7 @@ from utils import distributed
 from utils.data.ingredient import MetricLoaders, data_ingredient, get_loaders
 from utils.engine.checkpoint import best_model
 from utils.engine.config import TrainingConfig, training_config
-from utils.engine.driver import Task, fit, select_device
+from utils.engine.driver import Task, best_epoch_words, fit, select_device
 from utils.engine.training import progress
 from utils.errors import InputError, check_choice
 from utils.evaluation.inference import commands_config, embed_images, evaluate_checkpoint, evaluation_data, restore
@@ -49,6 +49,7 @@ from utils.reporting.sacred_run import (
     observers_config,
     output_directory,
     quiet_other_ranks,
+    run_commandline,
     run_loggers,
 )
 from utils.settings import choice, register, settings_hook
@@ -205,14 +206,15 @@ def main(select_by: str, _config: dict, _run) -> float:
         shown,
         reconstruct(model, shown, device),
         outcome.directory / "reconstructions.png",
-        f"{stem}: test images above their reconstructions by the best epoch ({outcome.best_epoch}) and the first",
+        f"{stem}: test images above their reconstructions by the best epoch ({outcome.best_epoch}) and the first"
+        + (f"\nbest epoch {best_epoch_words(0)}" if outcome.best_epoch == 0 else ""),
         first_epoch.get("reconstructions"),
     )
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     add_artifacts(_run, outcome.directory, _config["checkpoint_artifact"])  # to every observer (-F, -m, ...)
     print(
-        f"Best epoch {outcome.best_epoch}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; results in "
-        f"{outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)"
+        f"Best epoch {best_epoch_words(outcome.best_epoch)}: {task.best_key} {outcome.metrics[task.best_key]:.4f}; "
+        f"results in {outcome.directory} (checkpoint.pt, curves.png, reconstructions.png, retrieval.png)"
     )
     return outcome.metrics[task.best_key]
 
@@ -238,10 +240,16 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_autoencoder).to(device).eval()
     embedded = embed_images(
-        lambda batch: model(batch)[1], config, device, images=images, out=out, bad_images=bad_images
+        lambda batch: model(batch)[1],
+        config,
+        device,
+        images=images,
+        out=out,
+        bad_images=bad_images,
+        selected_by=SELECTION[config["select_by"]][0],
     )
     return str(embedded)
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

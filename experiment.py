@@ -21,7 +21,7 @@ from utils import distributed
 from utils.data.ingredient import data_ingredient, get_loaders
 from utils.engine.checkpoint import best_model
 from utils.engine.config import TrainingConfig, training_config
-from utils.engine.driver import Task, fit, select_device
+from utils.engine.driver import Task, best_epoch_words, fit, select_device
 from utils.evaluation.inference import commands_config, embed_images, evaluate_checkpoint, evaluation_data, restore
 from utils.evaluation.ingredient import (
     SELECTION_KEYS,
@@ -41,11 +41,13 @@ from utils.reporting.sacred_run import (
     observers_config,
     output_directory,
     quiet_other_ranks,
+    run_commandline,
     run_loggers,
 )
-from utils.settings import CrossRule, choice, integer, number, register, settings_hook
+from utils.settings import CrossRule, add_named_config, choice, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
+BEST_KEY = "cosine/R@1"  # the metric that picks the best epoch and is the run's result
 ex = Experiment(
     "metric_learning",
     ingredients=[data_ingredient, evaluation_ingredient, model_ingredient, loss_ingredient, metrix_ingredient],
@@ -85,34 +87,32 @@ register(
 )
 
 
-@ex.named_config
-def metrix_recipe():
-    """The Metrix paper's training recipe (ResNet-50, 512-d); add a loss and a mixing mode, e.g.
-    `with dataset.cub metrix_recipe loss.contrastive metrix.feature` (main.py --embedding_size 512 --warm 1).
-    Batches are random on CUB and Cars and balanced (5 images per class) on SOP and In-Shop, as the released code
-    draws them."""
-    epochs = 60
-    optimizer = "adam"
-    lr = 1e-4
-    weight_decay = 1e-4
-    scheduler = "step"
-    lr_step = 10
-    lr_gamma = 0.1
-    warm_epochs = 1
-    grad_clip = 10.0
-    model = dict(
-        arch="resnet50",
-        weights="IMAGENET1K_V1",
-        pooling="avg+max",
-        num_features=512,
-        remap=True,
-        normalize=True,
-        freeze_bn=True,
-        dropout=0.0,
-    )
-    # A named config cannot read the data set's name (sacred runs it before the dataset ingredient's config), so
-    # pair_batches lets the dataset ingredient pick the sampler from the data set's specification.
-    dataset = dict(batch_size=100, pair_batches=True, images_per_class=5)
+# The Metrix paper's training recipe. A named config cannot read the data set's name (sacred runs it before the
+# dataset ingredient's config), so pair_batches lets the dataset ingredient pick the sampler from the data set's
+# specification: random batches on CUB and Cars, balanced (5 images per class) on SOP and In-Shop, as the released
+# code draws them.
+METRIX_RECIPE = dict(
+    epochs=60,
+    optimizer="adam",
+    lr=1e-4,
+    weight_decay=1e-4,
+    scheduler="step",
+    lr_step=10,
+    lr_gamma=0.1,
+    warm_epochs=1,
+    grad_clip=10.0,
+    model=dict(
+        arch="resnet50", pooling="avg+max", num_features=512, remap=True, normalize=True, freeze_bn=True, dropout=0.0
+    ),
+    dataset=dict(batch_size=100, pair_batches=True, images_per_class=5),
+)
+add_named_config(
+    ex,
+    "metrix_recipe",
+    METRIX_RECIPE,
+    "the Metrix paper's recipe (ResNet-50, 512-d, main.py --embedding_size 512 --warm 1); add a loss and a mode, "
+    "e.g. `with dataset.cub metrix_recipe loss.contrastive metrix.feature`",
+)
 
 
 @ex.named_config
@@ -222,10 +222,10 @@ def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _confi
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     add_artifacts(_run, outcome.directory, _config["checkpoint_artifact"])  # to every observer (-F, -m, ...)
     print(
-        f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
-        f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
+        f"Best epoch {best_epoch_words(outcome.best_epoch)}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; "
+        f"results in {outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
     )
-    return outcome.metrics["cosine/R@1"]
+    return outcome.metrics[BEST_KEY]
 
 
 @ex.command
@@ -238,7 +238,7 @@ def evaluate(checkpoint: str | None, _config: dict, _run) -> float:
     results = evaluate_checkpoint(
         lambda metrics: evaluator(model, metrics), evaluator.final_metrics, saved, [SacredLogger(_run)]
     )
-    return results["cosine/R@1"]
+    return results[BEST_KEY]
 
 
 @ex.command
@@ -247,8 +247,9 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_model).to(device).eval()
-    return str(embed_images(model, config, device, images=images, out=out, bad_images=bad_images))
+    embedded = embed_images(model, config, device, images=images, out=out, bad_images=bad_images, selected_by=BEST_KEY)
+    return str(embedded)
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    run_commandline(ex)

@@ -15,7 +15,7 @@ from losses.cross_entropy import CrossEntropyLoss
 from losses.metrix import ANCHOR_NEGATIVE, LAMS, MODES, SELECTIONS, STRATEGIES, Metrix
 from losses.registry import PAIRWISE, PairwiseLoss, on_register
 from utils.errors import InputError
-from utils.settings import NON_NEGATIVE, SIZE, CrossRule, choice, number, optional, register
+from utils.settings import NON_NEGATIVE, SIZE, CrossRule, add_named_config, choice, number, optional, register
 
 loss_ingredient = Ingredient("loss")
 metrix_ingredient = Ingredient("metrix")
@@ -54,10 +54,12 @@ register(
 )
 
 
-@loss_ingredient.named_config
-def cross_entropy():
-    ce_weight = 1.0
-    pairwise = None
+add_named_config(
+    loss_ingredient,
+    "cross_entropy",
+    {"ce_weight": 1.0, "pairwise": None},
+    "label-smoothed cross-entropy alone (the default)",
+)
 
 
 class DocumentedConfig(ConfigDict):
@@ -80,7 +82,12 @@ def add_pairwise_loss(entry: PairwiseLoss) -> None:
     values = {key: setting.default for key, setting in entry.settings.items()}
     docs = {key: f"{entry.name}: {setting.doc}" for key, setting in entry.settings.items()}
     loss_ingredient.configurations.append(DocumentedConfig(values, docs))
-    loss_ingredient.add_named_config(entry.name, {"ce_weight": 0.0, "pairwise": entry.name})
+    add_named_config(
+        loss_ingredient,
+        entry.name,
+        {"ce_weight": 0.0, "pairwise": entry.name},
+        f"the {entry.name} pairwise loss alone, without cross-entropy",
+    )
 
 
 on_register(add_pairwise_loss)
@@ -97,9 +104,9 @@ def metrix_config():
     weight = 0.4  # weight of the loss on mixed examples (positive-negative steps)
     anchor_negative_weight = 0.3 if mode == "embed" else weight  # on anchor-negative steps (the paper's per mode)
     max_pairs = None  # keep at most this many mixed pairs, hardest negatives first (bounds memory)
-    # which pairs: all (every ordered pair, or the max_pairs hardest) | hardest_negative (per anchor and positive, the
-    # anchor's hardest negative: the paper's input mode)
-    selection = "hardest_negative" if mode == "input" else "all"
+    # all: every ordered pair, or the max_pairs hardest; hardest_negative: per anchor and positive, the anchor's
+    # hardest negative.
+    selection = "hardest_negative" if mode == "input" else "all"  # all | hardest_negative (the paper's input mode)
 
 
 register(
@@ -125,8 +132,13 @@ register(
     ],
 )
 
+MODE_DOCS = {
+    "input": "Metrix mixing of input images (pixels)",
+    "feature": "Metrix mixing of feature maps, before pooling (the paper's default and best)",
+    "embed": "Metrix mixing of embeddings",
+}
 for _mode in MODES:
-    metrix_ingredient.add_named_config(_mode, {"mode": _mode})
+    add_named_config(metrix_ingredient, _mode, {"mode": _mode}, MODE_DOCS[_mode])
 
 
 @metrix_ingredient.capture
@@ -184,6 +196,6 @@ def get_criterion(
     if not losses:
         raise InputError(
             f"no loss to train with (loss.ce_weight={ce_weight}, loss.pairwise={pairwise!r}, "
-            f"loss.pair_weight={pair_weight}): pick one, e.g. `with loss.cross_entropy`"
+            f"loss.pair_weight={pair_weight}): pick one, e.g. with loss.ce_weight=1.0 (cross-entropy)"
         )
     return Criterion(losses, mixer)

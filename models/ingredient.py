@@ -15,6 +15,7 @@ from utils.settings import (
     SIZE,
     Check,
     CrossRule,
+    add_named_config,
     boolean,
     choice,
     integer,
@@ -110,13 +111,20 @@ register(
     ],
 )
 
-# One named config per backbone of the registry; the CE paper's ResNet-50 also has a 2048-d embedding and
-# dropout before the classifier.
-# The CE paper's ResNet-50: 2048-d, dropout 0.5 before the classifier, torchvision's original weights.
-RECIPES = {"resnet50": {"num_features": 2048, "dropout": 0.5, "weights": "IMAGENET1K_V1"}}
-for _arch in BACKBONES:
-    model_ingredient.add_named_config(_arch, {"arch": _arch, **RECIPES.get(_arch, {})})
-model_ingredient.add_named_config("resnext50", {"arch": "resnext50_32x4d"})
+# One named config per backbone of the registry. The CE paper's ResNet-50 also has a 2048-d embedding and dropout
+# 0.5 before the classifier. No named config pins model.weights: the default is the original V1 (the registry's
+# first), and a pinned name would refuse model.pretrained=False beside it.
+RECIPES = {"resnet50": {"num_features": 2048, "dropout": 0.5}}
+for _arch, _spec in BACKBONES.items():
+    _recipe = " as in the CE paper: 2048-d, dropout 0.5 before the classifier" if _arch in RECIPES else ""
+    _weights = f"from ImageNet weights {_spec.weights[0]}" if _spec.weights else "from scratch"
+    add_named_config(
+        model_ingredient,
+        _arch,
+        {"arch": _arch, **RECIPES.get(_arch, {})},
+        f"backbone {_arch}, {_weights} ({_spec.input_size} px){_recipe}",
+    )
+add_named_config(model_ingredient, "resnext50", {"arch": "resnext50_32x4d"}, "backbone resnext50_32x4d (a short name)")
 
 CLASSIFIER_OPTIONS = ("dropout", "detach", "normalize_weight")
 

@@ -6,7 +6,7 @@ from sacred import Ingredient
 
 from models.vae import Autoencoder
 from utils.errors import check_choice
-from utils.settings import NON_NEGATIVE, SIZE, Check, choice, items, optional, register
+from utils.settings import NON_NEGATIVE, SIZE, Check, add_named_config, choice, items, optional, register
 
 ARCHS = ("ae", "vae")
 CODE_SIDE = 4  # the encoder halves the image down to feature maps of this side
@@ -19,8 +19,7 @@ def config():
     arch = "ae"  # ae: deterministic autoencoder | vae: variational autoencoder
     in_channels = 3  # the data sets are read as RGB
     latent_dim = 64  # size of the code used for retrieval (the posterior mean for the vae)
-    # One stride-2 conv block per width; None: as many as halve the image to 4 x 4 (3 for 32 px, 4 for 64 px).
-    hidden_dims = None
+    hidden_dims = None  # a stride-2 conv block per width; None: enough to halve the image to 4 x 4 (3 at 32 px)
     kl_weight = 1.0 if arch == "vae" else 0.0  # vae only: weight of the KL term (objective: reconstruction + KL)
 
 
@@ -36,16 +35,10 @@ register(
 )
 
 
-@vae_ingredient.named_config
-def ae():
-    arch = "ae"
-    kl_weight = 0.0
-
-
-@vae_ingredient.named_config
-def vae():
-    arch = "vae"
-    kl_weight = 1.0
+add_named_config(vae_ingredient, "ae", {"arch": "ae", "kl_weight": 0.0}, "a plain autoencoder (reconstruction only)")
+add_named_config(
+    vae_ingredient, "vae", {"arch": "vae", "kl_weight": 1.0}, "a variational autoencoder (reconstruction + KL term)"
+)
 
 
 def default_widths(image_size: int) -> list[int]:

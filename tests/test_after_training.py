@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 
 from models.ingredient import rebuild_model
-from tests.conftest import REPO, assert_input_error, digits_updates
+from tests.conftest import assert_input_error, digits_updates
 from utils.data.images import load_image
 from utils.data.transforms import build_transforms
 from utils.engine.checkpoint import best_model
@@ -183,9 +182,10 @@ def test_embed_prints_a_name_that_is_not_utf8(finished, experiment, digits_path,
     observed, out = tmp_path / "observed", tmp_path / "e.npz"
     outcome = experiment(f"embed -F {observed} with checkpoint={finished} images={folder} out={out} bad_images=skip")
     assert outcome.code == 0, outcome.err
-    printed = f"Embedded 1 images into {out}; skipped 1 unreadable: {folder}/caf\\xe9.jpg"
-    assert printed in outcome.out
-    assert printed in (observed / "1" / "cout.txt").read_text()
+    printed = f"Embedded 1 images into {out} ("
+    skipped = f"; skipped 1 unreadable: {folder}/caf\\xe9.jpg"
+    assert printed in outcome.out and skipped in outcome.out
+    assert skipped in (observed / "1" / "cout.txt").read_text()
     assert [os.fsencode(name) for name in np.load(out)["skipped"]] == [os.fsencode(bad)]
 
 
@@ -210,17 +210,3 @@ def test_embed_on_a_full_disk_fails_in_one_line_leaving_nothing(finished, experi
     outcome = experiment(f"embed with checkpoint={finished} images={tmp_path / 'mine'} out={disk / 'e.npz'}")
     assert_input_error(outcome, f"out={disk / 'e.npz'}: cannot write it", "No space left on device")
     assert sorted(path.name for path in disk.iterdir()) == ["filler"]
-
-
-def readme_block(title: str) -> str:
-    """The python code block under a README heading."""
-    section = (REPO / "README.md").read_text().split(f"### {title}", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_the_readme_loop_runs(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # its data/digits is rendered there
-    scope: dict = {}
-    exec(compile(readme_block("Using the pieces in your own loop"), "README.md", "exec"), scope)
-    assert 0 <= scope["results"]["cosine/R@1"] <= 1
-    assert sum(scope["losses"][-5:]) < sum(scope["losses"][:5])  # it learns

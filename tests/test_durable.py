@@ -57,8 +57,17 @@ def uninterrupted(digits_path, tmp_path_factory) -> dict:
 
 
 def start(observed: Path, words: list[str], log: Path) -> subprocess.Popen:
+    """The run in a process writing to log; its progress bars write a line per step (without a terminal, a bar
+    writes a line a minute by default)."""
     command = [sys.executable, str(REPO / "experiment.py"), "-F", str(observed), "with", *words]
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ)
+    env = {**os.environ, "TQDM_MININTERVAL": "0"}
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def error_and_folder(log: Path) -> tuple[str, str]:
+    """The last two lines of a failed run's log: its error, then where its records are."""
+    error, folder = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-2:]
+    return error, folder
 
 
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 300) -> None:
@@ -92,9 +101,10 @@ def test_a_signal_stops_cleanly_and_resuming_ends_like_the_uninterrupted_run(
     )
     process.send_signal(stop)
     assert process.wait(timeout=120) == 1
-    last = log.read_text(errors="replace").strip().splitlines()[-1]
+    last, folder = error_and_folder(log)
     assert last.startswith(f"utils.errors.RunInterrupted: stopped by {stop.name}")
     assert f"continue with `resume={observed.resolve() / '1'}`" in last
+    assert folder == f"Records of the interrupted run in {observed.resolve() / '1'}"
     run = json.loads((observed / "1" / "run.json").read_text())
     assert run["status"] == "INTERRUPTED"
     cout = (observed / "1" / "cout.txt").read_text()
@@ -138,7 +148,9 @@ def test_a_corrupt_image_mid_run_keeps_the_last_epoch_and_resuming_loses_nothing
     wait_for(lambda: checkpoint_epoch(observed / "1" / "checkpoint.pt") == 2, process)
     image.write_bytes(b"not an image")
     assert process.wait(timeout=120) == 1
-    assert f"image {image} cannot be read" in log.read_text(errors="replace").strip().splitlines()[-1]
+    error, folder = error_and_folder(log)
+    assert f"image {image} cannot be read" in error
+    assert folder == f"Records of the failed run in {observed.resolve() / '1'}"
     assert json.loads((observed / "1" / "run.json").read_text())["status"] == "FAILED"
     assert checkpoint_epoch(observed / "1" / "checkpoint.pt") == 2  # the last complete epoch survives
 
@@ -288,8 +300,9 @@ def test_a_full_disk_during_the_run_fails_it_and_keeps_no_broken_checkpoint(digi
         except OSError:
             pass
     assert process.wait(timeout=300) == 1
-    last = log.read_text(errors="replace").strip().splitlines()[-1]
+    last, folder = error_and_folder(log)
     assert last.startswith(f"utils.errors.RunFailed: could not write the checkpoint {disk.resolve() / '1'}")
+    assert folder == f"Records of the failed run in {disk.resolve() / '1'}"
     (disk / "filler").unlink()
     # run.json is never truncated: FAILED where the disk had room for it, else the last complete heartbeat's.
     assert json.loads((disk / "1" / "run.json").read_text())["status"] in ("FAILED", "RUNNING")

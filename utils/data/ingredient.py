@@ -24,6 +24,7 @@ from utils.settings import (
     SIZE,
     Check,
     CrossRule,
+    add_named_config,
     boolean,
     choice,
     either,
@@ -65,9 +66,8 @@ def config():
     num_workers = 0  # DataLoader worker processes
     pin_memory = False  # page-locked batches: asynchronous copies to the GPU
     persistent_workers = False  # keep the workers between epochs (with num_workers > 0)
-    # Training batches: decode, crop and flip in the workers on uint8, colour jitter batched on the device
-    # (utils/data/device_augment.py; same distribution, other random draws than the default pipeline).
-    gpu_augment = False
+    # Same distribution, other random draws than the default pipeline (utils/data/device_augment.py).
+    gpu_augment = False  # training batches decoded, cropped and flipped in the workers, colour-jittered on the device
 
     crop_size = 32  # side of the (random in training, central in test) square crop
     resize = None  # resize before cropping (test images too)
@@ -84,7 +84,9 @@ def config():
 
 
 for _name, _settings in named_configs().items():
-    data_ingredient.add_named_config(_name, _settings)
+    _spec = DATASETS[_name.removesuffix("_vae")]
+    _use = "64 px images for the autoencoder baselines" if _name.endswith("_vae") else _spec.split_rule
+    add_named_config(data_ingredient, _name, _settings, f"{_spec.title} in {_spec.folder}: {_use}")
 
 
 def _shorter_side(resize: int | list[int]) -> int:

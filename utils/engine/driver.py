@@ -387,8 +387,15 @@ def evaluated_epochs(epochs: int, eval_every: int) -> set[int]:
 def report_final(loggers: Sequence[RunLogger], epoch: int, metrics: dict[str, float]) -> None:
     """Print the final evaluation of the best epoch's weights and hand it to the loggers."""
     print(format_metrics(f"Best  {epoch:3d}", metrics))
+    if epoch == 0:
+        print("Note: the untrained network (epoch 0) is the best; no epoch of training improved on it")
     for logger in loggers:
         logger.final(epoch, metrics)
+
+
+def best_epoch_words(epoch: int) -> str:
+    """The best epoch for a message; epoch 0 is the network before training, which no trained epoch beat."""
+    return f"{epoch} (the untrained network)" if epoch == 0 else str(epoch)
 
 
 class BestEpoch:

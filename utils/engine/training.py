@@ -6,6 +6,7 @@ values stay on the device and are read once every `log_every` steps and once per
 """
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -29,19 +30,43 @@ WARMUP_ITERATIONS = 100  # linear warm-up of the warm* schedules, as in the CE p
 ProgressFunction = Callable[[str, float, float], None]
 
 
+# Without a terminal (a SLURM log, a pipe) every redraw of a bar would stay in the log: a line at most this often
+# instead, and none for a shorter loop (TQDM_MININTERVAL sets another interval).
+LOG_INTERVAL_S = 60.0
+
+
+class LineWriter:
+    """tqdm's stream without a terminal: each redraw becomes a line of its own, and the blank redraw that erases
+    a finished bar is dropped."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress(iterable: Iterable, desc: str, **options) -> tqdm:
-    """A progress bar as wide as the terminal that disappears when done, on the terminal only: sacred captures
-    sys.stderr for its observers, and its file observer only appends to cout.txt, so a bar redrawing its line
-    would leave fragments there. Under torchrun only rank 0 draws one."""
-    return tqdm(
-        iterable,
-        desc=desc,
-        dynamic_ncols=True,
-        leave=False,
-        file=sys.__stderr__,
-        disable=not distributed.is_main(),
-        **options,
-    )
+    """A progress bar as wide as the terminal that disappears when done; without a terminal, a line a minute
+    instead (LOG_INTERVAL_S). Written to the process's own stderr only: sacred captures sys.stderr for its
+    observers, and its file observer only appends to cout.txt, so a bar redrawing its line would leave fragments
+    there. Under torchrun only rank 0 draws one; tqdm's TQDM_* variables apply (TQDM_DISABLE=1: no bar)."""
+    stream = sys.__stderr__
+    if not distributed.is_main():
+        options["disable"] = True
+    elif not stream.isatty():
+        interval = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
+        options.update(mininterval=interval, delay=interval)
+        stream = LineWriter(stream)
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, leave=False, file=stream, **options)
 
 
 def decay_groups(parameters: Iterable[nn.Parameter], no_bias_decay: bool) -> list[dict]:

@@ -133,7 +133,7 @@ class ImageFiles(Dataset):
             return self.transform(load_image(path)), index
         except InputError as error:
             if not self.skip:
-                raise InputError(printable(str(error))) from None
+                raise InputError(f"{printable(str(error))}, or skip unreadable images with bad_images=skip") from None
             return torch.empty(0), index
 
 
@@ -144,9 +144,12 @@ def embed_images(
     images: str | None,
     out: str | None,
     bad_images: str,
+    selected_by: str,
 ) -> Path:
     """Embed every image of `images` with the test transform of the run's data set; write out.npz with
-    embeddings (float32, N x D), paths and labels (-1 without), and the skipped images' paths."""
+    embeddings (float32, N x D), paths and labels (-1 without), the skipped images' paths, whether the embeddings
+    are L2-normalised, and the metric the run's best epoch was selected by (selected_by, e.g. cosine/R@1) with its
+    distance (cosine, l2, or "" for a metric that is not a retrieval one): how to search them."""
     check_choice("bad_images", bad_images, BAD_IMAGES)
     if not images:
         raise InputError("embed needs images=DIR_OR_SPLIT_FILE: a folder of images or a split file")
@@ -169,11 +172,17 @@ def embed_images(
     if not kept:
         raise InputError(f"no image of images={images} could be read")
     target = npz_path(out)
+    vectors = torch.cat(embeddings)
+    normalized = bool(torch.allclose(vectors.norm(dim=1), torch.ones(len(vectors)), atol=1e-4))
+    distance = selected_by.split("/")[0] if selected_by.startswith(("cosine/", "l2/")) else ""
     arrays = {
-        "embeddings": torch.cat(embeddings).numpy(),
+        "embeddings": vectors.numpy(),
         "paths": np.array([str(files.paths[i]) for i in kept]),
         "labels": np.array([files.labels[i] for i in kept], dtype=np.int64),
         "skipped": np.array(skipped, dtype=str),
+        "normalized": np.array(normalized),
+        "selected_by": np.array(selected_by),
+        "distance": np.array(distance),
     }
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +192,10 @@ def embed_images(
         raise InputError(
             f"out={out}: cannot write it ({error.strerror or error}): free some space or choose another out="
         ) from None
+    search = f": search them by {distance} distance" if distance else ""
     print(
-        f"Embedded {len(kept):,} images into {printable(target)}"
+        f"Embedded {len(kept):,} images into {printable(target)} ({'' if normalized else 'not '}L2-normalised; "
+        f"the run was selected by {selected_by}{search})"
         + (f"; skipped {len(skipped)} unreadable: {', '.join(map(printable, skipped))}" if skipped else "")
     )
     return target

@@ -158,7 +158,7 @@ class _Retrieval:
         ranked_depth = int(self.positives.max(initial=0)) if self.ranked else 0
         self.depth = max(self.deepest_k, ranked_depth)
         # How many nearest neighbours each query's radius must hold (0: the query takes no part).
-        self.needed = np.maximum(self.positives if self.ranked else 0, min(self.deepest_k, CANDIDATES))
+        self.needed = np.maximum(self.positives * self.ranked, min(self.deepest_k, CANDIDATES))
         self.needed[self.positives <= 0] = 0
 
     def run(

@@ -9,6 +9,9 @@ hands to every observer.
     @keep_run_records                   # on every command taking _run
     def main(..., _run): ...
         add_artifacts(_run, directory, _config["checkpoint_artifact"])   # once the pictures are drawn
+
+    if __name__ == "__main__":
+        run_commandline(ex)             # the last line says where the run's folder is
 """
 
 import functools
@@ -305,6 +308,7 @@ class SacredLogger(RunLogger):
 
     def final(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.info["best_epoch"] = epoch
+        self.run.info["best_epoch_untrained"] = epoch == 0  # no epoch of training beat the initial weights
         self.run.info["metrics"] = metrics
 
 
@@ -328,3 +332,24 @@ def visdom_env(run: Run, directory: Path) -> str:
     in a file of that name, so characters other than letters, digits, '.', '-' and '_' become '-'."""
     name = f"{run.experiment_info['name']}_{directory.parent.name}_{directory.name}"
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
+def run_commandline(ex: Experiment) -> None:
+    """ex.run_commandline(), then, as the very last line (after sacred's "Completed after" or the error), where
+    the run's folder is: the -F run directory, or the folder of its checkpoint, once it exists."""
+    try:
+        ex.run_commandline()
+    finally:
+        run = ex.current_run
+        folder = run_folder(run) if run is not None else None
+        if folder is not None and folder.is_dir():
+            what = "Results" if run.status == "COMPLETED" else f"Records of the {run.status.lower()} run"
+            print(f"{what} in {folder}", flush=True)
+
+
+def run_folder(run: Run) -> Path | None:
+    """The folder that keeps what the run wrote, or None when it had none (e.g. a bad setting stopped it first)."""
+    for observer in run.observers:
+        if isinstance(observer, FileStorageObserver) and observer.dir:
+            return Path(observer.dir).resolve()
+    return Path(run.info["checkpoint"]).parent if "checkpoint" in run.info else None
