@@ -115,21 +115,18 @@ add_named_config(
 )
 
 
-@ex.named_config
-def reality_check():
-    """The Reality Check's fixed settings (Musgrave, Belongie and Lim, ECCV 2020), from its released benchmarker's
-    default configs (docs/evaluation.md: where each comes from, and what differs here); add a loss and one fold of
-    four, e.g. `with dataset.cub reality_check loss.contrastive dataset.fold=1`, then combine the four runs with
-    `python -m utils.report --reality-check DIR...`."""
-    epochs = 1000  # num_epochs_train: the runs end by early stopping
-    eval_every = 2  # save_interval
-    patience = 5  # training stops once epoch - best_epoch > 9 (patience: 9), with evaluations every 2 epochs
-    optimizer = "adam"  # the benchmarker's RMSprop is not one of ours: Adam at its lr and weight decay
-    lr = 1e-6
-    weight_decay = 1e-4
-    scheduler = "constant"
-    warm_epochs = 0
-    model = dict(
+# The Reality Check's fixed settings (Musgrave, Belongie and Lim, ECCV 2020), from its released benchmarker's default
+# configs; docs/evaluation.md says where each comes from and what differs here.
+REALITY_CHECK = dict(
+    epochs=1000,  # num_epochs_train: the runs end by early stopping
+    eval_every=2,  # save_interval
+    patience=5,  # training stops once epoch - best_epoch > 9 (patience: 9), with evaluations every 2 epochs
+    optimizer="adam",  # the benchmarker's RMSprop is not one of ours: Adam at its lr and weight decay
+    lr=1e-6,
+    weight_decay=1e-4,
+    scheduler="constant",
+    warm_epochs=0,
+    model=dict(
         arch="bninception",
         pretrained=True,
         num_features=128,  # the embedder: one linear layer to 128
@@ -137,8 +134,8 @@ def reality_check():
         normalize=True,  # eval_normalize_embeddings (the losses' distances normalise them too)
         set_bn_eval=True,  # freeze_trunk_batchnorm
         pooling="avg",
-    )
-    dataset = dict(
+    ),
+    dataset=dict(
         folds=4,  # num_training_partitions
         batch_size=32,
         sampler="random_id",  # the paper: 8 classes x 4 images per batch
@@ -150,8 +147,16 @@ def reality_check():
         ratio=(0.75, 1.33),
         hflip=True,
         color_jitter=None,
-    )
-    evaluation = dict(protocol="validation", metrics=["recall", "map_at_r", "r_precision"])
+    ),
+    evaluation=dict(protocol="validation", metrics=["recall", "map_at_r", "r_precision"]),
+)
+add_named_config(
+    ex,
+    "reality_check",
+    REALITY_CHECK,
+    "the Reality Check's fixed settings (BN-Inception, 128-d, 4 folds, validation); add a loss and a fold, e.g. "
+    "`with dataset.cub reality_check loss.contrastive dataset.fold=1`, then `python -m utils.report --reality-check`",
+)
 
 
 @ex.main
