@@ -47,7 +47,7 @@ from utils.reporting.sacred_run import (
 from utils.settings import CrossRule, add_named_config, choice, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
-BEST_KEY = "cosine/R@1"  # the metric that picks the best epoch and is the run's result
+BEST_KEY = "cosine/R@1"  # the run's result (selection_metric picks the best epoch)
 ex = Experiment(
     "metric_learning",
     ingredients=[data_ingredient, evaluation_ingredient, model_ingredient, loss_ingredient, metrix_ingredient],
@@ -252,7 +252,11 @@ def embed(checkpoint: str | None, images: str | None, out: str | None, bad_image
     """Embed images=DIR_OR_SPLIT_FILE with the best weights of checkpoint=PATH into out=FILE.npz."""
     saved, config, device = restore(checkpoint, _config, _run)
     model = best_model(saved, rebuild_model).to(device).eval()
-    embedded = embed_images(model, config, device, images=images, out=out, bad_images=bad_images, selected_by=BEST_KEY)
+    # Checkpoints written before selection_metric existed were all selected by R@1.
+    selected_by = SELECTION_KEYS[config.get("selection_metric", "recall")]
+    embedded = embed_images(
+        model, config, device, images=images, out=out, bad_images=bad_images, selected_by=selected_by
+    )
     return str(embedded)
 
 
