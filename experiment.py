@@ -57,7 +57,7 @@ def config(dataset):
     optimizer = "adam" if dataset["name"] == "digits" else "sgd"  # sgd | adam | adamw
     lr = 1e-3 if optimizer != "sgd" else 0.02  # learning rate
     weight_decay = 5e-4 if optimizer == "sgd" else 1e-4  # L2 penalty (decoupled with adamw)
-    scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: 100 warm-up iterations)
+    scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: warmup_iterations)
     warm_epochs = 0  # first epochs train only the new layers (embedding head, classifier, proxies)
     label_smoothing = 0.1  # of the cross-entropy loss
 

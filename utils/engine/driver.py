@@ -124,7 +124,9 @@ def fit(
     precision = Precision(config.amp, device)
     prepare_model(model, config.channels_last, config.compile)
     move_images = batch_mover(device, config.channels_last, device_augment)
-    groups = optimizer_groups(model, objective.parameter_groups(), config.lr, config.no_bias_decay)
+    groups = optimizer_groups(
+        model, objective.parameter_groups(), config.lr, config.no_bias_decay, layer_decay=config.layer_decay
+    )
     optimizer = build_optimizer(
         groups,
         optimizer=config.optimizer,
@@ -140,6 +142,7 @@ def fit(
         scheduler=config.scheduler,
         lr_step=config.lr_step,
         lr_gamma=config.lr_gamma,
+        warmup_iterations=config.warmup_iterations,
     )
     main = distributed.is_main()
     directory = distributed.broadcast_object(directory.resolve() if main else None)

@@ -1,0 +1,119 @@
+"""The ViT training side: layer-wise learning-rate decay and the warm-up length against hand-computed learning
+rates and timm's own layer-decay groups; bad settings in one line."""
+
+import math
+
+import pytest
+import timm
+import torch
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay
+from torch import nn
+
+from models.metric_model import EmbeddingHead, MetricModel
+from tests.conftest import SHRINK, assert_input_error
+from utils.engine.training import build_optimizer, build_scheduler, optimizer_groups
+
+pytestmark = pytest.mark.usefixtures("torch_home")
+
+
+class TimmBlocks(nn.Module):
+    """A tiny timm ViT as a backbone with block depths as timm groups them: embeddings 0, block i at i + 1, the last
+    norm with the last block."""
+
+    def __init__(self, depth: int = 3) -> None:
+        super().__init__()
+        self.vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=depth, num_classes=0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(images)[:, 0, :, None, None]
+
+    def parameter_depths(self) -> dict[str, int]:
+        groups = group_parameters(self.vit, self.vit.group_matcher(coarse=False), reverse=True)
+        return {f"vit.{name}": depth for name, depth in groups.items()}
+
+
+def vit_model(depth: int = 3) -> MetricModel:
+    torch.manual_seed(0)
+    backbone = TimmBlocks(depth)
+    return MetricModel(backbone, EmbeddingHead(192, 16, remap=True, normalize=True))
+
+
+def lr_of(groups: list[dict], lr: float) -> dict[int, float]:
+    """id(parameter) -> the lr of its group."""
+    return {id(p): group.get("lr", lr) for group in groups for p in group["params"]}
+
+
+def test_layer_decay_learning_rates_by_hand():
+    """lr 0.1, decay 0.5, 3 blocks (the last one and the norm deepest, at 3): embeddings 0.1 * 0.5**3, block i
+    0.1 * 0.5**(2 - i), the head and the objective's parameters 0.1 (its classifier at its multiplier); biases skip
+    weight decay."""
+    model = vit_model()
+    classifier = nn.Linear(16, 5)
+    groups = optimizer_groups(
+        model, [{"params": classifier.parameters(), "lr_multiplier": 10}], lr=0.1, no_bias_decay=True, layer_decay=0.5
+    )
+    lrs = lr_of(groups, 0.1)
+    vit = model.backbone.vit
+    assert lrs[id(vit.cls_token)] == pytest.approx(0.0125)
+    assert lrs[id(vit.patch_embed.proj.weight)] == pytest.approx(0.0125)
+    assert lrs[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.025)
+    assert lrs[id(vit.blocks[1].mlp.fc2.bias)] == pytest.approx(0.05)
+    assert lrs[id(vit.blocks[2].norm1.weight)] == pytest.approx(0.1)
+    assert lrs[id(vit.norm.weight)] == pytest.approx(0.1)
+    assert lrs[id(model.head.remap.weight)] == pytest.approx(0.1)
+    assert lrs[id(classifier.weight)] == pytest.approx(1.0)
+    assert len(lrs) == len(list(model.parameters())) + 2  # every parameter exactly once
+    no_decay = {id(p) for group in groups if group.get("weight_decay") == 0.0 for p in group["params"]}
+    assert id(vit.blocks[1].mlp.fc2.bias) in no_decay and id(vit.blocks[1].mlp.fc2.weight) not in no_decay
+
+
+def test_layer_decay_matches_timm():
+    """The same learning-rate scale for every backbone parameter as timm's param_groups_layer_decay."""
+    model = vit_model(depth=4)
+    ours = lr_of(optimizer_groups(model, [], lr=1.0, no_bias_decay=True, layer_decay=0.65), 1.0)
+    timms = {
+        id(p): group["lr_scale"]
+        for group in param_groups_layer_decay(model.backbone.vit, layer_decay=0.65)
+        for p in group["params"]
+    }
+    assert set(timms) <= set(ours)
+    assert all(ours[key] == pytest.approx(scale) for key, scale in timms.items())
+
+
+def test_layer_decay_one_is_the_plain_groups():
+    model = vit_model()
+    assert optimizer_groups(model, [], 0.1, True, layer_decay=1.0) == optimizer_groups(model, [], 0.1, True)
+
+
+def test_warmup_iterations_and_layer_decay_under_the_schedule():
+    """warmcos with warmup_iterations=4 over 2 epochs of 5: every group's lr is its base lr times
+    min((i + 1) / 4, (1 + cos(pi i / 10)) / 2) at iteration i, AdamW keeping the per-group ratios."""
+    model = vit_model(depth=1)
+    groups = optimizer_groups(model, [], lr=0.2, no_bias_decay=False, layer_decay=0.5)
+    optimizer = build_optimizer(groups, "adamw", lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.05)
+    schedule = build_scheduler(optimizer, 5, 2, "warmcos", lr_step=None, lr_gamma=0.1, warmup_iterations=4)
+    bases = [0.2 * 0.5, 0.2]  # embeddings; the block, its norm and the head
+    assert sorted(group["initial_lr"] for group in optimizer.param_groups) == pytest.approx(bases)
+    for i in range(10):
+        factor = min((i + 1) / 4, (1 + math.cos(math.pi * i / 10)) / 2)
+        assert sorted(group["lr"] for group in optimizer.param_groups) == pytest.approx([b * factor for b in bases])
+        optimizer.step()
+        schedule.step()
+
+
+def test_layer_decay_needs_block_depths(datasets, experiment):
+    """A ResNet or the small CNN has no blocks to decay over: one line before training, naming the setting."""
+    outcome = experiment(
+        "with dataset.cub model.small_cnn", *SHRINK, f"dataset.data_path={datasets['cub']}", "layer_decay=0.7"
+    )
+    assert_input_error(outcome, "layer_decay=0.7 needs a backbone made of blocks", "set layer_decay=1.0")
+    assert "Training" not in outcome.out and "Epoch   0" not in outcome.out
+
+
+@pytest.mark.parametrize(
+    ("update", "fragment"),
+    [("layer_decay=0", "layer_decay=0 is invalid"), ("warmup_iterations=0", "warmup_iterations=0 is invalid")],
+)
+def test_bad_warmup_or_layer_decay(experiment, update, fragment):
+    assert_input_error(experiment(f"with {update}"), fragment)
