@@ -33,7 +33,7 @@ from utils.reporting.sacred_run import (
     quiet_other_ranks,
     run_loggers,
 )
-from utils.settings import CrossRule, integer, number, register, settings_hook
+from utils.settings import CrossRule, boolean, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment(
@@ -60,10 +60,11 @@ def config(dataset):
     scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: warmup_iterations)
     warm_epochs = 0  # first epochs train only the new layers (embedding head, classifier, proxies)
     label_smoothing = 0.1  # of the cross-entropy loss
+    baseline = True  # before training, evaluate the backbone's pooled features (no head) with the final metrics
 
 
 register(
-    {"warm_epochs": integer(0), "label_smoothing": number(0, 1, high_open=True)},
+    {"warm_epochs": integer(0), "label_smoothing": number(0, 1, high_open=True), "baseline": boolean()},
     [CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs")],
 )
 
@@ -100,7 +101,7 @@ def metrix_recipe():
 
 @ex.main
 @keep_run_records
-def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float:
+def main(label_smoothing: float, warm_epochs: int, baseline: bool, _config: dict, _run) -> float:
     """Train an embedding and evaluate it (the default command)."""
     device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
@@ -126,6 +127,8 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         rebuild=rebuild,
         warmup_frozen=backbone,
         warm_epochs=warm_epochs,
+        # What training adds to: the frozen backbone's pooled features, before any head (info.json "backbone").
+        baseline=(lambda metrics: evaluate(model.pooled_features, metrics)) if baseline else None,
     )
     name = f"{rebuild['arch']}_{_config['dataset']['name']}"
     outcome = fit(

@@ -52,6 +52,7 @@ from utils.engine.training import (
 from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+BASELINE_PREFIX = "backbone."  # the baseline's series: backbone.<metric> at epoch 0
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Task:
     (a classifier, proxies), which are trained with the model's: objective.parameter_groups() lists them, each
     group with an optional lr_multiplier. evaluate(metrics) -> the metrics of the model's current weights. best_key
     picks the best epoch and is the run's result. rebuild holds what rebuilds the model without the data.
+    baseline(metrics) -> the metrics of what the run starts from (the frozen backbone's pooled features), evaluated
+    once before training with the final metrics.
     """
 
     model: nn.Module
@@ -73,6 +76,7 @@ class Task:
     warmup_frozen: list[nn.Parameter] = field(default_factory=list)  # trained only after warm_epochs
     warm_epochs: int = 0
     after_epoch: Callable[[int], None] | None = None  # called after each epoch's training (e.g. for pictures)
+    baseline: Callable[[Sequence[str]], dict[str, float]] | None = None
 
 
 @dataclass
@@ -193,6 +197,10 @@ def fit(
         distributed.raise_if_any(capture(lambda: save_checkpoint(checkpoint, path)) if main else None)
 
     if resumed is None:
+        if task.baseline is not None:
+            distributed.share_buffers(model)
+            model.eval()
+            log_baseline(loggers, curves, task.baseline(final_metrics))
         best.update(0, evaluate_and_log(0), model)
         torch.manual_seed(config.seed)
         start_epoch, start_iteration = 1, 0
@@ -202,6 +210,9 @@ def fit(
         )
         best.epoch, best.metrics, best.state = best_epoch(resumed)
         curves.update(saved_curves(resumed))
+        if baseline := saved_baseline(curves):  # the resumed run's info keeps the baseline it started from
+            for logger in loggers:
+                logger.baseline(baseline)
         print(f"Resumed from {config.resume}: epoch {start_epoch}, iteration {start_iteration}")
 
     with stop_requests() as stop_signal:
@@ -362,6 +373,24 @@ def log_evaluation(loggers: Sequence[RunLogger], curves: dict, epoch: int, metri
     print(format_metrics(f"Epoch {epoch:3d}", metrics))
     for key, value in metrics.items():
         log_scalar(loggers, curves, f"eval.{key}", value, epoch)
+
+
+def log_baseline(loggers: Sequence[RunLogger], curves: dict, metrics: dict[str, float]) -> None:
+    """Print the baseline's metrics, log them as backbone.<key> at epoch 0 and hand them to the loggers."""
+    print(format_metrics("Backbone ", metrics))
+    for key, value in metrics.items():
+        log_scalar(loggers, curves, f"{BASELINE_PREFIX}{key}", value, 0)
+    for logger in loggers:
+        logger.baseline(metrics)
+
+
+def saved_baseline(curves: dict[str, dict[str, list]]) -> dict[str, float]:
+    """The baseline's metrics among a checkpoint's curves (empty when the run had none)."""
+    return {
+        key.removeprefix(BASELINE_PREFIX): series["values"][0]
+        for key, series in curves.items()
+        if key.startswith(BASELINE_PREFIX)
+    }
 
 
 def evaluated_epochs(epochs: int, eval_every: int) -> set[int]:
