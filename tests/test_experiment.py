@@ -77,7 +77,9 @@ def assert_clean_output(cout_file: Path, epochs: int) -> None:
     tables = {(epoch, distance) for epoch in range(epochs + 1) for distance in ("l2", "cosine")}
     assert set(recall_table(cout)) == tables
     lines = cout.splitlines()
-    assert all(line.startswith(("Epoch ", "Train ")) for line in lines[:-4]) and lines[-1].startswith("Best epoch")
+    assert all(line.startswith(("Backbone ", "Epoch ", "Train ")) for line in lines[:-4]) and lines[-1].startswith(
+        "Best epoch"
+    )
     assert [line.split("|")[1].strip() for line in lines[-4:-1]] == ["l2", "cosine", "all"]
     assert "\r" not in cout and all(line == line.rstrip() for line in lines)
 

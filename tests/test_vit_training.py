@@ -1,5 +1,6 @@
 """The ViT training side: layer-wise learning-rate decay and the warm-up length against hand-computed learning
-rates and timm's own layer-decay groups; bad settings in one line."""
+rates and timm's own layer-decay groups, gradient-norm clipping against the step it leaves; bad settings in one
+line."""
 
 import math
 
@@ -9,10 +10,11 @@ import torch
 from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from models.metric_model import EmbeddingHead, MetricModel
 from tests.conftest import SHRINK, assert_input_error
-from utils.engine.training import build_optimizer, build_scheduler, optimizer_groups
+from utils.engine.training import build_optimizer, build_scheduler, optimizer_groups, train_one_epoch
 
 pytestmark = pytest.mark.usefixtures("torch_home")
 
@@ -113,7 +115,36 @@ def test_layer_decay_needs_block_depths(datasets, experiment):
 
 @pytest.mark.parametrize(
     ("update", "fragment"),
-    [("layer_decay=0", "layer_decay=0 is invalid"), ("warmup_iterations=0", "warmup_iterations=0 is invalid")],
+    [
+        ("layer_decay=0", "layer_decay=0 is invalid"),
+        ("warmup_iterations=0", "warmup_iterations=0 is invalid"),
+        ("grad_clip_norm=0", "grad_clip_norm=0 is invalid"),
+    ],
 )
 def test_bad_warmup_or_layer_decay(experiment, update, fragment):
     assert_input_error(experiment(f"with {update}"), fragment)
+
+
+@pytest.mark.parametrize("raw_scale", [100.0, 0.01])
+def test_grad_clip_norm_scales_the_step_to_the_norm(raw_scale):
+    """SGD at lr 1 moves the weights by minus the clipped gradient: a gradient of norm above 3 is scaled to norm 3 in
+    its own direction, a smaller one passes unchanged."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    images, labels = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss = raw_scale * (model(x) ** 2).sum()
+        return loss, {"loss": loss.detach()}
+
+    objective(model, images, labels)[0].backward()
+    raw = torch.cat([p.grad.flatten() for p in model.parameters()])
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = build_scheduler(optimizer, 1, 1, "constant", lr_step=None, lr_gamma=0.1)
+    train_one_epoch(model, objective, loader, optimizer, schedule, torch.device("cpu"), 1, grad_clip_norm=3.0)
+    step = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    expected = raw * min(1.0, 3.0 / raw.norm().item())
+    torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-6)
+    assert (raw.norm() > 3) == (raw_scale == 100.0)

@@ -43,6 +43,7 @@ def training_config():
     lr_step = None  # step, warmstep: epochs between learning-rate decays
     lr_gamma = 0.1  # step, warmstep: decay factor
     grad_clip = None  # clip gradients by value
+    grad_clip_norm = None  # scale the gradients down to this total L2 norm at most (ViT recipes)
     nonfinite = "stop"  # a non-finite loss or gradient: stop the run (the last checkpoint is kept) | skip the step
 
     visdom_port = None  # live curves on the visdom server at this port of 127.0.0.1
@@ -81,6 +82,7 @@ register(
         "lr_step": optional(integer(1)),
         "lr_gamma": number(0, 1, low_open=True),
         "grad_clip": optional(POSITIVE),
+        "grad_clip_norm": optional(POSITIVE),
         "nonfinite": choice(NONFINITE),
         "visdom_port": optional(integer(1, 65535)),
         "visdom_freq": integer(1),
@@ -133,6 +135,7 @@ class TrainingConfig:
     lr_step: int | None
     lr_gamma: float
     grad_clip: float | None
+    grad_clip_norm: float | None
     nonfinite: str
     visdom_freq: int
     eval_every: int

@@ -245,6 +245,7 @@ def fit(
                         device,
                         epoch,
                         grad_clip=config.grad_clip,
+                        grad_clip_norm=config.grad_clip_norm,
                         log_every=config.visdom_freq,
                         on_progress=on_progress,
                         start=start,

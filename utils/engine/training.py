@@ -172,6 +172,7 @@ def train_one_epoch(
     epoch: int,
     *,
     grad_clip: float | None = None,
+    grad_clip_norm: float | None = None,
     log_every: int = 20,
     on_progress: ProgressFunction | None = None,
     start: int = 0,
@@ -188,6 +189,8 @@ def train_one_epoch(
     True stops the epoch there. A non-finite step raises NonFiniteStep before the update, or with
     skip_nonfinite is skipped and counted. precision: autocast and gradient scaling (utils.engine.speed; default
     float32), under which an fp16 gradient overflow is the scaler's to handle (only the loss is checked).
+    grad_clip clips each gradient entry to [-grad_clip, grad_clip]; grad_clip_norm then scales the gradients down
+    to a total L2 norm of at most grad_clip_norm.
     move_images: the loader's images -> the model's input on the device (utils.engine.speed.batch_mover).
     """
     precision = precision or Precision(None, device)
@@ -215,9 +218,12 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         if all_finite(loss, [] if precision.scaler.is_enabled() else parameters):
-            if grad_clip:
+            if grad_clip or grad_clip_norm:
                 precision.unscale_(optimizer)
+            if grad_clip:
                 nn.utils.clip_grad_value_(parameters, grad_clip)
+            if grad_clip_norm:
+                nn.utils.clip_grad_norm_(parameters, grad_clip_norm)
             precision.step(optimizer)
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)
