@@ -1,11 +1,16 @@
-"""One registry of backbones: each maps images in [0, 1] to its last feature map.
+"""One registry of backbones: each maps images in [0, 1] to its last feature map (a CNN's (N, C, H, W)) or its
+final tokens (a ViT's (N, T, C), models/vit.py).
 
-BACKBONES maps a name to its spec: a builder taking the name of the ImageNet weights to load (or
-None for a random initialisation), the weights that exist (the first is the default), and the
-input size it is meant for. The model ingredient's named configs, the error for an unknown name
-and the README's table (`python -m models.backbones`) are derived from it: adding a backbone is
-one entry here. The input normalisation a network was trained with lives inside its backbone, so
-transforms and Metrix input mixing work on plain [0, 1] pixels for every architecture.
+BACKBONES maps a name to its spec: a builder taking the name of the pretrained weights to load (or
+None for a random initialisation), the weights that exist (the first is the default), the
+input size it is meant for and, for a ViT, its timm name. The model ingredient's named configs, the error for an
+unknown name and docs/models.md's table (`python -m models.backbones`) are derived from it: adding a backbone is
+one entry here; any other timm ViT is `timm:<timm name>`. The input normalisation a network was trained with (CLIP's
+is not ImageNet's) lives inside its backbone, so transforms and Metrix input mixing work on plain [0, 1] pixels for
+every architecture.
+
+Every backbone has parameter_depths() (parameter name -> depth: stem or embeddings 0, stage or block i i + 1, a
+ViT's final norm last), which model.freeze_blocks and layer-wise learning-rate decay read.
 """
 
 import hashlib
@@ -13,6 +18,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 from urllib.error import URLError
@@ -22,6 +28,7 @@ import torchvision
 from torch import nn
 
 from models.bn_inception import BNInception, bn_inception
+from models.vit import TIMM_PREFIX, ViTBackbone, build_vit, describe_tokens, patch_size, vit_info
 from utils.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,11 +46,16 @@ class Normalize(nn.Module):
 
 
 class Backbone(nn.Sequential):
-    """Normalisation followed by the convolutional body; out_channels of the last feature map."""
+    """Normalisation followed by the convolutional body; out_channels of the last feature map, depths the depth of
+    each of the body's children (its stem 0, its stages 1, 2, ...)."""
 
-    def __init__(self, normalize: nn.Module, body: nn.Module, out_channels: int) -> None:
+    def __init__(self, normalize: nn.Module, body: nn.Sequential, out_channels: int, depths: list[int]) -> None:
         super().__init__(normalize, body)
         self.out_channels = out_channels
+        self.depths = depths
+
+    def parameter_depths(self) -> dict[str, int]:
+        return {name: self.depths[int(name.split(".")[1])] for name, _ in self.named_parameters()}
 
 
 def checkpoint_dir() -> Path:
@@ -114,7 +126,8 @@ def resnet(arch: str) -> Callable[[str | None], Backbone]:
         if weights is not None:
             net.load_state_dict(imagenet_state_dict(arch, weights))
         body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-        return Backbone(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, net.fc.in_features)
+        # The stem (conv1, bn1, relu, maxpool) is depth 0, layer k depth k.
+        return Backbone(Normalize(IMAGENET_MEAN, IMAGENET_STD), body, net.fc.in_features, [0, 0, 0, 0, 1, 2, 3, 4])
 
     return build
 
@@ -124,7 +137,7 @@ def cifar_resnet18(weights: None) -> Backbone:
     net = torchvision.models.resnet18(weights=None)
     stem = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     body = nn.Sequential(stem, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4)
-    return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), body, net.fc.in_features)
+    return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), body, net.fc.in_features, [0, 0, 0, 1, 2, 3, 4])
 
 
 BN_INCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
@@ -151,13 +164,33 @@ def small_cnn(weights: None) -> Backbone:
             nn.ReLU(inplace=True),
         ]
         in_channels = out_channels
-    return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), nn.Sequential(*layers), in_channels)
+    # The first conv-BN-ReLU layer is the stem (depth 0), the others depths 1 to 6.
+    depths = [index // 3 for index in range(len(layers))]
+    return Backbone(Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), nn.Sequential(*layers), in_channels, depths)
+
+
+def vit(timm_name: str) -> Callable[..., ViTBackbone]:
+    """A timm ViT (name without weights tag) normalised as its pretrained config says."""
+    info = vit_info(timm_name)
+
+    def build(**options) -> ViTBackbone:
+        return build_vit(timm_name, Normalize(info.mean, info.std), **options)
+
+    return build
 
 
 class BackboneSpec(NamedTuple):
-    build: Callable[[str | None], nn.Module]  # weights name or None -> module with out_channels
-    weights: tuple[str, ...]  # the ImageNet weights that exist, the default first; () for none
+    build: Callable[..., nn.Module]  # weights name or None (a ViT's: and its options) -> module with out_channels
+    weights: tuple[str, ...]  # the pretrained weights that exist, the default first; () for none
     input_size: int  # the image size it is meant for
+    timm_name: str | None = None  # a ViT's timm name, without weights tag
+
+
+def vit_spec(timm_name: str, input_size: int | None = None) -> BackboneSpec:
+    """A timm ViT ('vit_small_patch16_224.dino': its tag is the default weights); input_size replaces timm's
+    default (DINOv2's 518 px), its position embedding resampled on load."""
+    info = vit_info(timm_name)
+    return BackboneSpec(vit(info.timm_name), info.weights, input_size or info.input_size, info.timm_name)
 
 
 def torchvision_spec(arch: str) -> BackboneSpec:
@@ -185,13 +218,45 @@ BACKBONES: dict[str, BackboneSpec] = {
     "bninception": BackboneSpec(bninception, ("imagenet",), 224),
     "cifar_resnet18": BackboneSpec(cifar_resnet18, (), 32),
     "small_cnn": BackboneSpec(small_cnn, (), 32),
+    # Self-supervised and CLIP ViTs, name_<size><patch>_<pretraining>; DINOv2 at 224 px as metric-learning papers
+    # train it (timm's default is 518). OpenAI's CLIP towers use QuickGELU, timm's *_quickgelu_* models.
+    "vit_s16_dino": vit_spec("vit_small_patch16_224.dino"),
+    "vit_b16_dino": vit_spec("vit_base_patch16_224.dino"),
+    **{
+        f"vit_{size[0]}14{registers}_dinov2": vit_spec(f"vit_{size}_patch14{registers}_dinov2.lvd142m", 224)
+        for registers in ("", "_reg4")
+        for size in ("small", "base", "large")
+    },
+    "vit_b16_clip": vit_spec("vit_base_patch16_clip_quickgelu_224.openai"),
+    "vit_l14_clip": vit_spec("vit_large_patch14_clip_quickgelu_224.openai"),
 }
 
 
+@cache
 def backbone_spec(arch: str) -> BackboneSpec:
+    """The registry's spec of arch, or the spec of the timm ViT that `timm:<timm name>` names."""
+    if arch.startswith(TIMM_PREFIX):
+        spec = vit_spec(arch.removeprefix(TIMM_PREFIX))
+        patch_size(spec.timm_name)  # refuses a timm model that is not a ViT
+        return spec
     if arch not in BACKBONES:
-        raise InputError(f"unknown model.arch {arch!r}: choose one of {', '.join(BACKBONES)}")
+        raise InputError(
+            f"unknown model.arch {arch!r}: choose one of {', '.join(BACKBONES)}, or {TIMM_PREFIX}<timm ViT name>"
+        )
     return BACKBONES[arch]
+
+
+def is_vit(arch: str | None) -> bool:
+    """Whether arch (None: a data set's default, a CNN) is a ViT; False for an unknown name."""
+    return arch is not None and arch_exists(arch) and backbone_spec(arch).timm_name is not None
+
+
+def arch_exists(arch: str) -> bool:
+    try:
+        backbone_spec(arch)
+    except InputError:
+        return False
+    return True
 
 
 def resolve_weights(arch: str, pretrained: bool | None, weights: str | None) -> str | None:
@@ -213,17 +278,33 @@ def resolve_weights(arch: str, pretrained: bool | None, weights: str | None) -> 
     return weights or available[0]
 
 
-def get_backbone(arch: str, weights: str | None) -> nn.Module:
-    return backbone_spec(arch).build(weights)
+def get_backbone(
+    arch: str, weights: str | None, *, weights_file: str | None = None, drop_path: float = 0.0, **architecture
+) -> nn.Module:
+    """The backbone of arch with the weights named (None: random). A ViT's options: a local weights_file read
+    instead of the cache, timm's drop_path rate and architecture overrides of timm's (tests build tiny ViTs)."""
+    spec = backbone_spec(arch)
+    if spec.timm_name is None:
+        if weights_file is not None or drop_path or architecture:
+            raise InputError(f"model.weights_file and model.drop_path are for ViT backbones, not {arch}: unset them")
+        return spec.build(weights)
+    path = Path(weights_file) if weights_file is not None else None
+    return spec.build(
+        weights=weights, weights_file=path, drop_path=drop_path, input_size=spec.input_size, **architecture
+    )
 
 
 def registry_table() -> str:
-    """The README's table of backbones, derived from the registry."""
-    rows = ["| `model.arch` | ImageNet weights (`model.weights`, default first) | input size |", "|---|---|---|"]
-    rows += [
-        f"| `{name}` | {', '.join(spec.weights) or 'none (from scratch)'} | {spec.input_size} |"
-        for name, spec in BACKBONES.items()
+    """docs/models.md's table of backbones, derived from the registry."""
+    rows = [
+        "| `model.arch` | timm model | pretrained weights (`model.weights`, default first) | input size | tokens |",
+        "|---|---|---|---|---|",
     ]
+    for name, spec in BACKBONES.items():
+        timm_name = f"`{spec.timm_name}`" if spec.timm_name else "-"
+        tokens = describe_tokens(spec.timm_name) if spec.timm_name else "- (a feature map)"
+        weights = ", ".join(spec.weights) or "none (from scratch)"
+        rows.append(f"| `{name}` | {timm_name} | {weights} | {spec.input_size} | {tokens} |")
     return "\n".join(rows)
 
 

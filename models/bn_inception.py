@@ -142,6 +142,11 @@ class BNInception(nn.Module):
             x = block(x)
         return x
 
+    def parameter_depths(self) -> dict[str, int]:
+        """Parameter name -> depth: the stem's convolutions 0, Inception block i i + 1."""
+        depth_of = {name: i + 1 for i, block in enumerate(self.blocks) for name, _ in block.named_children()}
+        return {name: depth_of.get(name.split(".")[0], 0) for name, _ in self.named_parameters()}
+
 
 def _describe(names: list[str], limit: int = 5) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""

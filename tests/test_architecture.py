@@ -81,10 +81,10 @@ def test_the_checker_sees_imports(tmp_path: Path) -> None:
     assert imported_modules(source) == {"losses.metrix", "utils.data.ingredient"}
 
 
-def test_named_configs_and_readme_come_from_the_backbone_registry() -> None:
+def test_named_configs_and_docs_table_come_from_the_backbone_registry() -> None:
     named = {name.removeprefix("model.") for name, _ in model_ingredient.gather_named_configs()}
     assert set(BACKBONES) <= named
-    assert registry_table() in (REPO / "README.md").read_text()
+    assert registry_table() in (REPO / "docs" / "models.md").read_text()
 
 
 def test_utils_keeps_its_modules_in_wings() -> None:

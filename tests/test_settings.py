@@ -177,6 +177,22 @@ def test_the_issues_examples(key, value, description):
             "expected dataset.images_per_class >= 2 with a pairwise loss and a class sampler",
         ),
         ({"metrix": {"mode": "embed"}, "dataset": {"batch_size": 1}}, "expected dataset.batch_size >= 2 with Metrix"),
+        (
+            {"model": {"arch": "vit_s16_dino", "pooling": "avg"}},
+            "model.arch='vit_s16_dino', model.pooling='avg' are inconsistent: expected a CNN's pooling",
+        ),
+        (
+            {"model": {"arch": "resnet18", "weights_file": None, "drop_path": 0.1}},
+            "expected model.weights_file and model.drop_path only with a ViT model.arch",
+        ),
+        (
+            {"model": {"arch": "vit_s16_dino", "weights_file": __file__, "pretrained": False}},
+            "expected no model.weights_file with model.pretrained=False",
+        ),
+        (
+            {"model": {"arch": "vit_s14_dinov2"}, "dataset": {"crop_size": 32}},
+            "expected dataset.crop_size a multiple of the ViT's patch size",
+        ),
     ],
     ids=[
         "crop-resize",
@@ -189,6 +205,10 @@ def test_the_issues_examples(key, value, description):
         "pairwise-batch",
         "pairwise-positives",
         "metrix-batch",
+        "vit-pooling",
+        "vit-options",
+        "weights-file-pretrained",
+        "vit-crop",
     ],
 )
 def test_cross_key_rules(config, line):
@@ -199,7 +219,14 @@ def test_cross_key_rules(config, line):
 def test_every_cross_rule_is_tested_and_passes_when_consistent():
     consistent = {
         "dataset": {"crop_size": 224, "resize": 256, "sampler": "balanced", "images_per_class": 2, "batch_size": 2},
-        "model": {"norm_layer": "batch"},
+        "model": {
+            "norm_layer": "batch",
+            "arch": "vit_s14_dinov2",
+            "pooling": "cls+mean",
+            "weights_file": __file__,
+            "pretrained": True,
+            "drop_path": 0.1,
+        },
         "loss": {"pairwise": "contrastive", "pair_weight": 1.0},
         "metrix": {"mode": "feature"},
         "warm_epochs": 1,
@@ -210,7 +237,7 @@ def test_every_cross_rule_is_tested_and_passes_when_consistent():
         "momentum": 0.9,
     }
     assert violations(consistent) == []
-    assert len(CROSS_RULES) == 9  # one parametrised case above per rule
+    assert len(CROSS_RULES) == 13  # one parametrised case above per rule
 
 
 def test_absent_keys_are_skipped_and_every_violation_gets_a_line():
