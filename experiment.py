@@ -99,6 +99,35 @@ def metrix_recipe():
     dataset = dict(batch_size=100, pair_batches=True, images_per_class=5)
 
 
+@ex.named_config
+def vit_recipe():
+    """Hyp-ViT's sphere variant (Ermolov et al., CVPR 2022; github.com/htdt/hyp_metric, train.py --model
+    dino_vits16 --hyp_c 0 --t 0.1 --emb 384): ViT-S/16 DINO, its class token projected to 384-d and L2-normalised,
+    the pairwise cross-entropy at temperature 0.1 on batches of 900 images of distinct classes, AdamW at a constant
+    1e-5 (torch's weight decay 0.01), gradient norms clipped at 3, 224 px crops of scale 0.2-1. The data set's
+    images per class, length and test resize go on the command line (docs/recipes.md), e.g.
+    `with dataset.sop vit_recipe epochs=200 dataset.num_iterations=25 eval_every=200`."""
+    optimizer = "adamw"
+    lr = 1e-5
+    weight_decay = 0.01
+    scheduler = "constant"
+    grad_clip_norm = 3.0
+    model = dict(arch="vit_s16_dino", num_features=384, remap=True, normalize=True)
+    loss = dict(ce_weight=0.0, pairwise="ntxent", nt_temperature=0.1)
+    # Hyp-ViT's sampler: distinct classes per batch, images of a class without replacement.
+    dataset = dict(
+        batch_size=900,
+        sampler="random_id",
+        images_per_class=2,
+        resize=224,
+        crop_size=224,
+        scale=(0.2, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        color_jitter=None,
+        hflip=True,
+    )
+
+
 @ex.main
 @keep_run_records
 def main(label_smoothing: float, warm_epochs: int, baseline: bool, _config: dict, _run) -> float:

@@ -12,8 +12,9 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from models.backbones import get_backbone
 from models.metric_model import EmbeddingHead, MetricModel
-from tests.conftest import SHRINK, assert_input_error
+from tests.conftest import assert_input_error
 from utils.engine.training import build_optimizer, build_scheduler, optimizer_groups, train_one_epoch
 
 pytestmark = pytest.mark.usefixtures("torch_home")
@@ -35,10 +36,17 @@ class TimmBlocks(nn.Module):
         return {f"vit.{name}": depth for name, depth in groups.items()}
 
 
-def vit_model(depth: int = 3) -> MetricModel:
+def timm_model(depth: int = 3) -> MetricModel:
     torch.manual_seed(0)
-    backbone = TimmBlocks(depth)
-    return MetricModel(backbone, EmbeddingHead(192, 16, remap=True, normalize=True))
+    return MetricModel(TimmBlocks(depth), EmbeddingHead(192, 16, remap=True, normalize=True))
+
+
+def vit_model(depth: int = 3) -> MetricModel:
+    """The registry's ViT-S/16 DINO shrunk to depth blocks of width 24, random weights."""
+    torch.manual_seed(0)
+    backbone = get_backbone("vit_s16_dino", None, depth=depth, embed_dim=24, num_heads=2)
+    head = EmbeddingHead(24, 16, pooling="cls", remap=True, normalize=True, layout=backbone.layout)
+    return MetricModel(backbone, head)
 
 
 def lr_of(groups: list[dict], lr: float) -> dict[int, float]:
@@ -47,9 +55,9 @@ def lr_of(groups: list[dict], lr: float) -> dict[int, float]:
 
 
 def test_layer_decay_learning_rates_by_hand():
-    """lr 0.1, decay 0.5, 3 blocks (the last one and the norm deepest, at 3): embeddings 0.1 * 0.5**3, block i
-    0.1 * 0.5**(2 - i), the head and the objective's parameters 0.1 (its classifier at its multiplier); biases skip
-    weight decay."""
+    """lr 0.1, decay 0.5, 3 blocks (parameter_depths: embeddings 0, block i i + 1, the final norm 4): embeddings
+    0.1 * 0.5**4, block i 0.1 * 0.5**(3 - i), the final norm, the head and the objective's parameters 0.1 (its
+    classifier at its multiplier); biases skip weight decay."""
     model = vit_model()
     classifier = nn.Linear(16, 5)
     groups = optimizer_groups(
@@ -57,11 +65,11 @@ def test_layer_decay_learning_rates_by_hand():
     )
     lrs = lr_of(groups, 0.1)
     vit = model.backbone.vit
-    assert lrs[id(vit.cls_token)] == pytest.approx(0.0125)
-    assert lrs[id(vit.patch_embed.proj.weight)] == pytest.approx(0.0125)
-    assert lrs[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.025)
-    assert lrs[id(vit.blocks[1].mlp.fc2.bias)] == pytest.approx(0.05)
-    assert lrs[id(vit.blocks[2].norm1.weight)] == pytest.approx(0.1)
+    assert lrs[id(vit.cls_token)] == pytest.approx(0.00625)
+    assert lrs[id(vit.patch_embed.proj.weight)] == pytest.approx(0.00625)
+    assert lrs[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.0125)
+    assert lrs[id(vit.blocks[1].mlp.fc2.bias)] == pytest.approx(0.025)
+    assert lrs[id(vit.blocks[2].norm1.weight)] == pytest.approx(0.05)
     assert lrs[id(vit.norm.weight)] == pytest.approx(0.1)
     assert lrs[id(model.head.remap.weight)] == pytest.approx(0.1)
     assert lrs[id(classifier.weight)] == pytest.approx(1.0)
@@ -70,9 +78,23 @@ def test_layer_decay_learning_rates_by_hand():
     assert id(vit.blocks[1].mlp.fc2.bias) in no_decay and id(vit.blocks[1].mlp.fc2.weight) not in no_decay
 
 
+def test_layer_decay_over_resnet_stages():
+    """A ResNet's stem at depth 0 and its four stages at 1-4: lr 1, decay 0.5 gives the stem 1/16, layer1 1/8 and
+    layer4 1."""
+    torch.manual_seed(0)
+    backbone = get_backbone("resnet18", None)
+    model = MetricModel(backbone, EmbeddingHead(512, 8))
+    lrs = lr_of(optimizer_groups(model, [], lr=1.0, no_bias_decay=False, layer_decay=0.5), 1.0)
+    conv1, _, _, _, layer1, _, _, layer4 = model.backbone[1]  # torchvision's ResNet children, without avgpool, fc
+    assert lrs[id(conv1.weight)] == pytest.approx(1 / 16)
+    assert lrs[id(layer1[0].conv1.weight)] == pytest.approx(1 / 8)
+    assert lrs[id(layer4[1].bn2.bias)] == pytest.approx(1.0)
+
+
 def test_layer_decay_matches_timm():
-    """The same learning-rate scale for every backbone parameter as timm's param_groups_layer_decay."""
-    model = vit_model(depth=4)
+    """Given timm's own grouping (the final norm with the last block), the same learning-rate scale for every
+    backbone parameter as timm's param_groups_layer_decay."""
+    model = timm_model(depth=4)
     ours = lr_of(optimizer_groups(model, [], lr=1.0, no_bias_decay=True, layer_decay=0.65), 1.0)
     timms = {
         id(p): group["lr_scale"]
@@ -91,7 +113,7 @@ def test_layer_decay_one_is_the_plain_groups():
 def test_warmup_iterations_and_layer_decay_under_the_schedule():
     """warmcos with warmup_iterations=4 over 2 epochs of 5: every group's lr is its base lr times
     min((i + 1) / 4, (1 + cos(pi i / 10)) / 2) at iteration i, AdamW keeping the per-group ratios."""
-    model = vit_model(depth=1)
+    model = timm_model(depth=1)
     groups = optimizer_groups(model, [], lr=0.2, no_bias_decay=False, layer_decay=0.5)
     optimizer = build_optimizer(groups, "adamw", lr=0.2, momentum=0.0, nesterov=False, weight_decay=0.05)
     schedule = build_scheduler(optimizer, 5, 2, "warmcos", lr_step=None, lr_gamma=0.1, warmup_iterations=4)
@@ -104,13 +126,11 @@ def test_warmup_iterations_and_layer_decay_under_the_schedule():
         schedule.step()
 
 
-def test_layer_decay_needs_block_depths(datasets, experiment):
-    """A ResNet or the small CNN has no blocks to decay over: one line before training, naming the setting."""
-    outcome = experiment(
-        "with dataset.cub model.small_cnn", *SHRINK, f"dataset.data_path={datasets['cub']}", "layer_decay=0.7"
-    )
-    assert_input_error(outcome, "layer_decay=0.7 needs a backbone made of blocks", "set layer_decay=1.0")
-    assert "Training" not in outcome.out and "Epoch   0" not in outcome.out
+def test_layer_decay_needs_block_depths(autoencoder_experiment):
+    """An autoencoder has no backbone of blocks to decay over: one line before training, naming the setting."""
+    outcome = autoencoder_experiment("with vae.ae epochs=1 layer_decay=0.7")
+    assert_input_error(outcome, "layer_decay=0.7 needs a backbone with block depths", "set layer_decay=1.0")
+    assert "Epoch   0" not in outcome.out
 
 
 @pytest.mark.parametrize(

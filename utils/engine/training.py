@@ -83,8 +83,8 @@ def layer_decay_groups(model: nn.Module, lr: float, no_bias_decay: bool, layer_d
     parameter_depths = getattr(backbone, "parameter_depths", None)
     if parameter_depths is None:
         raise InputError(
-            f"layer_decay={layer_decay} needs a backbone made of blocks (a vision transformer, e.g. "
-            f"model.arch=vit_s16_dino); {type(backbone).__name__} has no block depths: set layer_decay=1.0"
+            f"layer_decay={layer_decay} needs a backbone with block depths (every model.arch has them); "
+            f"{type(backbone).__name__} has none: set layer_decay=1.0"
         )
     depths = parameter_depths()
     deepest = max(depths.values())
