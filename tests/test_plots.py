@@ -12,6 +12,7 @@ from utils.data.image_dataset import ImageDataset, load_image
 from utils.reporting.plots import (
     RIGHT,
     WRONG,
+    curve_label,
     curve_panels,
     draw_curves,
     draw_dataset_retrieval,
@@ -57,6 +58,12 @@ def test_curves_group_loss_terms_and_distances():
         "eval R@2": ["eval.cosine/R@2"],
         "eval reconstruction": ["eval.test/reconstruction"],
     }
+
+
+def test_the_frozen_backbone_point_joins_its_metric_panel_under_its_own_label():
+    metrics = {**METRICS, "backbone.cosine/R@1": series([0], [0.15])}
+    assert curve_panels(metrics)["eval R@1"] == ["backbone.cosine/R@1", "eval.cosine/R@1", "eval.l2/R@1"]
+    assert [curve_label(name) for name in curve_panels(metrics)["eval R@1"]] == ["backbone cosine", "cosine", "l2"]
 
 
 def test_curves_png(tmp_path):

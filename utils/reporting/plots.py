@@ -72,9 +72,11 @@ def curve_panels(metrics: dict[str, Series]) -> dict[str, list[str]]:
 
 
 def curve_label(name: str) -> str:
-    """train.cross_entropy -> cross_entropy; eval.cosine/R@1 -> cosine (the panel names the metric)."""
+    """train.cross_entropy -> cross_entropy; eval.cosine/R@1 -> cosine (the panel names the metric); the frozen
+    backbone's point beside them, backbone.cosine/R@1 -> backbone cosine."""
     split, _, metric = name.partition(".")
-    return metric if split == "train" or "/" not in metric else metric.rpartition("/")[0]
+    label = metric if split == "train" or "/" not in metric else metric.rpartition("/")[0]
+    return f"backbone {label}" if split == "backbone" else label
 
 
 def retrieval_examples(
