@@ -46,13 +46,15 @@ class Normalize(nn.Module):
 
 
 class Backbone(nn.Sequential):
-    """Normalisation followed by the convolutional body; out_channels of the last feature map, depths the depth of
-    each of the body's children (its stem 0, its stages 1, 2, ...)."""
+    """Normalisation followed by the convolutional body (a Sequential); out_channels of the last feature map, depths
+    the depth of each of the body's children (its stem 0, its stages 1, 2, ...; by default each child its own)."""
 
-    def __init__(self, normalize: nn.Module, body: nn.Sequential, out_channels: int, depths: list[int]) -> None:
+    def __init__(
+        self, normalize: nn.Module, body: nn.Sequential, out_channels: int, depths: list[int] | None = None
+    ) -> None:
         super().__init__(normalize, body)
         self.out_channels = out_channels
-        self.depths = depths
+        self.depths = depths or list(range(len(body)))
 
     def parameter_depths(self) -> dict[str, int]:
         return {name: self.depths[int(name.split(".")[1])] for name, _ in self.named_parameters()}
@@ -288,6 +290,11 @@ def get_backbone(
         if weights_file is not None or drop_path or architecture:
             raise InputError(f"model.weights_file and model.drop_path are for ViT backbones, not {arch}: unset them")
         return spec.build(weights)
+    if weights is None and weights_file is not None:
+        raise InputError(
+            f"model.weights_file replaces pretrained weights, and {arch} loads none here (it has none, or "
+            "model.pretrained=False): unset model.weights_file"
+        )
     path = Path(weights_file) if weights_file is not None else None
     return spec.build(
         weights=weights, weights_file=path, drop_path=drop_path, input_size=spec.input_size, **architecture

@@ -36,9 +36,9 @@ def config():
     drop_path = 0.0  # a ViT's stochastic-depth rate (timm's drop_path_rate)
     freeze_blocks = 0  # 0: train all | N: freeze the stem/embeddings and the first N stages/blocks | -1: all
     num_features = None  # embedding size; None keeps the backbone's channels (no remap layer)
-    # None: avg for a CNN, cls for a ViT | a CNN's avg | max | avg+max (GAP + GMP, as in Metrix) | a ViT's cls | mean
-    # (of the patch tokens) | cls+mean (summed)
-    pooling = None
+    pooling = (
+        None  # None: avg (CNN), cls (ViT) | avg | max | avg+max (GAP + GMP) | cls | mean | cls+mean (docs/models.md)
+    )
     norm_layer = None  # None | batch | layer: normalisation of the pooled features
     remap = False  # a linear layer on the pooled features even when num_features is unchanged
     normalize = False  # L2-normalise the embedding
@@ -59,7 +59,7 @@ register(
     {
         "model.arch": Check(
             lambda v: v is None or type(v) is str and arch_exists(v),
-            f"None, one of {', '.join(BACKBONES)}, or {TIMM_PREFIX}<timm ViT name>",
+            f"one of None, {', '.join(BACKBONES)}, {TIMM_PREFIX}<timm ViT name> (docs/models.md)",
         ),
         "model.pretrained": optional(boolean()),
         "model.weights": optional(text()),

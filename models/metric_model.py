@@ -104,11 +104,10 @@ class EmbeddingHead(nn.Module):
         return F.normalize(features, dim=1) if self.normalize else features
 
 
-def freeze(backbone: nn.Module, blocks: int) -> list[nn.Module]:
-    """Freeze the backbone's first blocks (its stem or embeddings included; -1: all of it) and return its modules
-    left without a trainable parameter, which train() keeps in eval mode (BatchNorm statistics, drop-path)."""
+def freeze(backbone: nn.Module, blocks: int) -> None:
+    """Freeze the backbone's first blocks, its stem or embeddings included (-1: all of it)."""
     if blocks == 0:
-        return []
+        return
     depths = backbone.parameter_depths()
     deepest = max(depths.values())
     if not -1 <= blocks <= deepest:
@@ -116,6 +115,10 @@ def freeze(backbone: nn.Module, blocks: int) -> list[nn.Module]:
     for name, parameter in backbone.named_parameters():
         if blocks == -1 or depths[name] <= blocks:
             parameter.requires_grad_(False)
+
+
+def frozen_modules(backbone: nn.Module) -> list[nn.Module]:
+    """The modules with parameters, none of them trainable. Found anew on each call: sync_bn replaces modules."""
     return [
         module
         for module in backbone.modules()
@@ -143,8 +146,8 @@ class MetricModel(nn.Module):
             for module in self.backbone.modules():
                 if isinstance(module, BATCH_NORMS):
                     module.requires_grad_(False)
-        # A plain list: the modules stay registered once, under the backbone.
-        self.frozen = freeze(backbone, freeze_blocks)
+        freeze(backbone, freeze_blocks)
+        self.freeze_blocks = freeze_blocks
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -159,7 +162,8 @@ class MetricModel(nn.Module):
             for module in self.backbone.modules():
                 if isinstance(module, BATCH_NORMS):
                     module.eval()
-        if mode:
-            for module in self.frozen:
+        if mode and self.freeze_blocks:
+            # Frozen blocks are a fixed feature extractor: no BatchNorm statistics updates, no drop-path.
+            for module in frozen_modules(self.backbone):
                 module.eval()
         return self

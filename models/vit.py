@@ -42,7 +42,7 @@ class VitInfo(NamedTuple):
     """What the registry and the settings rules need to know of a timm ViT, from its pretrained config."""
 
     timm_name: str  # without the weights tag
-    weights: tuple[str, ...]  # the timm tags of its published weights, the default first; () for none
+    weights: tuple[str, ...]  # the tag of its weights (the name's, else timm's default); () for none
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -60,6 +60,10 @@ def vit_info(name: str) -> VitInfo:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as error:  # an unknown tag
         raise InputError(f"model.arch {TIMM_PREFIX}{name}: {error}") from None
+    if cfg is None:  # where timm knows no input size, normalisation or weights
+        raise InputError(
+            f"timm model {name!r} has no pretrained config: choose a ViT that python -m models.backbones lists"
+        )
     base = name.split(".")[0]
     _, size, _ = cfg.input_size
     return VitInfo(base, (cfg.tag,) if cfg.hf_hub_id else (), size, tuple(cfg.mean), tuple(cfg.std), cfg.hf_hub_id)
@@ -112,7 +116,7 @@ def hub_weights(info: VitInfo, tag: str) -> Path:
     if not hub_offline():
         try:
             return Path(huggingface_hub.hf_hub_download(repo, HUB_FILENAME))
-        except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as error:
+        except (OSError, ValueError) as error:  # the hub's HTTP and connection errors are OSErrors
             reason = f"the download failed ({type(error).__name__})"
     else:
         reason = "HF_HUB_OFFLINE=1"
@@ -139,13 +143,16 @@ def load_vit_weights(model: VisionTransformer, path: Path, name: str) -> None:
     (the metric head replaces it). Any other missing or unexpected key refuses the file."""
     state = checkpoint_filter_fn(read_state_dict(path), model)
     state = {key: value for key, value in state.items() if not key.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    shapes = [k for k, v in state.items() if k in model.state_dict() and v.shape != model.state_dict()[k].shape]
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shapes = [key for key, value in state.items() if key in expected and value.shape != expected[key].shape]
     if missing or unexpected or shapes:
         raise InputError(
             f"weight file {path} does not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"other shapes {shapes[:3]}): give the file of this model or choose the model.arch it belongs to"
         )
+    model.load_state_dict(state)
 
 
 class ViTBackbone(nn.Module):
@@ -188,8 +195,9 @@ def build_vit(
 ) -> ViTBackbone:
     """The ViT backbone of the timm name (without tag) for input_size images, with the weights tag's weights
     (None: random), read from weights_file when given, else from the Hugging Face cache."""
+    # The weight file first: missing weights stop the run before a large model is built.
+    path = None if weights is None else weights_file or hub_weights(vit_info(f"{name}.{weights}"), weights)
     model = create_vit(name, input_size, drop_path, **architecture)
-    if weights is not None:
-        path = weights_file or hub_weights(vit_info(f"{name}.{weights}"), weights)
-        load_vit_weights(model, Path(path), f"{name}.{weights}")
+    if path is not None:
+        load_vit_weights(model, path, f"{name}.{weights}")
     return ViTBackbone(normalize, model)

@@ -1,6 +1,7 @@
 """A DDP step on 2 gloo processes, each given half of a global batch, has the single-process gradient of the
 whole batch: every loss, with and without Metrix in every mode, with BatchNorm statistics frozen or, with
-sync_bn (utils.engine.sync_batchnorm), BatchNorm in training mode over the global batch."""
+sync_bn (utils.engine.sync_batchnorm), BatchNorm in training mode over the global batch; and a tiny ViT in every
+Metrix mode."""
 
 import itertools
 
@@ -14,7 +15,7 @@ from losses.cross_entropy import CrossEntropyLoss
 from losses.metrix import Metrix
 from losses.multi_similarity import MultiSimilarityLoss
 from losses.proxy_anchor import ProxyAnchorLoss
-from models.backbones import small_cnn
+from models.backbones import get_backbone, small_cnn
 from models.metric_model import EmbeddingHead, MetricModel
 from tests.multiprocess import run_ranks
 from utils import distributed
@@ -43,14 +44,23 @@ CASES += [
     ("cross_entropy", "embed", {"lam": "per_pair", "strategy": "positive_negative"}, False),
     ("multisimilarity", "input", {"lam": "per_pair", "strategy": "positive_negative"}, False),
 ]
+# A ViT with register tokens (16 px images in 8 px patches), its class token and patch mean pooled, in every mode.
+CASES += [("multisimilarity", mode, {}, False, "vit") for mode in (None, "input", "feature", "embed")]
 
 
-def build(loss: str, mode: str | None, options: dict, sync_bn: bool) -> tuple[nn.Module, Criterion]:
+def build(
+    loss: str, mode: str | None, options: dict, sync_bn: bool, backbone: str = "cnn"
+) -> tuple[nn.Module, Criterion]:
     """The model and objective; with sync_bn its BatchNorm layers train on batch statistics (plain BatchNorm
     in the single process, GlobalBatchNorm under DDP)."""
     torch.manual_seed(0)
-    head = EmbeddingHead(256, EMBEDDING, norm_layer="batch" if sync_bn else None, remap=True)
-    model = MetricModel(small_cnn(None), head, set_bn_eval=not sync_bn).train()
+    if backbone == "vit":
+        tiny = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+        vit = get_backbone("vit_s14_reg4_dinov2", None, **tiny)
+        model = MetricModel(vit, EmbeddingHead(32, EMBEDDING, "cls+mean", remap=True, layout=vit.layout)).train()
+    else:
+        head = EmbeddingHead(256, EMBEDDING, norm_layer="batch" if sync_bn else None, remap=True)
+        model = MetricModel(small_cnn(None), head, set_bn_eval=not sync_bn).train()
     if sync_bn and distributed.world_size() > 1:
         model = sync_batchnorm.convert(model)
     mixer = Metrix(mode, **options) if mode else None

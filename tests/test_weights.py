@@ -103,3 +103,12 @@ def test_a_downloaded_file_is_checked_and_a_tampered_one_refused(cache, tmp_path
     with pytest.raises(InputError, match=f"pretrained weights {path.name} are unavailable .*invalid hash value"):
         cached_weights(url)
     assert not (cache / path.name).exists()
+
+
+def test_a_planted_pickle_as_a_vits_weight_file_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "code-ran"
+    plant(tmp_path / "dino.pth", marker)
+    tiny = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    with pytest.raises(InputError, match=f"weight file {tmp_path / 'dino.pth'} is not a state dict of tensors"):
+        get_backbone("vit_s16_dino", "dino", weights_file=str(tmp_path / "dino.pth"), **tiny)
+    assert not marker.exists()
