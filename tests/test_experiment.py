@@ -179,7 +179,8 @@ def test_failed_run_keeps_what_was_written(dataset_copy, experiment, tmp_path):
     """A run that fails mid-training leaves a FAILED run with its output so far; earlier runs stay intact."""
     root = dataset_copy("cub")
     observed = tmp_path / "runs"
-    words = f"-F {observed} with dataset.cub model.small_cnn"
+    # Without the frozen-backbone baseline, whose utilization would read the broken training image before epoch 0.
+    words = f"-F {observed} with dataset.cub model.small_cnn baseline=False"
     assert experiment(words, *SHRINK, data_path(root)).code == 0
     first = {path.name: path.read_bytes() for path in (observed / "1").iterdir()}
 
