@@ -44,7 +44,7 @@ from utils.reporting.sacred_run import (
     run_commandline,
     run_loggers,
 )
-from utils.settings import CrossRule, add_named_config, choice, integer, number, register, settings_hook
+from utils.settings import CrossRule, add_named_config, boolean, choice, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 BEST_KEY = "cosine/R@1"  # the run's result (selection_metric picks the best epoch)
@@ -70,11 +70,12 @@ def config(dataset, evaluation):
     optimizer = "adam" if dataset["name"] == "digits" else "sgd"  # sgd | adam | adamw
     lr = 1e-3 if optimizer != "sgd" else 0.02  # learning rate
     weight_decay = 5e-4 if optimizer == "sgd" else 1e-4  # L2 penalty (decoupled with adamw)
-    scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: 100 warm-up iterations)
+    scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: warmup_iterations)
     warm_epochs = 0  # first epochs train only the new layers (embedding head, classifier, proxies)
     label_smoothing = 0.1  # of the cross-entropy loss
     # The metric that chooses the best epoch: recall (cosine R@1, the papers') | map_at_r | r_precision
     selection_metric = "map_at_r" if evaluation["protocol"] == "validation" else "recall"
+    baseline = True  # before training, evaluate the backbone's pooled features (no head) with the final metrics
 
 
 register(
@@ -82,6 +83,7 @@ register(
         "warm_epochs": integer(0),
         "label_smoothing": number(0, 1, high_open=True),
         "selection_metric": choice(tuple(SELECTION_KEYS)),
+        "baseline": boolean(),
     },
     [CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs")],
 )
@@ -159,9 +161,44 @@ add_named_config(
 )
 
 
+# Hyp-ViT's sphere variant (Ermolov et al., CVPR 2022; github.com/htdt/hyp_metric, train.py --model dino_vits16
+# --hyp_c 0 --t 0.1 --emb 384): ViT-S/16 DINO, its class token projected to 384-d and L2-normalised, the pairwise
+# cross-entropy at temperature 0.1 on batches of 900 images of distinct classes, AdamW at a constant 1e-5 (torch's
+# weight decay 0.01), gradient norms clipped at 3, 224 px crops of scale 0.2-1. The data set's images per class,
+# length and test resize go on the command line (docs/recipes.md).
+VIT_RECIPE = dict(
+    optimizer="adamw",
+    lr=1e-5,
+    weight_decay=0.01,
+    scheduler="constant",
+    grad_clip_norm=3.0,
+    model=dict(arch="vit_s16_dino", num_features=384, remap=True, normalize=True),
+    loss=dict(ce_weight=0.0, pairwise="ntxent", nt_temperature=0.1),
+    # Hyp-ViT's sampler: distinct classes per batch, images of a class without replacement.
+    dataset=dict(
+        batch_size=900,
+        sampler="random_id",
+        images_per_class=2,
+        resize=224,
+        crop_size=224,
+        scale=(0.2, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        color_jitter=None,
+        hflip=True,
+    ),
+)
+add_named_config(
+    ex,
+    "vit_recipe",
+    VIT_RECIPE,
+    "Hyp-ViT's sphere recipe (ViT-S/16 DINO, 384-d, pairwise cross-entropy at 0.1, AdamW 1e-5); add the data set's "
+    "length, e.g. `with dataset.sop vit_recipe epochs=200 dataset.num_iterations=25 eval_every=200`",
+)
+
+
 @ex.main
 @keep_run_records
-def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _config: dict, _run) -> float:
+def main(label_smoothing: float, warm_epochs: int, selection_metric: str, baseline: bool, _config: dict, _run) -> float:
     """Train an embedding and evaluate it (the default command)."""
     device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
@@ -194,6 +231,8 @@ def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _confi
         warm_epochs=warm_epochs,
         final_evaluate=lambda metrics: evaluate(model, metrics),
         series="val" if validation else "eval",
+        # What training adds to: the frozen backbone's pooled features, before any head (info.json "backbone").
+        baseline=(lambda metrics: evaluate(model.pooled_features, metrics)) if baseline else None,
     )
     name = f"{rebuild['arch']}_{_config['dataset']['name']}"
     directory = output_directory(_run, _config["output_dir"], name)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py                          # CPU defaults: resnet18, batch 32, 112 px
     python benchmarks/bench_pipeline.py --arch resnet50 --batch 128 --size 224 --workers 8 --compile   # a GPU
+    python benchmarks/bench_pipeline.py --arch vit_s16_dino --size 224    # a ViT-S/16 step, beside --arch resnet50
 
 1. Pipeline, images/s of one worker (one process, one thread, batches of 32 collated): the default PIL pipeline
    of the CE recipe on CUB (decode, resize 256, colour jitter, random resized crop 224, flip, to tensor) against
@@ -150,7 +151,11 @@ def make_step(
     backbone: nn.Module, device: torch.device, amp: str | None, channels_last: bool, compile: bool
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One training step of the CE recipe (forward, cross-entropy, backward, SGD) on backbone; it returns the loss."""
-    model = MetricModel(backbone, EmbeddingHead(backbone.out_channels, backbone.out_channels)).to(device).train()
+    layout = getattr(backbone, "layout", None)  # a ViT's tokens (--arch vit_s16_dino): its class token is pooled
+    head = EmbeddingHead(
+        backbone.out_channels, backbone.out_channels, "avg" if layout is None else "cls", layout=layout
+    )
+    model = MetricModel(backbone, head).to(device).train()
     prepare_model(model, channels_last, compile)
     criterion = Criterion({"ce": (1.0, CrossEntropyLoss(backbone.out_channels, 100))}).to(device)
     optimizer = torch.optim.SGD([*model.parameters(), *criterion.parameters()], lr=1e-3, momentum=0.9)

@@ -456,7 +456,9 @@ def test_a_signal_during_the_final_evaluation_lets_it_finish(digits_path, experi
     previous = signal.signal(signal.SIGINT, unhandled)
     try:
         observed = tmp_path / "runs"
-        outcome = experiment(f"-F {observed} with", *run_words(digits_path, "epochs=1", "dataset.num_iterations=3"))
+        # baseline=False: the frozen-backbone baseline is evaluated with the final metrics too, before training.
+        words = run_words(digits_path, "epochs=1", "dataset.num_iterations=3", "baseline=False")
+        outcome = experiment(f"-F {observed} with", *words)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert outcome.code == 0, outcome.err

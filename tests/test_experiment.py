@@ -52,7 +52,7 @@ def model_from_config(config: dict, info: dict) -> torch.nn.Module:
     head = EmbeddingHead(
         backbone.out_channels,
         options["num_features"] or backbone.out_channels,
-        options["pooling"],
+        options["pooling"] or "avg",  # None: a CNN's default
         options["norm_layer"],
         options["remap"],
         options["normalize"],
@@ -77,7 +77,9 @@ def assert_clean_output(cout_file: Path, epochs: int) -> None:
     tables = {(epoch, distance) for epoch in range(epochs + 1) for distance in ("l2", "cosine")}
     assert set(recall_table(cout)) == tables
     lines = cout.splitlines()
-    assert all(line.startswith(("Epoch ", "Train ")) for line in lines[:-4]) and lines[-1].startswith("Best epoch")
+    assert all(line.startswith(("Backbone ", "Epoch ", "Train ")) for line in lines[:-4]) and lines[-1].startswith(
+        "Best epoch"
+    )
     assert [line.split("|")[1].strip() for line in lines[-4:-1]] == ["l2", "cosine", "all"]
     assert "\r" not in cout and all(line == line.rstrip() for line in lines)
 
@@ -177,7 +179,8 @@ def test_failed_run_keeps_what_was_written(dataset_copy, experiment, tmp_path):
     """A run that fails mid-training leaves a FAILED run with its output so far; earlier runs stay intact."""
     root = dataset_copy("cub")
     observed = tmp_path / "runs"
-    words = f"-F {observed} with dataset.cub model.small_cnn"
+    # Without the frozen-backbone baseline, whose utilization would read the broken training image before epoch 0.
+    words = f"-F {observed} with dataset.cub model.small_cnn baseline=False"
     assert experiment(words, *SHRINK, data_path(root)).code == 0
     first = {path.name: path.read_bytes() for path in (observed / "1").iterdir()}
 

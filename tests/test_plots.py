@@ -14,6 +14,7 @@ from utils.data.image_dataset import ImageDataset, load_image
 from utils.reporting.plots import (
     RIGHT,
     WRONG,
+    curve_label,
     curve_panels,
     distance_decimals,
     draw_curves,
@@ -100,6 +101,12 @@ def test_curves_of_a_real_run_are_in_numeric_order_with_no_line_hidden(digits_pa
     assert panels["training loss terms"] == [["train.cross_entropy", "train.loss"]]
     drawn = [name for lines in panels.values() for line in lines for name in line]
     assert sorted(drawn) == sorted(metrics)  # every series is drawn, once
+
+
+def test_the_frozen_backbone_point_joins_its_metric_panel_under_its_own_label():
+    metrics = {**METRICS, "backbone.cosine/R@1": series([0], [0.15])}
+    assert curve_panels(metrics)["eval R@1"] == [["backbone.cosine/R@1"], ["eval.cosine/R@1"], ["eval.l2/R@1"]]
+    assert [curve_label(line[0]) for line in curve_panels(metrics)["eval R@1"]] == ["backbone cosine", "cosine", "l2"]
 
 
 def test_curves_png(tmp_path):

@@ -52,6 +52,7 @@ RESUMABLE = (
     "cpu",
     "cudnn_flag",
     "dist_timeout",
+    "baseline",
     "evaluation.",
     "dataset.data_path",
     "dataset.num_workers",

@@ -37,10 +37,13 @@ def training_config():
     nesterov = False  # sgd with momentum
     weight_decay = 0.0  # L2 penalty (decoupled with adamw)
     no_bias_decay = True  # no weight decay on biases and normalisation parameters
-    scheduler = "cos"  # warmcos | cos | step | warmstep | constant (warm*: 100 warm-up iterations)
+    scheduler = "cos"  # warmcos | cos | step | warmstep | constant (warm*: a linear warm-up first)
+    warmup_iterations = 100  # warmcos, warmstep: length of the linear warm-up (the CE paper's code: 100)
+    layer_decay = 1.0  # < 1: layer-wise lr decay, lr * layer_decay ** (blocks above) in a ViT backbone
     lr_step = None  # step, warmstep: epochs between learning-rate decays
     lr_gamma = 0.1  # step, warmstep: decay factor
     grad_clip = None  # clip gradients by value
+    grad_clip_norm = None  # scale the gradients down to this total L2 norm at most (ViT recipes)
     nonfinite = "stop"  # a non-finite loss or gradient: stop the run (the last checkpoint is kept) | skip the step
 
     visdom_port = None  # live curves on the visdom server at this port of 127.0.0.1
@@ -75,9 +78,12 @@ register(
         "weight_decay": number(0, 1e38),
         "no_bias_decay": boolean(),
         "scheduler": choice(SCHEDULERS),
+        "warmup_iterations": integer(1),
+        "layer_decay": number(0, 1, low_open=True),
         "lr_step": optional(integer(1)),
         "lr_gamma": number(0, 1, low_open=True),
         "grad_clip": optional(POSITIVE),
+        "grad_clip_norm": optional(POSITIVE),
         "nonfinite": choice(NONFINITE),
         "visdom_port": optional(integer(1, 65535)),
         "visdom_freq": integer(1),
@@ -126,9 +132,12 @@ class TrainingConfig:
     weight_decay: float
     no_bias_decay: bool
     scheduler: str
+    warmup_iterations: int
+    layer_decay: float
     lr_step: int | None
     lr_gamma: float
     grad_clip: float | None
+    grad_clip_norm: float | None
     nonfinite: str
     visdom_freq: int
     eval_every: int

@@ -55,6 +55,7 @@ from utils.engine.training import (
 from utils.errors import InputError, RunFailed, RunInterrupted, check_choice
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+BASELINE_PREFIX = "backbone."  # the baseline's series: backbone.<metric> at epoch 0
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Task:
     every evaluated epoch (logged as <series>.<key>); best_key picks the best epoch among them. final_evaluate
     (None: evaluate) scores the best epoch's weights once, at the end: the run's result. rebuild holds what
     rebuilds the model without the data.
+    baseline(metrics) -> the metrics of what the run starts from (the frozen backbone's pooled features), evaluated
+    once before training with the final metrics.
     """
 
     model: nn.Module
@@ -80,6 +83,7 @@ class Task:
     after_epoch: Callable[[int], None] | None = None  # called after each epoch's training (e.g. for pictures)
     final_evaluate: Callable[[Sequence[str]], dict[str, float]] | None = None
     series: str = "eval"  # the per-epoch evaluation's series: eval (the test set) | val (a validation split)
+    baseline: Callable[[Sequence[str]], dict[str, float]] | None = None
 
 
 @dataclass
@@ -132,7 +136,9 @@ def fit(
     precision = Precision(config.amp, device)
     prepare_model(model, config.channels_last, config.compile)
     move_images = batch_mover(device, config.channels_last, device_augment)
-    groups = optimizer_groups(model, objective.parameter_groups(), config.lr, config.no_bias_decay)
+    groups = optimizer_groups(
+        model, objective.parameter_groups(), config.lr, config.no_bias_decay, layer_decay=config.layer_decay
+    )
     optimizer = build_optimizer(
         groups,
         optimizer=config.optimizer,
@@ -148,6 +154,7 @@ def fit(
         scheduler=config.scheduler,
         lr_step=config.lr_step,
         lr_gamma=config.lr_gamma,
+        warmup_iterations=config.warmup_iterations,
     )
     main = distributed.is_main()
     directory = distributed.broadcast_object(directory.resolve() if main else None)
@@ -199,6 +206,10 @@ def fit(
         distributed.raise_if_any(capture(lambda: save_checkpoint(checkpoint, path)) if main else None)
 
     if resumed is None:
+        if task.baseline is not None:
+            distributed.share_buffers(model)
+            model.eval()
+            log_baseline(loggers, curves, task.baseline(final_metrics))
         best.update(0, evaluate_and_log(0), model)
         torch.manual_seed(config.seed)
         start_epoch, start_iteration = 1, 0
@@ -209,6 +220,9 @@ def fit(
         best.epoch, best.metrics, best.state = best_epoch(resumed)
         best.stale = stale_evaluations(resumed)
         curves.update(saved_curves(resumed))
+        if baseline := saved_baseline(curves):  # the resumed run's info keeps the baseline it started from
+            for logger in loggers:
+                logger.baseline(baseline)
         print(f"Resumed from {config.resume}: epoch {start_epoch}, iteration {start_iteration}")
 
     with stop_requests() as stop_signal:
@@ -245,6 +259,7 @@ def fit(
                         device,
                         epoch,
                         grad_clip=config.grad_clip,
+                        grad_clip_norm=config.grad_clip_norm,
                         log_every=config.visdom_freq,
                         on_progress=on_progress,
                         start=start,
@@ -376,6 +391,24 @@ def log_evaluation(
     print(format_metrics(f"Epoch {epoch:3d}" + (" (validation)" if series == "val" else ""), metrics))
     for key, value in metrics.items():
         log_scalar(loggers, curves, f"{series}.{key}", value, epoch)
+
+
+def log_baseline(loggers: Sequence[RunLogger], curves: dict, metrics: dict[str, float]) -> None:
+    """Print the baseline's metrics, log them as backbone.<key> at epoch 0 and hand them to the loggers."""
+    print(format_metrics("Backbone ", metrics))
+    for key, value in metrics.items():
+        log_scalar(loggers, curves, f"{BASELINE_PREFIX}{key}", value, 0)
+    for logger in loggers:
+        logger.baseline(metrics)
+
+
+def saved_baseline(curves: dict[str, dict[str, list]]) -> dict[str, float]:
+    """The baseline's metrics among a checkpoint's curves (empty when the run had none)."""
+    return {
+        key.removeprefix(BASELINE_PREFIX): series["values"][0]
+        for key, series in curves.items()
+        if key.startswith(BASELINE_PREFIX)
+    }
 
 
 def evaluated_epochs(epochs: int, eval_every: int) -> set[int]:

@@ -20,6 +20,9 @@ class RunLogger:
     def progress(self, name: str, value: float, step: float) -> None:
         """The mean of a training term over the last log_every iterations, for live curves."""
 
+    def baseline(self, metrics: dict[str, float]) -> None:
+        """What the run starts from (the frozen backbone's pooled features), evaluated with the final metrics."""
+
     def final(self, epoch: int, metrics: dict[str, float]) -> None:
         """The final evaluation of the best epoch's weights."""
 

@@ -24,7 +24,6 @@ from utils.errors import InputError, check_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("warmcos", "cos", "step", "warmstep", "constant")
-WARMUP_ITERATIONS = 100  # linear warm-up of the warm* schedules, as in the CE paper's code
 
 # A live-curve callback receives (series name, value, fractional epoch); see utils.engine.loggers.
 ProgressFunction = Callable[[str, float, float], None]
@@ -81,16 +80,50 @@ def decay_groups(parameters: Iterable[nn.Parameter], no_bias_decay: bool) -> lis
     ]
 
 
-def optimizer_groups(model: nn.Module, objective_groups: list[dict], lr: float, no_bias_decay: bool) -> list[dict]:
+def optimizer_groups(
+    model: nn.Module, objective_groups: list[dict], lr: float, no_bias_decay: bool, layer_decay: float = 1.0
+) -> list[dict]:
     """The model's groups, then the objective's own parameters (a classifier, proxies: objective_groups, each with
-    its "params" and an optional "lr_multiplier"), each split for no_bias_decay, at lr times its multiplier."""
-    groups = decay_groups(model.parameters(), no_bias_decay)
+    its "params" and an optional "lr_multiplier"), each split for no_bias_decay, at lr times its multiplier.
+
+    layer_decay < 1: layer-wise learning-rate decay (BEiT's, as timm's param_groups_layer_decay): a backbone
+    parameter at depth d of model.backbone.parameter_depths() trains at lr * layer_decay ** (deepest - d), so the
+    last blocks move most and the embeddings least; the head and the objective's parameters train at lr."""
+    if layer_decay == 1.0:
+        groups = decay_groups(model.parameters(), no_bias_decay)
+    else:
+        groups = layer_decay_groups(model, lr, no_bias_decay, layer_decay)
     for objective_group in objective_groups:
         group_lr = {"lr": lr * objective_group.get("lr_multiplier", 1.0)}
         groups += [
             group | group_lr for group in decay_groups(objective_group["params"], no_bias_decay) if group["params"]
         ]
     return groups
+
+
+def layer_decay_groups(model: nn.Module, lr: float, no_bias_decay: bool, layer_decay: float) -> list[dict]:
+    """The model's parameters by backbone depth (then the rest of the model at lr), each depth split for
+    no_bias_decay."""
+    backbone = getattr(model, "backbone", model)
+    parameter_depths = getattr(backbone, "parameter_depths", None)
+    if parameter_depths is None:
+        raise InputError(
+            f"layer_decay={layer_decay} needs a backbone with block depths (every model.arch has them); "
+            f"{type(backbone).__name__} has none: set layer_decay=1.0"
+        )
+    depths = parameter_depths()
+    deepest = max(depths.values())
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for name, parameter in backbone.named_parameters():
+        by_depth.setdefault(depths[name], []).append(parameter)
+    in_backbone = {id(p) for p in backbone.parameters()}
+    by_depth.setdefault(deepest, []).extend(p for p in model.parameters() if id(p) not in in_backbone)
+    return [
+        group | {"lr": lr * layer_decay ** (deepest - depth)}
+        for depth, parameters in sorted(by_depth.items())
+        for group in decay_groups(parameters, no_bias_decay)
+        if group["params"]
+    ]
 
 
 def finite_weights(*modules: nn.Module) -> bool:
@@ -111,9 +144,16 @@ def build_optimizer(
 
 
 def build_scheduler(
-    optimizer: Optimizer, iterations_per_epoch: int, epochs: int, scheduler: str, lr_step: int | None, lr_gamma: float
+    optimizer: Optimizer,
+    iterations_per_epoch: int,
+    epochs: int,
+    scheduler: str,
+    lr_step: int | None,
+    lr_gamma: float,
+    warmup_iterations: int = 100,
 ) -> lr_scheduler.LambdaLR:
-    """A per-iteration learning-rate factor. lr_step is in epochs; lr_gamma is the step decay."""
+    """A per-iteration learning-rate factor of every group's lr. lr_step is in epochs; lr_gamma is the step decay;
+    the warm* schedules rise linearly over their first warmup_iterations."""
     check_choice("scheduler", scheduler, SCHEDULERS)
     total = max(1, epochs * iterations_per_epoch)
     if scheduler in ("step", "warmstep") and not lr_step:
@@ -121,7 +161,7 @@ def build_scheduler(
     step_length = (lr_step or 1) * iterations_per_epoch
 
     def factor(i: int) -> float:
-        warm = min(1.0, (i + 1) / WARMUP_ITERATIONS) if scheduler.startswith("warm") else 1.0
+        warm = min(1.0, (i + 1) / warmup_iterations) if scheduler.startswith("warm") else 1.0
         if scheduler.endswith("cos"):
             return min(warm, (1 + math.cos(math.pi * i / total)) / 2)
         if scheduler.endswith("step"):
@@ -157,6 +197,7 @@ def train_one_epoch(
     epoch: int,
     *,
     grad_clip: float | None = None,
+    grad_clip_norm: float | None = None,
     log_every: int = 20,
     on_progress: ProgressFunction | None = None,
     start: int = 0,
@@ -173,6 +214,8 @@ def train_one_epoch(
     True stops the epoch there. A non-finite step raises NonFiniteStep before the update, or with
     skip_nonfinite is skipped and counted. precision: autocast and gradient scaling (utils.engine.speed; default
     float32), under which an fp16 gradient overflow is the scaler's to handle (only the loss is checked).
+    grad_clip clips each gradient entry to [-grad_clip, grad_clip]; grad_clip_norm then scales the gradients down
+    to a total L2 norm of at most grad_clip_norm.
     move_images: the loader's images -> the model's input on the device (utils.engine.speed.batch_mover).
     """
     precision = precision or Precision(None, device)
@@ -200,9 +243,12 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         if all_finite(loss, [] if precision.scaler.is_enabled() else parameters):
-            if grad_clip:
+            if grad_clip or grad_clip_norm:
                 precision.unscale_(optimizer)
+            if grad_clip:
                 nn.utils.clip_grad_value_(parameters, grad_clip)
+            if grad_clip_norm:
+                nn.utils.clip_grad_norm_(parameters, grad_clip_norm)
             precision.step(optimizer)
             for key, value in logs.items():
                 history.setdefault(key, []).append(value)

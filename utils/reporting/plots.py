@@ -69,7 +69,9 @@ def curve_panels(metrics: dict[str, Series]) -> dict[str, list[list[str]]]:
         if split == "train":
             panel = "training loss terms" if metric != "accuracy" else "training accuracy"
         else:
-            panel = f"{split} {metric.rpartition('/')[2]}"  # eval: the test split's, val: the validation split's
+            # eval: the test split's, val: the validation split's; the frozen backbone's point (on the test split)
+            # joins the test split's panel of its metric.
+            panel = f"{'eval' if split == 'backbone' else split} {metric.rpartition('/')[2]}"
         lines = panels.setdefault(panel, [])
         same = next((line for line in lines if same_curve(metrics[line[0]], metrics[name])), None)
         if same is None:
@@ -91,9 +93,11 @@ def numeric_order(name: str) -> list:
 
 
 def curve_label(name: str) -> str:
-    """train.cross_entropy -> cross_entropy; eval.cosine/R@1 -> cosine (the panel names the metric)."""
+    """train.cross_entropy -> cross_entropy; eval.cosine/R@1 -> cosine (the panel names the metric); the frozen
+    backbone's point beside them, backbone.cosine/R@1 -> backbone cosine."""
     split, _, metric = name.partition(".")
-    return metric if split == "train" or "/" not in metric else metric.rpartition("/")[0]
+    label = metric if split == "train" or "/" not in metric else metric.rpartition("/")[0]
+    return f"backbone {label}" if split == "backbone" else label
 
 
 def retrieval_examples(

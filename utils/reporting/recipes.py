@@ -15,14 +15,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CE_PAPER = "CE paper"  # Boudiaf et al., ECCV 2020
 METRIX_PAPER = "Metrix paper"  # Venkataramanan et al., ICLR 2022
+HYP_VIT_PAPER = "Hyp-ViT paper"  # Ermolov et al., CVPR 2022
 SOURCES = {
     CE_PAPER: "Boudiaf et al., ECCV 2020, the comparison with the state of the art (ResNet-50, 2048-d)",
     METRIX_PAPER: "Venkataramanan et al., ICLR 2022, the table of each loss with and without Metrix/feature "
     "(ResNet-50, 512-d)",
+    HYP_VIT_PAPER: "Ermolov et al., 'Hyperbolic Vision Transformers: Combining Improvements in Metric Learning', CVPR "
+    "2022, the results table's Sph-DINO line (ViT-S/16 DINO, 384-d, on the sphere)",
 }
 RELEASED = {
     CE_PAPER: "github.com/jeromerony/dml_cross_entropy (sacred, `experiment.py with ...`)",
     METRIX_PAPER: "github.com/billpsomas/Metrix_ICLR22 (argparse, `main.py ...`)",
+    HYP_VIT_PAPER: "github.com/htdt/hyp_metric (argparse, `train.py ...`)",
 }
 
 # What a recipe takes over from its paper's released code, from a line-by-line reading of that code.
@@ -39,6 +43,15 @@ FOLLOWS = {
     "F5": "mixed-loss weight 0.4 (0.3 on anchor-negative steps in embed mode), all pairs in feature mode",
     "F6": "random batches on CUB and Cars, balanced batches of 5 images per class on SOP and In-Shop "
     "(`dataset.pair_batches=True` takes the sampler from the data set's specification)",
+    "V1": "the optimisation of `vit_recipe`: AdamW at a constant 1e-5 with torch's weight decay 0.01, gradient norms "
+    "clipped at 3, batches of 900 images (882 on Cars) of distinct classes, 9 per class on CUB and Cars and 2 on "
+    "SOP and In-Shop, the pairwise cross-entropy at temperature 0.1 (`loss.ntxent`)",
+    "V2": "ViT-S/16 with the DINO weights, its class token after the final norm projected to 384-d and "
+    "L2-normalised; 224 px crops of scale 0.2-1 with flips; test images resized to 224 (256 on CUB) and "
+    "centre-cropped to 224",
+    "V3": "the released code's epoch is one pass over the classes (one batch on CUB and Cars, 25 on SOP, 8 on "
+    "In-Shop): `dataset.num_iterations` makes ours as long, and the run is evaluated before training and after "
+    "its last epoch only, as the released command lines evaluate it",
 }
 
 # Where a recipe knowingly departs from its paper's released code, and why.
@@ -60,13 +73,22 @@ DIFFERENCES = {
     "anchor's own class; `metrix.selection=hardest_negative` takes each anchor's true hardest negative (the "
     "nearest clean embedding of another class), one mixture per (anchor, positive). `metrix.selection=all "
     "metrix.max_pairs=K` is the alternative without a host read per step.",
+    "D5": "Hyp-ViT (train.py, `--hyp_c 0`): the released code trains in apex fp16 (O2), here float32 unless "
+    "`amp=bf16`; it freezes the patch embedding, here every ViT parameter trains; it initialises the projection "
+    "orthogonally, here as torch's nn.Linear with a zero bias; its loss contrasts an anchor with the other classes' "
+    "images in the two views compared and sums over the ordered pairs of views, here each positive pair is "
+    "contrasted with every negative of the batch and the terms averaged (the same negatives with 2 images per class; "
+    "the sum is 2x the mean there, which moves the clipping threshold); its sampler permutes the classes once per "
+    "epoch and draws a class's images with replacement when it has too few, here the classes are drawn afresh for "
+    "each batch and a class with too few images is left out (`dataset.sampler=random_id`); its training crops come "
+    "from the original image with bicubic interpolation, here from the image resized to 224 (or 256), bilinear.",
 }
 
 
 @dataclass(frozen=True)
 class Recipe:
     command: str  # the sacred command line that reproduces the result
-    paper: str  # CE_PAPER or METRIX_PAPER
+    paper: str  # a key of SOURCES
     published_r1: float  # R@1 in %, as published
     released: str  # the same run in the paper's released code
     follows: tuple[str, ...]  # keys of FOLLOWS
@@ -133,7 +155,40 @@ def _metrix_recipes() -> list[Recipe]:
     return recipes
 
 
-RECIPES: tuple[Recipe, ...] = (*_ce_recipes(), *_metrix_recipes())
+# Hyp-ViT's Sph-DINO R@1 per data set, and each data set's words of the released command line and of ours.
+_HYP_VIT = {
+    "cub": (
+        78.7,
+        "--ds CUB --num_samples 9 --ep 50 --resize 256",
+        "dataset.images_per_class=9 dataset.num_iterations=1 dataset.resize=256 epochs=50 eval_every=50",
+    ),
+    "cars": (
+        86.6,
+        "--ds Cars --num_samples 9 --bs 882 --ep 300",
+        "dataset.batch_size=882 dataset.images_per_class=9 dataset.num_iterations=1 epochs=300 eval_every=300",
+    ),
+    "sop": (82.2, "--ds SOP --ep 200", "dataset.num_iterations=25 epochs=200 eval_every=200"),
+    "inshop": (90.1, "--ds Inshop --ep 400", "dataset.num_iterations=8 epochs=400 eval_every=400"),
+}
+
+
+def _hyp_vit_recipes() -> list[Recipe]:
+    return [
+        Recipe(
+            command=f"python experiment.py with dataset.{dataset} vit_recipe {ours}",
+            paper=HYP_VIT_PAPER,
+            published_r1=r1,
+            released=f"train.py {released} {HYP_VIT_COMMON}",
+            follows=("V1", "V2", "V3"),
+            differences=("D5",),
+        )
+        for dataset, (r1, released, ours) in _HYP_VIT.items()
+    ]
+
+
+# The arguments every Sph-DINO line of the released code shares.
+HYP_VIT_COMMON = "--model dino_vits16 --lr 1e-5 --hyp_c 0 --t 0.1 --emb 384"
+RECIPES: tuple[Recipe, ...] = (*_ce_recipes(), *_metrix_recipes(), *_hyp_vit_recipes())
 # The arguments every Metrix line of the released code shares.
 METRIX_COMMON = "--alpha 2.0 --embedding_size 512 --lr 1e-4 --lr_decay_gamma 0.1 --images_per_class 5 --warm 1"
 

@@ -44,6 +44,7 @@ IGNORED = {
     "output_dir",
     "checkpoint_every",
     "dist_timeout",
+    "baseline",
     "resume",
     "checkpoint",
     "images",

@@ -294,8 +294,8 @@ def output_directory(run: Run, output_dir: str, name: str) -> Path:
 
 
 class SacredLogger(RunLogger):
-    """The run's series (metrics.json) and info (info.json): the checkpoint's path, the best epoch and its final
-    metrics."""
+    """The run's series (metrics.json) and info (info.json): the checkpoint's path, the frozen backbone's metrics
+    (info["backbone"]), the best epoch and its final metrics."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -305,6 +305,9 @@ class SacredLogger(RunLogger):
 
     def scalar(self, name: str, value: float, step: float) -> None:
         self.run.log_scalar(name, value, step)
+
+    def baseline(self, metrics: dict[str, float]) -> None:
+        self.run.info["backbone"] = metrics
 
     def final(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.info["best_epoch"] = epoch
