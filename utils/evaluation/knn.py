@@ -318,19 +318,25 @@ def first_positive_ranks(
             positive_dist = dist.gather(1, index.clamp(min=0)).masked_fill_(index < 0, torch.inf)
             best = positive_dist.min(dim=1, keepdim=True).values
             first = torch.where(positive_dist == best, index, n).min(dim=1).values
-            closer, (tied_row, tied_column) = _count_below(dist, best), _equal(dist, best)
-            first = first.cpu().numpy()
-            tied_before = np.bincount(tied_row[tied_column < first[tied_row]], minlength=len(chunk))
-            ranks[start : start + len(chunk)] = closer + tied_before
+            closer = _count_below(dist, best)
+            ranks[start : start + len(chunk)] = closer
+            # Items as close as the first positive are rare: look for them only where there are any.
+            tied = np.flatnonzero(_count_below(dist, best, or_equal=True) > closer + 1)
+            if tied.size:
+                at = torch.as_tensor(tied, device=device)
+                tied_row, tied_column = _equal(dist[at], best[at])
+                before = tied_column < first[at].cpu().numpy()[tied_row]
+                ranks[start + tied] += np.bincount(tied_row[before], minlength=len(tied))
     return ranks
 
 
-def _count_below(dist: Tensor, limit: Tensor) -> np.ndarray:
-    """How many entries of each row lie below the row's limit."""
+def _count_below(dist: Tensor, limit: Tensor, *, or_equal: bool = False) -> np.ndarray:
+    """How many entries of each row lie below (or_equal: at most) the row's limit."""
     if dist.is_cuda:
-        return (dist < limit).sum(dim=1).cpu().numpy()
+        return (dist <= limit if or_equal else dist < limit).sum(dim=1).cpu().numpy()
     # torch sums a bool tensor several times slower than numpy counts it on the CPU.
-    return np.count_nonzero(dist.numpy() < limit.numpy(), axis=1)
+    below = np.less_equal if or_equal else np.less
+    return np.count_nonzero(below(dist.numpy(), limit.numpy()), axis=1)
 
 
 def _equal(dist: Tensor, value: Tensor) -> tuple[np.ndarray, np.ndarray]:
