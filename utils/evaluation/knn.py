@@ -147,7 +147,8 @@ class TorchSearcher:
             out = torch.empty(len(q) * len(gallery), device=q.device)
         out = out.view(len(q), len(gallery))
         if not self.l2:
-            return torch.mm(q, gallery.T, out=out).neg_()
+            # alpha=-1 negates inside the product (exactly), sparing a pass over the tile.
+            return torch.addmm(out, q, gallery.T, beta=0, alpha=-1, out=out)
         torch.add((q * q).sum(1, keepdim=True), self.gallery_sq_norms[columns], out=out)
         return out.addmm_(q, gallery.T, alpha=-2).clamp_(min=0)
 
@@ -260,24 +261,37 @@ def _within(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(row, column, distance) of the tile's entries within their row's radius."""
     mask = torch.le(tile, radii[:, None], out=mask_buffer[: tile.numel()].view(tile.shape))
-    rows, columns = mask.nonzero(as_tuple=True)
-    return rows + row_offset, columns + column_offset, tile[rows, columns]
+    rows, columns, dist = _entries(tile, mask)
+    return rows + row_offset, columns + column_offset, dist
 
 
 def _within_both_ways(
     tile: Tensor, row_radii: Tensor, column_radii: Tensor, row_offset: int, column_offset: int, mask_buffer: Tensor
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """_within for the rows as queries and for the columns as queries, from one scan of the tile."""
-    size = tile.numel()
-    near_row = torch.le(tile, row_radii[:, None], out=mask_buffer[:size].view(tile.shape))
-    near_column = torch.le(tile, column_radii, out=mask_buffer[size : 2 * size].view(tile.shape))
-    rows, columns = near_row.logical_or_(near_column).nonzero(as_tuple=True)
-    dist = tile[rows, columns]
+    """_within for the rows as queries and for the columns as queries, from one scan of the tile.
+
+    An entry belongs to its row or to its column when it lies within the larger of their radii, so
+    one comparison with max(row radius, largest column radius) finds a superset of both, and the
+    few entries it finds are then checked against each radius exactly.
+    """
+    bound = torch.clamp(row_radii, min=column_radii.max())
+    near = torch.le(tile, bound[:, None], out=mask_buffer[: tile.numel()].view(tile.shape))
+    rows, columns, dist = _entries(tile, near)
     for_row, for_column = dist <= row_radii[rows], dist <= column_radii[columns]
     return [
         (rows[for_row] + row_offset, columns[for_row] + column_offset, dist[for_row]),
         (columns[for_column] + column_offset, rows[for_column] + row_offset, dist[for_column]),
     ]
+
+
+def _entries(tile: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, column, value) of the tile's entries where mask is true."""
+    if mask.is_cuda:
+        flat = mask.view(-1).nonzero().squeeze(1)
+    else:
+        # numpy finds the few true entries of a CPU mask several times faster than torch.nonzero.
+        flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return flat // tile.shape[1], flat % tile.shape[1], tile.view(-1)[flat]
 
 
 def first_positive_ranks(
@@ -304,19 +318,25 @@ def first_positive_ranks(
             positive_dist = dist.gather(1, index.clamp(min=0)).masked_fill_(index < 0, torch.inf)
             best = positive_dist.min(dim=1, keepdim=True).values
             first = torch.where(positive_dist == best, index, n).min(dim=1).values
-            closer, (tied_row, tied_column) = _count_below(dist, best), _equal(dist, best)
-            first = first.cpu().numpy()
-            tied_before = np.bincount(tied_row[tied_column < first[tied_row]], minlength=len(chunk))
-            ranks[start : start + len(chunk)] = closer + tied_before
+            closer = _count_below(dist, best)
+            ranks[start : start + len(chunk)] = closer
+            # Items as close as the first positive are rare: look for them only where there are any.
+            tied = np.flatnonzero(_count_below(dist, best, or_equal=True) > closer + 1)
+            if tied.size:
+                at = torch.as_tensor(tied, device=device)
+                tied_row, tied_column = _equal(dist[at], best[at])
+                before = tied_column < first[at].cpu().numpy()[tied_row]
+                ranks[start + tied] += np.bincount(tied_row[before], minlength=len(tied))
     return ranks
 
 
-def _count_below(dist: Tensor, limit: Tensor) -> np.ndarray:
-    """How many entries of each row lie below the row's limit."""
+def _count_below(dist: Tensor, limit: Tensor, *, or_equal: bool = False) -> np.ndarray:
+    """How many entries of each row lie below (or_equal: at most) the row's limit."""
     if dist.is_cuda:
-        return (dist < limit).sum(dim=1).cpu().numpy()
+        return (dist <= limit if or_equal else dist < limit).sum(dim=1).cpu().numpy()
     # torch sums a bool tensor several times slower than numpy counts it on the CPU.
-    return np.count_nonzero(dist.numpy() < limit.numpy(), axis=1)
+    below = np.less_equal if or_equal else np.less
+    return np.count_nonzero(below(dist.numpy(), limit.numpy()), axis=1)
 
 
 def _equal(dist: Tensor, value: Tensor) -> tuple[np.ndarray, np.ndarray]:
