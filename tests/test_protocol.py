@@ -125,7 +125,8 @@ def test_under_validation_the_test_set_is_evaluated_once_at_the_end(experiment, 
     assert trained == [("train_small.txt", "MetricModel")] * 3 + [("test_small.txt", "MetricModel")]
     run = tmp_path / "fold2" / "1"
     series = json.loads((run / "metrics.json").read_text())
-    assert series and all(name.startswith(("val.", "train.")) for name in series)
+    # backbone.*: the frozen backbone's baseline, on the test set before training; it selects nothing.
+    assert series and all(name.startswith(("val.", "train.", "backbone.")) for name in series)
     info = json.loads((run / "info.json").read_text())
     # the best epoch is the one of the highest validation MAP@R (ties: the later)
     maps = series["val.cosine/MAP@R"]["values"]
