@@ -142,6 +142,11 @@ def rebuild_autoencoder(rebuild: dict, settings: dict) -> Autoencoder:
 def main(select_by: str, _config: dict, _run) -> float:
     """Train an autoencoder and evaluate its codes (the default command)."""
     check_choice("select_by", select_by, SELECTION)
+    if _config["evaluation"]["protocol"] != "test":
+        raise InputError(
+            "evaluation.protocol=validation is experiment.py's: the autoencoder baseline chooses its epoch on the "
+            "test set by select_by; drop evaluation.protocol"
+        )
     device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
     torch.manual_seed(_config["seed"])

@@ -23,7 +23,15 @@ from utils.engine.checkpoint import best_model
 from utils.engine.config import TrainingConfig, training_config
 from utils.engine.driver import Task, fit, select_device
 from utils.evaluation.inference import commands_config, embed_images, evaluate_checkpoint, evaluation_data, restore
-from utils.evaluation.ingredient import check_evaluation, draw_retrieval, evaluation_ingredient, get_evaluator
+from utils.evaluation.ingredient import (
+    SELECTION_KEYS,
+    check_evaluation,
+    draw_retrieval,
+    evaluation_ingredient,
+    get_evaluator,
+    validation_evaluator,
+)
+from utils.evaluation.protocol import comparability_card, save_test_embeddings
 from utils.reporting.sacred_run import (
     SacredLogger,
     continue_with_checkpoint_settings,
@@ -33,7 +41,7 @@ from utils.reporting.sacred_run import (
     quiet_other_ranks,
     run_loggers,
 )
-from utils.settings import CrossRule, integer, number, register, settings_hook
+from utils.settings import CrossRule, choice, integer, number, register, settings_hook
 
 SETTINGS.CAPTURE_MODE = "sys"
 ex = Experiment(
@@ -50,7 +58,7 @@ ex.config(commands_config)
 
 
 @ex.config
-def config(dataset):
+def config(dataset, evaluation):
     # The digits default is a from-scratch CPU demo with Adam; the real data sets follow the CE paper:
     # SGD with a warm cosine schedule from ImageNet weights.
     epochs = 30 if dataset["name"] == "digits" else 20  # training epochs
@@ -60,10 +68,16 @@ def config(dataset):
     scheduler = "warmcos"  # warmcos | cos | step | warmstep | constant (warm*: 100 warm-up iterations)
     warm_epochs = 0  # first epochs train only the new layers (embedding head, classifier, proxies)
     label_smoothing = 0.1  # of the cross-entropy loss
+    # The metric that chooses the best epoch: recall (cosine R@1, the papers') | map_at_r | r_precision
+    selection_metric = "map_at_r" if evaluation["protocol"] == "validation" else "recall"
 
 
 register(
-    {"warm_epochs": integer(0), "label_smoothing": number(0, 1, high_open=True)},
+    {
+        "warm_epochs": integer(0),
+        "label_smoothing": number(0, 1, high_open=True),
+        "selection_metric": choice(tuple(SELECTION_KEYS)),
+    },
     [CrossRule(("warm_epochs", "epochs"), lambda warm, epochs: warm <= epochs, "warm_epochs <= epochs")],
 )
 
@@ -98,15 +112,59 @@ def metrix_recipe():
     dataset = dict(batch_size=100, pair_batches=True, images_per_class=5)
 
 
+@ex.named_config
+def reality_check():
+    """The Reality Check's fixed settings (Musgrave, Belongie and Lim, ECCV 2020), from its released benchmarker's
+    default configs (docs/evaluation.md: where each comes from, and what differs here); add a loss and one fold of
+    four, e.g. `with dataset.cub reality_check loss.contrastive dataset.fold=1`, then combine the four runs with
+    `python -m utils.report --reality-check DIR...`."""
+    epochs = 1000  # num_epochs_train: the runs end by early stopping
+    eval_every = 2  # save_interval
+    patience = 5  # training stops once epoch - best_epoch > 9 (patience: 9), with evaluations every 2 epochs
+    optimizer = "adam"  # the benchmarker's RMSprop is not one of ours: Adam at its lr and weight decay
+    lr = 1e-6
+    weight_decay = 1e-4
+    scheduler = "constant"
+    warm_epochs = 0
+    model = dict(
+        arch="bninception",
+        pretrained=True,
+        num_features=128,  # the embedder: one linear layer to 128
+        remap=True,
+        normalize=True,  # eval_normalize_embeddings (the losses' distances normalise them too)
+        set_bn_eval=True,  # freeze_trunk_batchnorm
+        pooling="avg",
+    )
+    dataset = dict(
+        folds=4,  # num_training_partitions
+        batch_size=32,
+        sampler="random_id",  # the paper: 8 classes x 4 images per batch
+        images_per_class=4,
+        num_iterations=100,  # iterations_per_epoch
+        resize=256,  # transforms: Resize 256, RandomResizedCrop 227 (scale 0.16-1, ratio 3/4-4/3), flips
+        crop_size=227,
+        scale=(0.16, 1.0),
+        ratio=(0.75, 1.33),
+        hflip=True,
+        color_jitter=None,
+    )
+    evaluation = dict(protocol="validation", metrics=["recall", "map_at_r", "r_precision"])
+
+
 @ex.main
 @keep_run_records
-def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float:
+def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _config: dict, _run) -> float:
     """Train an embedding and evaluate it (the default command)."""
     device = select_device(_config["cpu"], _config["cudnn_flag"], _config["dist_timeout"])
     check_evaluation(device)
     torch.manual_seed(_config["seed"])
-    loaders = get_loaders()
-    evaluate = get_evaluator(loaders, device)
+    validation = _config["evaluation"]["protocol"] == "validation"
+    loaders = get_loaders(hold_out=validation)
+    evaluate = get_evaluator(loaders, device)  # the test set
+    # Every evaluated epoch is scored on the validation split under evaluation.protocol=validation, else on the test
+    # set; the final evaluation is always the test set's.
+    metrics = list(dict.fromkeys([*evaluate.metrics, selection_metric]))
+    select = validation_evaluator(evaluate, metrics) if validation else evaluate
     default_arch = "small_cnn" if _config["dataset"]["name"] == "digits" else "resnet18"
     _run.info["model"] = resolve_model(default_arch)
     model = get_model(default_arch=default_arch)
@@ -121,17 +179,19 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
     task = Task(
         model,
         criterion,
-        lambda metrics: evaluate(model, metrics),
-        best_key="cosine/R@1",
+        lambda metrics: select(model, metrics),
+        best_key=SELECTION_KEYS[selection_metric],
         rebuild=rebuild,
         warmup_frozen=backbone,
         warm_epochs=warm_epochs,
+        final_evaluate=lambda metrics: evaluate(model, metrics),
+        series="val" if validation else "eval",
     )
     name = f"{rebuild['arch']}_{_config['dataset']['name']}"
     outcome = fit(
         task,
         loaders.train,
-        metrics=evaluate.metrics,
+        metrics=metrics,
         final_metrics=evaluate.final_metrics,
         device=device,
         config=TrainingConfig.from_settings(_config, _run.experiment_info),
@@ -140,13 +200,32 @@ def main(label_smoothing: float, warm_epochs: int, _config: dict, _run) -> float
         device_augment=loaders.device_augment,
     )
     if not distributed.is_main():  # only rank 0 writes
-        return outcome.metrics[task.best_key]
+        return outcome.metrics["cosine/R@1"]
+    _run.info["card"] = comparability_card(_config, _run.info["model"], model.head.num_features, outcome.epochs_run)
+    if _config["dataset"]["folds"]:  # what `python -m utils.report --reality-check` combines, without the data
+        save_fold_embeddings(evaluate, outcome.directory, _config)
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     print(
         f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
         f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
     )
     return outcome.metrics["cosine/R@1"]
+
+
+def save_fold_embeddings(evaluator, directory, config: dict) -> None:
+    """The final evaluation's test embeddings and labels, for the Reality Check's combination of the fold runs."""
+    query, gallery = evaluator.last
+    loaders = evaluator.loaders
+    save_test_embeddings(
+        directory,
+        query=query,
+        query_labels=loaders.query.dataset.targets,
+        gallery=gallery,
+        gallery_labels=loaders.gallery.dataset.targets if loaders.gallery is not None else None,
+        fold=config["dataset"]["fold"],
+        folds=config["dataset"]["folds"],
+        ks=evaluator.recalls,
+    )
 
 
 @ex.command

@@ -49,6 +49,7 @@ def main() -> None:
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0),
         scaler=torch.amp.GradScaler("cpu", enabled=False),
         best=(0, {"cosine/R@1": 0.0}, model.state_dict()),
+        stale_evaluations=0,
         settings={},
         code={},
         rebuild={},

@@ -177,6 +177,11 @@ def test_the_issues_examples(key, value, description):
             "expected dataset.images_per_class >= 2 with a pairwise loss and a class sampler",
         ),
         ({"metrix": {"mode": "embed"}, "dataset": {"batch_size": 1}}, "expected dataset.batch_size >= 2 with Metrix"),
+        ({"dataset": {"folds": 4, "fold": 5}, "evaluation": {"protocol": "validation"}}, "expected dataset.fold <= "),
+        (
+            {"dataset": {"folds": 4, "fold": 1}, "evaluation": {"protocol": "test"}},
+            "expected evaluation.protocol=validation with dataset.folds",
+        ),
     ],
     ids=[
         "crop-resize",
@@ -189,6 +194,8 @@ def test_the_issues_examples(key, value, description):
         "pairwise-batch",
         "pairwise-positives",
         "metrix-batch",
+        "fold-in-folds",
+        "folds-validate",
     ],
 )
 def test_cross_key_rules(config, line):
@@ -208,9 +215,11 @@ def test_every_cross_rule_is_tested_and_passes_when_consistent():
         "lr_step": 10,
         "nesterov": True,
         "momentum": 0.9,
+        "evaluation": {"protocol": "validation"},
     }
+    consistent["dataset"].update(folds=4, fold=4)
     assert violations(consistent) == []
-    assert len(CROSS_RULES) == 9  # one parametrised case above per rule
+    assert len(CROSS_RULES) == 11  # one parametrised case above per rule
 
 
 def test_absent_keys_are_skipped_and_every_violation_gets_a_line():

@@ -1,8 +1,11 @@
-"""The `dataset` ingredient: where the data lives, how it is sampled and transformed."""
+"""The `dataset` ingredient: where the data lives, how it is sampled and transformed, and which training classes
+are held out for validation (evaluation.protocol=validation)."""
 
+import copy
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from sacred import Ingredient
 from torch.utils.data import DataLoader
 
@@ -74,6 +77,11 @@ def config():
     rotate = None  # random rotation range in degrees
     hflip = False  # random horizontal flips (mirrored digits are other symbols)
 
+    # evaluation.protocol=validation holds training classes out to choose the epoch on (never the test set):
+    validation_fraction = 0.25  # a fixed draw of this share of them (at least 2 classes)
+    folds = None  # or the Reality Check: this many class-disjoint partitions of the sorted training classes...
+    fold = 1  # ...and the one validated on (1..folds); the others train
+
 
 for _name, _settings in named_configs().items():
     data_ingredient.add_named_config(_name, _settings)
@@ -118,6 +126,9 @@ register(
         "dataset.color_jitter": optional(COLOR_JITTER),
         "dataset.rotate": optional(number(0, 180)),
         "dataset.hflip": boolean(),
+        "dataset.validation_fraction": number(0, 1, low_open=True, high_open=True),
+        "dataset.folds": optional(integer(2)),
+        "dataset.fold": integer(1),
     },
     cross_rules=[
         CrossRule(
@@ -129,6 +140,16 @@ register(
             ("dataset.sampler", "dataset.images_per_class", "dataset.batch_size"),
             lambda sampler, per_class, batch: sampler == "random" or per_class <= batch,
             "dataset.images_per_class <= dataset.batch_size with a class sampler",
+        ),
+        CrossRule(
+            ("dataset.fold", "dataset.folds"),
+            lambda fold, folds: folds is None or fold <= folds,
+            "dataset.fold <= dataset.folds (the folds count from 1)",
+        ),
+        CrossRule(
+            ("dataset.folds", "evaluation.protocol"),
+            lambda folds, protocol: folds is None or protocol == "validation",
+            "evaluation.protocol=validation with dataset.folds (a fold is a validation split)",
         ),
     ],
 )
@@ -143,6 +164,58 @@ class MetricLoaders(NamedTuple):
     reference: DataLoader  # the training images with the test transform, for utilization
     num_classes: int
     device_augment: DeviceAugment | None = None  # dataset.gpu_augment: the training batches' resampling and jitter
+    validation: DataLoader | None = None  # the held-out training classes (evaluation.protocol=validation)
+
+
+# The validation classes are drawn with this seed, not the run's: every seed of a sweep, and a resumed run,
+# validates on the same classes.
+SPLIT_SEED = 0
+
+
+def validation_classes(classes: list[int], fraction: float, folds: int | None, fold: int) -> list[int]:
+    """The training classes held out for validation: with folds, the fold-th of `folds` contiguous partitions of
+    the sorted classes (as the Reality Check's benchmarker splits them); else a fixed draw of `fraction` of them,
+    at least 2 (retrieval among one class scores 1.0 on every metric). At least one class is left to train."""
+    ordered = sorted(set(classes))
+    if folds is not None:
+        if len(ordered) < 2 * folds:
+            raise InputError(
+                f"dataset.folds={folds} needs at least {2 * folds} training classes (2 per fold) but the training "
+                f"split holds {len(ordered)}: lower dataset.folds"
+            )
+        return [int(c) for c in np.array_split(ordered, folds)[fold - 1]]
+    count = max(2, round(fraction * len(ordered)))
+    if count >= len(ordered):
+        raise InputError(
+            f"dataset.validation_fraction={fraction} holds out {count} of the {len(ordered)} training classes and "
+            f"leaves none to train on: lower it, or use evaluation.protocol=test"
+        )
+    drawn = np.random.default_rng(SPLIT_SEED).permutation(ordered)[:count]
+    return sorted(int(c) for c in drawn)
+
+
+def class_subset(dataset: ImageDataset, classes: set[int], relabel: bool) -> ImageDataset:
+    """The images of these classes (preloaded ones shared); relabel: their labels renumbered 0..n-1 in order, so
+    that a classifier or proxies cover only the classes trained on."""
+    keep = [i for i, label in enumerate(dataset.targets) if label in classes]
+    numbering = {c: i for i, c in enumerate(sorted(classes))} if relabel else {c: c for c in classes}
+    subset = copy.copy(dataset)
+    subset.paths = [dataset.paths[i] for i in keep]
+    subset.targets = [numbering[dataset.targets[i]] for i in keep]
+    if dataset.images is not None:
+        subset.images = [dataset.images[i] for i in keep]
+    return subset
+
+
+# Not a captured function: sacred seeds each captured function of an ingredient in turn, so a new one would change
+# the training sampler's seed, and every run's batches.
+def hold_out_validation(
+    train: ImageDataset, *, fraction: float, folds: int | None, fold: int
+) -> tuple[ImageDataset, ImageDataset]:
+    """The training images split into those trained on (relabelled) and the validation images (original labels)."""
+    held_out = set(validation_classes(train.targets, fraction, folds, fold))
+    trained = set(train.targets) - held_out
+    return class_subset(train, trained, relabel=True), class_subset(train, held_out, relabel=False)
 
 
 @data_ingredient.capture
@@ -207,8 +280,20 @@ def get_train_sampler(
 
 
 @data_ingredient.capture
-def get_loaders(num_workers: int, pin_memory: bool, persistent_workers: bool) -> MetricLoaders:
+def get_loaders(
+    num_workers: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+    validation_fraction: float,
+    folds: int | None,
+    fold: int,
+    hold_out: bool = False,
+) -> MetricLoaders:
+    """hold_out: also the validation images, held out of the training ones (evaluation.protocol=validation)."""
     train, query, gallery, device_augment = get_datasets()
+    validation = None
+    if hold_out:
+        train, validation = hold_out_validation(train, fraction=validation_fraction, folds=folds, fold=fold)
     batches = get_train_sampler(train.targets)
     # gpu_augment's crops differ in size until the device resamples them: pack_crops collates them.
     train_loader = DataLoader(
@@ -220,7 +305,9 @@ def get_loaders(num_workers: int, pin_memory: bool, persistent_workers: bool) ->
         persistent_workers=persistent_workers and num_workers > 0,
         generator=batches.worker_seeds,
     )
-    return test_loaders(train, query, gallery)._replace(train=train_loader, device_augment=device_augment)
+    return test_loaders(train, query, gallery, validation=validation)._replace(
+        train=train_loader, device_augment=device_augment
+    )
 
 
 @data_ingredient.capture
@@ -231,8 +318,10 @@ def test_loaders(
     test_batch_size: int,
     num_workers: int,
     pin_memory: bool,
+    validation: ImageDataset | None = None,
 ) -> MetricLoaders:
-    """The test images (and the training images under the test transform, for utilization); no training batches."""
+    """The test images (and the training images under the test transform, for utilization, and the validation
+    images under it); no training batches."""
 
     def test_loader(dataset: ImageDataset) -> DataLoader:
         return DataLoader(dataset, batch_size=test_batch_size, num_workers=num_workers, pin_memory=pin_memory)
@@ -243,4 +332,5 @@ def test_loaders(
         test_loader(gallery) if gallery else None,
         test_loader(train.with_transform(query.transform)),
         num_classes=max(train.targets) + 1,
+        validation=test_loader(validation.with_transform(query.transform)) if validation is not None else None,
     )

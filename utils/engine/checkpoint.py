@@ -4,7 +4,8 @@ a training state from it, rebuilding its best model, and what resuming checks.
 
 A checkpoint is one dict holding everything a run needs to go on: the model, the objective's parameters
 (a classifier, proxies), the optimizer, the schedule, the gradient scaler, the epoch and the iterations done in
-it, the best epoch with its metrics and weights, every random state, the run's config, the code version (which
+it, the best epoch with its metrics and weights and the evaluations since it (for early stopping; FORMAT 1
+checkpoints written before it was kept count 0), every random state, the run's config, the code version (which
 experiment wrote it, from which sources) and what rebuilds the model without the data. It loads with
 torch.load(..., weights_only=True). No other module reads its keys.
 """
@@ -60,6 +61,8 @@ RESUMABLE = (
     "out",
     "bad_images",
 )
+# Evaluation settings that choose the best epoch, and so change the run: not resumable although "evaluation." is.
+SELECTION_SETTINGS = ("evaluation.protocol",)
 
 
 def training_checkpoint(
@@ -73,13 +76,15 @@ def training_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     best: tuple[int | None, dict[str, float], dict[str, torch.Tensor]],
+    stale_evaluations: int,
     settings: dict,
     code: dict,
     rebuild: dict,
     curves: dict,
 ) -> dict:
     """The checkpoint after `iteration` iterations of epoch (0: the epoch is complete, go on with the next one,
-    given as epoch), `iterations` in all; best is the best epoch, its metrics and its weights. settings and code
+    given as epoch), `iterations` in all; best is the best epoch, its metrics and its weights, stale_evaluations
+    the evaluations since the best epoch's (the early-stopping counter). settings and code
     are plain dicts (the run's config and its experiment's name, main file and sources)."""
     return {
         "format": FORMAT,
@@ -91,7 +96,7 @@ def training_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "best": {"epoch": best[0], "metrics": best[1], "model": best[2]},
+        "best": {"epoch": best[0], "metrics": best[1], "model": best[2], "stale_evaluations": stale_evaluations},
         "rng": rng_state(),
         "config": settings,
         "code": code,
@@ -123,6 +128,11 @@ def best_epoch(checkpoint: dict) -> tuple[int | None, dict[str, float], dict[str
     """The best epoch, its metrics and its weights."""
     best = checkpoint["best"]
     return best["epoch"], best["metrics"], best["model"]
+
+
+def stale_evaluations(checkpoint: dict) -> int:
+    """The evaluations since the best epoch's (0 in FORMAT 1 checkpoints written before early stopping)."""
+    return checkpoint["best"].get("stale_evaluations", 0)
 
 
 def saved_curves(checkpoint: dict) -> dict:
@@ -301,13 +311,15 @@ def check_resumable(checkpoint: dict, current: dict) -> None:
     old, new = flatten(checkpoint["config"]), flatten(current)
     done_epochs = checkpoint["epoch"] - 1
     changed = sorted(
-        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and not key.startswith(RESUMABLE)
+        key
+        for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key) and (key in SELECTION_SETTINGS or not key.startswith(RESUMABLE))
     )
     if changed:
         listing = ", ".join(f"{key}={new.get(key)!r} (checkpoint: {old.get(key)!r})" for key in changed)
         raise InputError(
             f"resume: these settings differ from the checkpoint's and would change the training: "
-            f"{listing}; drop them (only {', '.join(RESUMABLE)} may change)"
+            f"{listing}; drop them (only {', '.join(RESUMABLE)} may change, {', '.join(SELECTION_SETTINGS)} aside)"
         )
     if new["epochs"] < done_epochs:
         raise InputError(

@@ -46,6 +46,7 @@ def training_config():
     visdom_port = None  # live curves on the visdom server at this port of 127.0.0.1
     visdom_freq = 20  # iterations between two points of the training curves
     eval_every = 1  # epochs between evaluations (evaluation.metrics); the last epoch is always evaluated
+    patience = None  # stop after this many evaluations without a new best epoch; None: train every epoch
     cpu = False  # train on the CPU even when a GPU is available
     cudnn_flag = "benchmark"  # benchmark | deterministic
     output_dir = "outputs"  # without -F, each run writes its checkpoint in a new folder here (with -F: its run dir)
@@ -81,6 +82,7 @@ register(
         "visdom_port": optional(integer(1, 65535)),
         "visdom_freq": integer(1),
         "eval_every": integer(1),
+        "patience": optional(integer(1)),
         "cpu": boolean(),
         "cudnn_flag": choice(CUDNN_FLAGS),
         "output_dir": text(),
@@ -130,6 +132,7 @@ class TrainingConfig:
     nonfinite: str
     visdom_freq: int
     eval_every: int
+    patience: int | None
     cudnn_flag: str
     checkpoint_every: int | None
     resume: str | None

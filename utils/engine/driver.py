@@ -2,8 +2,10 @@
 
 An experiment builds its model, its objective and its evaluation (a `Task`), its typed configuration
 (utils/engine/config.py) and its loggers (utils/engine/loggers.py), and hands them to `fit`, which evaluates
-before training, trains, evaluates every `eval_every` epochs and after the last one, keeps the best epoch's
-weights and evaluates them with every final metric. A run is durable: a full checkpoint
+before training, trains, evaluates every `eval_every` epochs and after the last one (or stops early, after
+`patience` evaluations without a new best), keeps the best epoch's weights and evaluates them with every final
+metric. Which images each evaluation scores is the task's business (evaluation.protocol): the driver only knows
+the per-epoch evaluation, the final one and the name of the per-epoch series. A run is durable: a full checkpoint
 (utils/engine/checkpoint.py) is written at the end of every epoch (and every `checkpoint_every` iterations), from
 finite weights only; `resume=PATH` continues one, SIGINT, SIGTERM and SIGHUP stop it cleanly after the current
 step, and a non-finite loss or weight stops it with the last good checkpoint kept.
@@ -35,6 +37,7 @@ from utils.engine.checkpoint import (
     restore_training,
     save_checkpoint,
     saved_curves,
+    stale_evaluations,
     training_checkpoint,
 )
 from utils.engine.config import CUDNN_FLAGS, TrainingConfig
@@ -60,8 +63,10 @@ class Task:
 
     objective(model, images, labels) -> (loss, dict of detached scalars to log); it may own parameters
     (a classifier, proxies), which are trained with the model's: objective.parameter_groups() lists them, each
-    group with an optional lr_multiplier. evaluate(metrics) -> the metrics of the model's current weights. best_key
-    picks the best epoch and is the run's result. rebuild holds what rebuilds the model without the data.
+    group with an optional lr_multiplier. evaluate(metrics) -> the metrics of the model's current weights, after
+    every evaluated epoch (logged as <series>.<key>); best_key picks the best epoch among them. final_evaluate
+    (None: evaluate) scores the best epoch's weights once, at the end: the run's result. rebuild holds what
+    rebuilds the model without the data.
     """
 
     model: nn.Module
@@ -73,6 +78,8 @@ class Task:
     warmup_frozen: list[nn.Parameter] = field(default_factory=list)  # trained only after warm_epochs
     warm_epochs: int = 0
     after_epoch: Callable[[int], None] | None = None  # called after each epoch's training (e.g. for pictures)
+    final_evaluate: Callable[[Sequence[str]], dict[str, float]] | None = None
+    series: str = "eval"  # the per-epoch evaluation's series: eval (the test set) | val (a validation split)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Outcome:
     best_epoch: int
     metrics: dict[str, float]  # the final evaluation of the best epoch's weights, now loaded in the model
     directory: Path  # where the checkpoint and the pictures are
+    epochs_run: int  # fewer than config.epochs when patience stopped the run
 
 
 def select_device(cpu: bool, cudnn_flag: str, dist_timeout: float) -> torch.device:
@@ -156,7 +164,7 @@ def fit(
         distributed.share_buffers(model)  # every rank evaluates (and keeps as best) what the checkpoint holds
         model.eval()
         results = task.evaluate(metrics)
-        log_evaluation(loggers, curves, epoch, results)
+        log_evaluation(loggers, curves, epoch, results, task.series)
         return results
 
     def require_finite_weights(when: str) -> None:
@@ -182,6 +190,7 @@ def fit(
             scheduler=schedule,
             scaler=precision.scaler,
             best=(best.epoch, best.metrics, best.state),
+            stale_evaluations=best.stale,
             settings=config.settings,
             code=config.code,
             rebuild=task.rebuild,
@@ -198,6 +207,7 @@ def fit(
             resumed, model=model, objective=objective, optimizer=optimizer, scheduler=schedule, scaler=precision.scaler
         )
         best.epoch, best.metrics, best.state = best_epoch(resumed)
+        best.stale = stale_evaluations(resumed)
         curves.update(saved_curves(resumed))
         print(f"Resumed from {config.resume}: epoch {start_epoch}, iteration {start_iteration}")
 
@@ -212,7 +222,11 @@ def fit(
             for logger in loggers:
                 logger.progress(name, value, step)
 
+        epochs_run = start_epoch - 1
         for epoch in range(start_epoch, config.epochs + 1):
+            if config.patience is not None and best.stale >= config.patience:
+                print(f"Stopped early after epoch {epochs_run}: {config.patience} evaluations without a new best")
+                break
             for parameter in task.warmup_frozen:
                 parameter.requires_grad_(epoch > task.warm_epochs)
             if epoch == start_epoch or epoch == task.warm_epochs + 1:
@@ -255,6 +269,7 @@ def fit(
             if epoch in evaluate_after:
                 best.update(epoch, evaluate_and_log(epoch), model)
             write(epoch + 1, 0)
+            epochs_run = epoch
             if distributed.any_rank(stop_signal() is not None):
                 raise RunInterrupted(
                     f"stopped by {stop_signal() or 'another rank'} after epoch {epoch}; the "
@@ -266,11 +281,11 @@ def fit(
         # where the default action would end the process without marking the run.
         model.load_state_dict(best.state)
         model.eval()
-        final = task.evaluate(final_metrics)
+        final = (task.final_evaluate or task.evaluate)(final_metrics)
     report_final(loggers, best.epoch, final)
     for logger in loggers:
         logger.finished(directory, curves, best.epoch)
-    return Outcome(best.epoch, final, directory)
+    return Outcome(best.epoch, final, directory, epochs_run)
 
 
 def capture(action: Callable[[], Any]) -> Exception | None:
@@ -354,11 +369,13 @@ def log_training(
     )
 
 
-def log_evaluation(loggers: Sequence[RunLogger], curves: dict, epoch: int, metrics: dict[str, float]) -> None:
-    """Print the metrics and log them as eval.<key>."""
+def log_evaluation(
+    loggers: Sequence[RunLogger], curves: dict, epoch: int, metrics: dict[str, float], series: str = "eval"
+) -> None:
+    """Print the metrics and log them as <series>.<key>."""
     print(format_metrics(f"Epoch {epoch:3d}", metrics))
     for key, value in metrics.items():
-        log_scalar(loggers, curves, f"eval.{key}", value, epoch)
+        log_scalar(loggers, curves, f"{series}.{key}", value, epoch)
 
 
 def evaluated_epochs(epochs: int, eval_every: int) -> set[int]:
@@ -375,8 +392,8 @@ def report_final(loggers: Sequence[RunLogger], epoch: int, metrics: dict[str, fl
 
 
 class BestEpoch:
-    """The best epoch so far by one metric, its metrics and a copy of the model's weights then.
-    Ties go to the later epoch."""
+    """The best epoch so far by one metric, its metrics, a copy of the model's weights then, and the evaluations
+    since (stale: what patience counts). Ties go to the later epoch."""
 
     def __init__(self, key: str, lower_is_better: bool = False) -> None:
         self.key = key
@@ -384,9 +401,12 @@ class BestEpoch:
         self.epoch: int | None = None
         self.metrics: dict[str, float] = {}
         self.state: dict[str, torch.Tensor] = {}
+        self.stale = 0
 
     def update(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> None:
         value, best = metrics[self.key], self.metrics.get(self.key)
         if best is None or (value <= best if self.lower_is_better else value >= best):
-            self.epoch, self.metrics = epoch, metrics
+            self.epoch, self.metrics, self.stale = epoch, metrics, 0
             self.state = copy.deepcopy(model.state_dict())
+        else:
+            self.stale += 1

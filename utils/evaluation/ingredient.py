@@ -3,6 +3,11 @@
 Its settings' types and ranges are registered beside their defaults; check_evaluation adds what depends on the
 machine, before any data is read.
 
+evaluation.protocol says which images choose the best epoch: `test`, the papers' (every evaluated epoch is scored
+on the test set, and the best one kept: how the papers we reproduce report) or `validation`, an honest one (every
+evaluated epoch is scored on training classes held out of training, utils/data/ingredient.py, and the test set is
+evaluated once, on the chosen weights). docs/evaluation.md describes both.
+
 Under torchrun each rank embeds a contiguous shard of every test set (no padding, no duplicates), the shards are
 gathered in order, and rank 0 computes the metrics once and shares them: the numbers are those of a
 single-process evaluation of the same weights.
@@ -26,6 +31,8 @@ from utils.settings import Check, choice, integer, items, register
 
 evaluation_ingredient = Ingredient("evaluation", ingredients=[data_ingredient])
 
+PROTOCOLS = ("test", "validation")
+
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -36,6 +43,7 @@ def config(dataset):
     metrics = ["recall"]  # after every evaluated epoch (and before training)
     final_metrics = ["recall", "map_at_r", "r_precision", "nmi", "utilization"]  # of the best epoch's weights
     backend = "auto"  # auto | faiss | faiss-gpu | torch (exact k-NN, all give the same numbers)
+    protocol = "test"  # the images that choose the best epoch: test (the papers') | validation (held-out classes)
 
 
 METRIC_LIST = items(choice(METRICS))
@@ -47,8 +55,12 @@ register(
         "evaluation.metrics": METRIC_LIST,
         "evaluation.final_metrics": METRIC_LIST,
         "evaluation.backend": choice(BACKENDS),
+        "evaluation.protocol": choice(PROTOCOLS),
     }
 )
+
+# The metric that may choose the best epoch -> its key in the results (cosine, as the papers report).
+SELECTION_KEYS = {"recall": "cosine/R@1", "map_at_r": "cosine/MAP@R", "r_precision": "cosine/R-Precision"}
 
 
 def shard_loader(loader: DataLoader) -> DataLoader:
@@ -161,6 +173,22 @@ def get_evaluator(
             f"neighbours per query: lower evaluation.recalls"
         )
     return Evaluator(loaders, device, recalls, list(metrics), list(final_metrics), backend)
+
+
+def validation_evaluator(test: Evaluator, metrics: Sequence[str]) -> Evaluator:
+    """The evaluation of the validation images (self-searched, with test's Ks and backend) with these metrics."""
+    loaders = test.loaders
+    if loaders.validation is None:
+        raise ValueError("no validation images: get_loaders(hold_out=True) holds them out")
+    images = len(loaders.validation.dataset)
+    if max(test.recalls) >= images:
+        raise InputError(
+            f"evaluation.recalls asks for R@{max(test.recalls)} but the validation split offers only {images - 1} "
+            f"neighbours per query: lower evaluation.recalls or raise dataset.validation_fraction"
+        )
+    return Evaluator(
+        loaders._replace(query=loaders.validation, gallery=None), test.device, test.recalls, metrics, [], test.backend
+    )
 
 
 def draw_retrieval(evaluator: Evaluator, path: Path, seed: int) -> None:

@@ -650,7 +650,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"show only runs of these statuses (of {','.join(STATUSES)}; a chain has its result's, else its last "
         "link's); default: all",
     )
+    parser.add_argument(
+        "--reality-check",
+        action="store_true",
+        help="combine the four fold runs (dataset.folds=4) into the Reality Check's concatenated and separated results",
+    )
     args = parser.parse_args(argv)
+    if args.reality_check:
+        # Imported here: the combination needs torch and faiss, the table of runs only their JSON files.
+        from utils.evaluation.protocol import format_reality_check, reality_check
+
+        try:
+            print(format_reality_check(reality_check(args.result_dirs)))
+        except InputError as error:
+            raise SystemExit(f"error: {error}") from None
+        return
     try:
         statuses = status_filter(args.status)
         runs = find_runs(args.result_dirs)
