@@ -1,0 +1,129 @@
+"""Sacred runs of either experiment as child processes, each with an id chosen by the caller, and what the -F
+folder says about them: the sweep and the tuner start, skip or resume runs through this module only.
+
+A run that was stopped is continued by a new run, `<id>.r2`, `<id>.r3`, ... started with `resume=` (the report
+treats the chain as one run); the chain's last link says where the run stands.
+"""
+
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import InputError
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = {"experiment": "experiment.py", "autoencoder": "autoencoder_experiment.py"}
+RESUMED = re.compile(r"\.r(\d+)$")
+
+
+def script(experiment: str) -> Path:
+    return REPO / SCRIPTS[experiment]
+
+
+def run_command(
+    experiment: str, folder: Path, run_id: str, tokens: Sequence[str], launcher: Sequence[str] = (sys.executable,)
+) -> list[str]:
+    """The command line of one run recorded as folder/run_id; launcher: python, or torchrun and its options."""
+    return [*launcher, str(script(experiment)), "-F", str(folder), "-i", run_id, "with", *tokens]
+
+
+def check_tokens(experiment: str, tokens: Sequence[str], source: str) -> None:
+    """Ask the experiment (print_config, no data read) whether it knows every setting and named config in tokens:
+    one line naming the bad one otherwise. source says where the tokens came from (e.g. "the grid")."""
+    done = subprocess.run(
+        [sys.executable, str(script(experiment)), "print_config", "with", *tokens],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    if done.returncode != 0:
+        raise InputError(
+            f"{source}: {sacred_error(done.stdout + done.stderr)}; `python {SCRIPTS[experiment]} print_config` "
+            "lists every setting and `python -m utils.report --help` the rest"
+        )
+
+
+def sacred_error(output: str) -> str:
+    """The error sacred or the settings table printed, as one line (its name, message and the offending entries)."""
+    lines = [line.strip() for line in output.strip().splitlines()]
+    start = next((i for i in range(len(lines) - 1, -1, -1) if re.match(r"^[\w.]*(Error|Exception)\b", lines[i])), None)
+    shown = lines[start:] if start is not None else lines[-3:]
+    return " ".join(line for line in shown if line).removeprefix("sacred.utils.")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The runs recorded for one id: the id, its resumed links, the last link's status and checkpoint."""
+
+    links: list[str]
+    status: str | None  # None: never started
+    resumable: Path | None  # the newest link holding a checkpoint
+
+
+def chain(folder: Path, run_id: str) -> Chain:
+    links = sorted(
+        (
+            path.name
+            for path in folder.glob(f"{glob_escape(run_id)}*")
+            if path.name == run_id or is_link(path.name, run_id)
+        ),
+        key=lambda name: int(RESUMED.search(name).group(1)) if name != run_id else 1,
+    )
+    links = [name for name in links if (folder / name / "run.json").exists()]
+    if not links:
+        return Chain([], None, None)
+    status = json.loads((folder / links[-1] / "run.json").read_text()).get("status")
+    saved = [folder / name for name in links if (folder / name / "checkpoint.pt").exists()]
+    return Chain(links, status, saved[-1] if saved else None)
+
+
+def is_link(name: str, run_id: str) -> bool:
+    return name.startswith(run_id) and RESUMED.fullmatch(name[len(run_id) :]) is not None
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def next_step(folder: Path, run_id: str) -> tuple[str, list[str]] | None:
+    """What is left for run_id: None when it completed, else the id of the run to start and the tokens that
+    continue a stopped one ([resume=...]) or nothing for a first start."""
+    state = chain(folder, run_id)
+    if state.status == "COMPLETED":
+        return None
+    if not state.links:
+        return run_id, []
+    if state.resumable is None:  # stopped before its first checkpoint: start again under a new link
+        return f"{run_id}.r{len(state.links) + 1}", []
+    return f"{run_id}.r{len(state.links) + 1}", [f"resume={state.resumable}"]
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: Linux sends it SIGTERM when its parent dies, so a killed sweep or tuner leaves a
+    stopped (resumable) run behind instead of one running on unseen."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start(command: Sequence[str], log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A run in its own session (a Ctrl-C reaches it once, forwarded by its parent, not twice), its output in log
+    (the run's own cout.txt has it too) or on this console."""
+    output = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=output,
+        stderr=subprocess.STDOUT if output else None,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+    if output is not None:
+        output.close()
+    return process
