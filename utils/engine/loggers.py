@@ -20,6 +20,9 @@ class RunLogger:
     def progress(self, name: str, value: float, step: float) -> None:
         """The mean of a training term over the last log_every iterations, for live curves."""
 
+    def saved(self, epoch: int, checkpoint: Path) -> None:
+        """Epoch's checkpoint is written; a logger may end the run here by raising (a tuner pruning its trial)."""
+
     def final(self, epoch: int, metrics: dict[str, float]) -> None:
         """The final evaluation of the best epoch's weights."""
 

@@ -30,6 +30,7 @@ from utils.engine.loggers import RunLogger
 from utils.errors import InputError
 from utils.files import atomic_write
 from utils.reporting.run_loggers import CurvesPicture, VisdomCurves
+from utils.tune.trial import TRIAL_VARIABLE, TrialLogger
 
 
 def save_json_atomically(directory: str, obj: object, filename: str) -> None:
@@ -272,11 +273,14 @@ class SacredLogger(RunLogger):
 
 
 def run_loggers(run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str) -> list[RunLogger]:
-    """The run's loggers: sacred's on every rank; live curves (with visdom_port) and curves.png on rank 0 only.
+    """The run's loggers: sacred's on every rank; live curves (with visdom_port) and curves.png on rank 0 only; the
+    tuner's trial when the run is one.
     plot_titles: metric-name suffix -> visdom window (VisdomCurves)."""
     loggers: list[RunLogger] = [SacredLogger(run)]
     if distributed.is_main():
         if visdom_port:
             loggers.append(VisdomCurves(visdom_port, plot_titles))
         loggers.append(CurvesPicture(name))
+    if os.environ.get(TRIAL_VARIABLE):  # a trial of `python -m utils.tune`: its validation metric goes to the study
+        loggers.append(TrialLogger.from_environment(run))
     return loggers

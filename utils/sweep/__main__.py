@@ -14,17 +14,14 @@ ones: an interrupted sweep, or a requeued array task, goes on where it stopped.
 
 import argparse
 import itertools
-import os
 import re
 import shlex
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from utils.errors import InputError
-from utils.sweep.runs import REPO, SCRIPTS, check_tokens, next_step, run_command, start
+from utils.sweep.runs import REPO, SCRIPTS, check_tokens, run_locally
 
 SLURM_SIGNAL = "TERM@120"  # two minutes before the time limit or a preemption: the runs write their checkpoint
 
@@ -61,73 +58,6 @@ def seed_list(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise InputError(f"--seeds {text}: a seed is repeated; give each once")
     return seeds
-
-
-class Stop:
-    """The first SIGINT, SIGTERM or SIGHUP: forwarded to the running runs (which write their checkpoint and stop),
-    and no new run starts."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self.running: list = []
-        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(number, self.forward)
-
-    def forward(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
-        for process in self.running:
-            process.send_signal(signum)
-
-
-def run_point(
-    experiment: str, folder: Path, point_id: str, tokens: list[str], launcher: Sequence[str], env: dict, stop: Stop
-):
-    """Start or resume one run (None when it completed before); its output goes to folder/<link>.log."""
-    step = next_step(folder, point_id)
-    if step is None:
-        print(f"done     {point_id}")
-        return None
-    link, resume = step
-    print(f"{'resume' if resume else 'start':8} {link}", flush=True)
-    # A resumed run takes its settings from its checkpoint: `resume=` alone.
-    command = run_command(experiment, folder, link, resume or tokens, launcher)
-    process = start(command, log=folder / f"{link}.log", env=env)
-    stop.running.append(process)
-    return process
-
-
-def run_locally(
-    experiment: str, folder: Path, points: list[tuple[str, list[str]]], jobs: int, gpus: int, launcher
-) -> int:
-    """Run the points, `jobs` at a time (one GPU each with gpus, else the CPU cores shared); the number of runs
-    that did not complete."""
-    stop, slots, unfinished = Stop(), list(range(jobs)), 0
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    running: dict = {}  # process -> (slot, link)
-    queue = list(points)
-    while queue or running:
-        while queue and slots and stop.received is None:
-            point_id, tokens = queue.pop(0)
-            slot = slots.pop(0)
-            env = {"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else {"OMP_NUM_THREADS": str(threads)}
-            process = run_point(experiment, folder, point_id, tokens, launcher, env, stop)
-            if process is None:
-                slots.append(slot)
-            else:
-                running[process] = (slot, point_id)
-        if stop.received is not None:
-            queue.clear()
-        for process in [process for process in running if process.poll() is not None]:
-            slot, point_id = running.pop(process)
-            stop.running.remove(process)
-            slots.append(slot)
-            if process.returncode != 0:
-                unfinished += 1
-                print(f"stopped  {point_id} (exit {process.returncode}): see {folder}/{point_id}*.log")
-        time.sleep(0.2)
-    if stop.received is not None:
-        print(f"sweep stopped by {stop.received}; run the same command again to go on")
-    return unfinished + len(queue)
 
 
 def slurm_script(args: argparse.Namespace, folder: Path, points: list) -> str:
