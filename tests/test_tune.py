@@ -102,7 +102,7 @@ def test_a_hopeless_trial_is_pruned_after_an_epoch_with_its_checkpoint(tmp_path:
     run = tmp_path / "trial-3"
     assert json.loads((run / "run.json").read_text())["status"] == "INTERRUPTED"
     assert json.loads((run / "info.json").read_text())["pruned"] is True
-    assert (run / "checkpoint.pt").exists() and "pruned: trial 3" in (run / "cout.txt").read_text()
+    assert (run / "checkpoint.pt").exists() and "pruned: trial 3" in (tmp_path / "trial-3.log").read_text()
     series = json.loads((run / "metrics.json").read_text())["val.cosine/MAP@R"]
     assert series["steps"] == [0, 1] and list(pruned.intermediate_values.values()) == series["values"]
     # The first trial's value is its run's validation metric at its best epoch.
