@@ -16,7 +16,10 @@ import pytest
 from tests.conftest import digits_updates
 
 REPO = Path(__file__).resolve().parent.parent
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's postgresql package (the newest installed version); .ci/run installs it.
+POSTGRES_BIN = max(
+    Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/nonexistent"), key=lambda p: int(p.parent.name)
+)
 
 
 def tune(folder: Path, *arguments: str, **popen) -> subprocess.Popen:

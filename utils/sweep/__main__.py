@@ -88,7 +88,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, default=0, help="GPUs here: one run on each (sets --jobs)")
     parser.add_argument("--nproc", type=int, default=0, help="processes per run under torchrun (default: python)")
     parser.add_argument("--slurm", type=Path, help="write a SLURM job-array script here instead of running")
-    parser.add_argument("--sbatch", default="", help='more #SBATCH options for --slurm, e.g. --sbatch="--time=4:00:00 --gpus=1"')
+    parser.add_argument(
+        "--sbatch", default="", help='more #SBATCH options for --slurm, e.g. --sbatch="--time=4:00:00 --gpus=1"'
+    )
     parser.add_argument("--task", type=int, help="run only this point (a SLURM array task)")
     parser.add_argument("axes", nargs="*", help="after --: key=a,b | name1,name2 | key=value")
     return parser.parse_args(argv)
