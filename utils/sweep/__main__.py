@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from utils.errors import InputError
-from utils.sweep.runs import REPO, SCRIPTS, check_tokens, run_locally
+from utils.sweep.runs import REPO, SCRIPTS, check_tokens, run_locally, seed_list
 
 SLURM_SIGNAL = "TERM@120"  # two minutes before the time limit or a preemption: the runs write their checkpoint
 
@@ -48,16 +48,6 @@ def grid(arguments: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, list
 def run_id(tokens: Sequence[str]) -> str:
     """A folder name that says the run's settings (those that vary and those that do not)."""
     return re.sub(r"[^A-Za-z0-9._=@+-]", "_", ",".join(tokens)) or "default"
-
-
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(seed) for seed in text.split(",")]
-    except ValueError:
-        raise InputError(f"--seeds {text}: give integers separated by commas, e.g. --seeds 1,2,3") from None
-    if len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds {text}: a seed is repeated; give each once")
-    return seeds
 
 
 def slurm_script(args: argparse.Namespace, folder: Path, points: list) -> str:

@@ -59,6 +59,16 @@ def sacred_error(output: str) -> str:
     return " ".join(line for line in shown if line).removeprefix("sacred.utils.")
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds {text}: give integers separated by commas, e.g. --seeds 1,2,3") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds {text}: a seed is repeated; give each once")
+    return seeds
+
+
 @dataclass(frozen=True)
 class Chain:
     """The runs recorded for one id: the id, its resumed links, the last link's status and checkpoint."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import InputError
-from utils.sweep.runs import SCRIPTS, Stop, check_tokens, run_command, run_locally, start
+from utils.sweep.runs import SCRIPTS, Stop, check_tokens, run_command, run_locally, seed_list, start
 from utils.tune.space import Dimension, read_arguments, sample_tokens, split
 from utils.tune.trial import TRIAL_VARIABLE, pruner, trial_variable
 
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.trials < 1 or args.heartbeat < 1:
             raise InputError("--trials and --heartbeat must be >= 1")
-        seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else []
+        seeds = seed_list(args.seeds) if args.seeds else []
         dimensions, fixed = split(read_arguments(args.arguments, args.space))
         check_tokens(args.experiment, [*fixed, *sample_tokens(dimensions), PROTOCOL], "the search space")
         args.folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pruner": args.pruner,
         }
         study = open_study(args, definition)
-    except ValueError as error:  # InputError, or --seeds that are not integers
+    except InputError as error:
         raise SystemExit(f"error: {error}") from None
     from optuna.storages import fail_stale_trials
 
