@@ -44,7 +44,7 @@ def status(run: Path) -> str:
         (["--seeds", "1,x", "--", "epochs=1"], "--seeds 1,x: give integers"),
         (["--seeds", "1,1", "--", "epochs=1"], "a seed is repeated"),
         (["--", "lr=1e-3,", "epochs=1"], "'lr=1e-3,' has an empty alternative"),
-        (["--", "lrr=1e-3,1e-4"], "the grid: ConfigAddedError"),
+        (["--", "lrr=1e-3,1e-4"], "the grid: unknown setting lrr;"),
         (["--", "loss.nonexistent,loss.contrastive"], "nonexistent"),
         (["--task", "2", "--", "lr=1e-3,1e-4"], "--task 2: the grid has 2 runs"),
     ],

@@ -47,16 +47,21 @@ def check_tokens(experiment: str, tokens: Sequence[str], source: str) -> None:
     if done.returncode != 0:
         raise InputError(
             f"{source}: {sacred_error(done.stdout + done.stderr)}; `python {SCRIPTS[experiment]} print_config` "
-            "lists every setting and `python -m utils.report --help` the rest"
+            "lists every setting, `print_named_configs` the named configs"
         )
 
 
 def sacred_error(output: str) -> str:
-    """The error sacred or the settings table printed, as one line (its name, message and the offending entries)."""
+    """The error sacred or the settings table printed, as one line: the unknown setting (sacred names the first one
+    it meets), else the error's line."""
     lines = [line.strip() for line in output.strip().splitlines()]
+    if any("ConfigAddedError" in line for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Conflicting configuration values"))
+        keys = [line.split("=", 1)[0] for line in lines[start + 1 :] if "=" in line]
+        return f"unknown setting {', '.join(keys)}"
     start = next((i for i in range(len(lines) - 1, -1, -1) if re.match(r"^[\w.]*(Error|Exception)\b", lines[i])), None)
-    shown = lines[start:] if start is not None else lines[-3:]
-    return " ".join(line for line in shown if line).removeprefix("sacred.utils.")
+    shown = " ".join(line for line in (lines[start:] if start is not None else lines[-3:]) if line)
+    return re.sub(r"^(utils\.errors\.InputError|sacred\.utils\.)(: )?", "", shown)
 
 
 def seed_list(text: str) -> list[int]:
