@@ -38,6 +38,7 @@ from utils.evaluation.ingredient import (
     evaluation_ingredient,
     get_evaluator,
 )
+from utils.evaluation.protocol import comparability_card
 from utils.reporting.plots import draw_reconstructions
 from utils.reporting.sacred_run import (
     SacredLogger,
@@ -186,6 +187,16 @@ def main(select_by: str, _config: dict, _run) -> float:
     )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics[task.best_key]
+    # The codes are the encoder's (posterior) means: trained from scratch (BatchNorm too), unpooled, unnormalised.
+    described = dict(
+        embedding_size=_config["vae"]["latent_dim"],
+        normalized=False,
+        backbone=_config["vae"]["arch"],
+        weights=None,
+        pooling=None,
+        bn_frozen=False,
+    )
+    _run.info["card"] = comparability_card(_config, described, outcome.epochs_run)
     draw_reconstructions(
         shown,
         reconstruct(model, shown, device),

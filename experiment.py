@@ -31,7 +31,7 @@ from utils.evaluation.ingredient import (
     get_evaluator,
     validation_evaluator,
 )
-from utils.evaluation.protocol import comparability_card, save_test_embeddings
+from utils.evaluation.protocol import comparability_card, save_fold_embeddings
 from utils.reporting.sacred_run import (
     SacredLogger,
     continue_with_checkpoint_settings,
@@ -201,31 +201,26 @@ def main(label_smoothing: float, warm_epochs: int, selection_metric: str, _confi
     )
     if not distributed.is_main():  # only rank 0 writes
         return outcome.metrics["cosine/R@1"]
-    _run.info["card"] = comparability_card(_config, _run.info["model"], model.head.num_features, outcome.epochs_run)
+    resolved = _run.info["model"]
+    described = {
+        "embedding_size": model.head.num_features,
+        "normalized": _config["model"]["normalize"],
+        "backbone": resolved["arch"],
+        "weights": resolved["weights"],
+        "pooling": _config["model"]["pooling"],
+        "bn_frozen": resolved["set_bn_eval"],
+    }
+    _run.info["card"] = comparability_card(_config, described, outcome.epochs_run)
     if _config["dataset"]["folds"]:  # what `python -m utils.report --reality-check` combines, without the data
-        save_fold_embeddings(evaluate, outcome.directory, _config)
+        save_fold_embeddings(
+            evaluate, outcome.directory, fold=_config["dataset"]["fold"], folds=_config["dataset"]["folds"]
+        )
     draw_retrieval(evaluate, outcome.directory / "retrieval.png", _config["seed"])
     print(
         f"Best epoch {outcome.best_epoch}: cosine R@1 {outcome.metrics['cosine/R@1']:.4f}; results in "
         f"{outcome.directory} (checkpoint.pt, curves.png, retrieval.png)"
     )
     return outcome.metrics["cosine/R@1"]
-
-
-def save_fold_embeddings(evaluator, directory, config: dict) -> None:
-    """The final evaluation's test embeddings and labels, for the Reality Check's combination of the fold runs."""
-    query, gallery = evaluator.last
-    loaders = evaluator.loaders
-    save_test_embeddings(
-        directory,
-        query=query,
-        query_labels=loaders.query.dataset.targets,
-        gallery=gallery,
-        gallery_labels=loaders.gallery.dataset.targets if loaders.gallery is not None else None,
-        fold=config["dataset"]["fold"],
-        folds=config["dataset"]["folds"],
-        ks=evaluator.recalls,
-    )
 
 
 @ex.command

@@ -374,13 +374,15 @@ def test_resume_alone_continues_with_the_checkpoints_settings(finished_run, expe
 
 
 def test_checkpoints_keep_format_1(finished_run):
-    """Checkpoints written before the schema had one owner (FORMAT 1) hold exactly these keys: they still load."""
+    """Checkpoints written before the schema had one owner (FORMAT 1) hold exactly these keys: they still load.
+    The early-stopping counter came later, within FORMAT 1: a checkpoint without it resumes with 0
+    (tests/test_protocol.py)."""
     checkpoint = torch.load(finished_run / "checkpoint.pt", weights_only=True)
     assert checkpoint["format"] == 1 and set(checkpoint) == {
         *("format", "epoch", "iteration", "iterations", "model", "objective", "optimizer", "scheduler", "scaler"),
         *("best", "rng", "config", "code", "rebuild", "curves"),
     }
-    assert set(checkpoint["best"]) == {"epoch", "metrics", "model"}
+    assert set(checkpoint["best"]) == {"epoch", "metrics", "model", "stale_evaluations"}
     assert checkpoint["code"]["name"] == "metric_learning" and checkpoint["code"]["mainfile"] == "experiment.py"
 
 

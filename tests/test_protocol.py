@@ -184,6 +184,14 @@ def test_the_autoencoder_refuses_the_validation_protocol(autoencoder_experiment,
     assert_input_error(outcome, "evaluation.protocol=validation is experiment.py's")
 
 
+def test_the_autoencoder_run_carries_a_card(autoencoder_experiment, digits_path, tmp_path):
+    outcome = autoencoder_experiment(f"-F {tmp_path} with", *digits_updates(digits_path), "epochs=1", "cpu=True")
+    assert outcome.code == 0, outcome.err
+    card = json.loads((tmp_path / "1" / "info.json").read_text())["card"]
+    assert card.keys() == CARD_KEYS
+    assert (card["split"], card["backbone"], card["embedding_size"], card["epochs_run"]) == ("test", "ae", 64, 1)
+
+
 def test_resume_refuses_another_protocol(experiment, digits_path, tmp_path):
     assert experiment(f"-F {tmp_path} with", *digits_updates(digits_path), "epochs=1", "cpu=True").code == 0
     outcome = experiment(
@@ -272,16 +280,28 @@ def test_resume_keeps_the_patience_counter(tmp_path):
     assert (resumed.epochs_run, resumed.best_epoch) == (3, 1)
 
 
+def test_a_checkpoint_without_the_counter_resumes_with_0(tmp_path):
+    scripted_fit(tmp_path, [0.5, 0.6, 0.4], epochs=2)  # one evaluation since the best
+    path = tmp_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["best"]["stale_evaluations"]  # as written before early stopping existed
+    torch.save(checkpoint, path)
+    resumed, _ = scripted_fit(tmp_path, [0.3, 0.2, 0.9, 0.9], epochs=6, resume=str(tmp_path))
+    assert (resumed.epochs_run, resumed.best_epoch) == (4, 1)
+
+
 # ------------------------------------------------------------------------------------------ the combination
 
 
-def brute_force(query: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """R@1, R-Precision and MAP@R of a self-searched set by cosine similarity, one query at a time."""
+def brute_force(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None) -> dict[str, float]:
+    """R@1, R-Precision and MAP@R by cosine similarity, one query at a time: searched in the gallery (labelled
+    like the queries), or without one among the other queries."""
     unit = query / np.linalg.norm(query, axis=1, keepdims=True)
+    searched = unit if gallery is None else gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
     recall, r_precision, map_at_r = [], [], []
     for i in range(len(unit)):
-        others = [j for j in range(len(unit)) if j != i]
-        ranked = sorted(others, key=lambda j: -float(unit[i] @ unit[j]))
+        others = [j for j in range(len(searched)) if gallery is not None or j != i]
+        ranked = sorted(others, key=lambda j: -float(unit[i] @ searched[j]))
         hits = [labels[j] == labels[i] for j in ranked]
         r = sum(hits)
         recall.append(float(hits[0]))
@@ -290,26 +310,55 @@ def brute_force(query: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"R@1": np.mean(recall), "R-Precision": np.mean(r_precision), "MAP@R": np.mean(map_at_r)}
 
 
-def test_the_concatenated_and_separated_results_match_a_hand_computation(tmp_path):
+def unit(embeddings: np.ndarray) -> np.ndarray:
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("with_gallery", [False, True])  # In-Shop searches a separate gallery
+def test_the_concatenated_and_separated_results_match_a_hand_computation(tmp_path, with_gallery):
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 3)
-    folds = [rng.normal(size=(9, 4)) * (fold + 1) for fold in range(4)]  # unnormalised, of different scales
-    for fold, embeddings in enumerate(folds, 1):
+    # unnormalised, of different scales
+    folds = [rng.normal(size=(9, 4)) * (fold + 1) for fold in range(4)]
+    galleries = [rng.normal(size=(9, 4)) * (fold + 1) if with_gallery else None for fold in range(4)]
+    for fold, (embeddings, gallery) in enumerate(zip(folds, galleries, strict=True), 1):
         (tmp_path / str(fold)).mkdir()
         save_test_embeddings(
             tmp_path / str(fold),
             query=torch.from_numpy(embeddings),
             query_labels=labels.tolist(),
-            gallery=None,
-            gallery_labels=None,
+            gallery=None if gallery is None else torch.from_numpy(gallery),
+            gallery_labels=None if gallery is None else labels.tolist(),
             fold=fold,
             folds=4,
             ks=[1],
         )
     results = reality_check([str(tmp_path / str(fold)) for fold in (3, 1, 4, 2)])  # any order
-    joined = np.concatenate([f / np.linalg.norm(f, axis=1, keepdims=True) for f in folds], axis=1)
-    expected = brute_force(joined, labels)
-    each = [brute_force(f, labels) for f in folds]
+    joined = np.concatenate([unit(f) for f in folds], axis=1)
+    joined_gallery = np.concatenate([unit(g) for g in galleries], axis=1) if with_gallery else None
+    expected = brute_force(joined, labels, joined_gallery)
+    each = [brute_force(f, labels, g) for f, g in zip(folds, galleries, strict=True)]
     for name in ("R@1", "R-Precision", "MAP@R"):
         assert results["concatenated"][f"cosine/{name}"] == pytest.approx(expected[name], abs=1e-6)
         assert results["separated"][f"cosine/{name}"] == pytest.approx(np.mean([e[name] for e in each]), abs=1e-6)
+
+
+def save_fold(directory: Path, fold: int, labels: list[int]) -> None:
+    directory.mkdir()
+    embeddings = torch.randn(len(labels), 4)
+    save_test_embeddings(
+        directory, query=embeddings, query_labels=labels, gallery=None, gallery_labels=None, fold=fold, folds=2, ks=[1]
+    )
+
+
+def test_the_reality_check_refuses_what_it_cannot_combine(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"empty: no test_embeddings.npz there; point --reality-check at the run"):
+        report_main(["--reality-check", str(tmp_path / "empty")])
+    save_fold(tmp_path / "a", 1, [0, 0, 1, 1])
+    save_fold(tmp_path / "b", 2, [0, 1, 0, 1])
+    with pytest.raises(SystemExit, match=r"hold different test images \(query_labels\)"):
+        report_main(["--reality-check", str(tmp_path / "a"), str(tmp_path / "b")])
+    save_fold(tmp_path / "c", 1, [0, 0, 1, 1])
+    with pytest.raises(SystemExit, match=r"each fold of one split exactly once, got: .*\(fold 1/2\), .*\(fold 1/2\)"):
+        report_main(["--reality-check", str(tmp_path / "a"), str(tmp_path / "c")])

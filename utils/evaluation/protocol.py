@@ -15,28 +15,27 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
+from utils.evaluation.ingredient import Evaluator
 from utils.evaluation.metrics import RETRIEVAL_METRICS, evaluate_embeddings
 from utils.files import atomic_write
 
 TEST_EMBEDDINGS = "test_embeddings.npz"
 
 
-def comparability_card(config: dict, model_info: dict, embedding_size: int, epochs_run: int) -> dict:
-    """What decides whether two results may be compared (info.json's "card"), from the run's config, its resolved
-    model (arch, weights, set_bn_eval) and what the run did."""
-    dataset, model = config["dataset"], config["model"]
+MODEL_CARD_KEYS = ("embedding_size", "normalized", "backbone", "weights", "pooling", "bn_frozen")
+
+
+def comparability_card(config: dict, model: dict, epochs_run: int) -> dict:
+    """What decides whether two results may be compared (info.json's "card"): the run's config (data, protocol,
+    seed), its model as the experiment describes it (MODEL_CARD_KEYS) and the epochs it trained."""
+    dataset = config["dataset"]
     protocol = config["evaluation"]["protocol"]
     return {
         "split": f"fold {dataset['fold']}/{dataset['folds']}" if dataset["folds"] else protocol,
         "selection": protocol,
         "train_size": dataset["crop_size"],
         "test_size": dataset["crop_size"],
-        "embedding_size": embedding_size,
-        "normalized": model["normalize"],
-        "backbone": model_info["arch"],
-        "weights": model_info["weights"],
-        "pooling": model["pooling"],
-        "bn_frozen": model_info["set_bn_eval"],
+        **{key: model[key] for key in MODEL_CARD_KEYS},
         "batch_size": dataset["batch_size"],
         "sampler": dataset["sampler"],
         "epochs_run": epochs_run,
@@ -76,6 +75,23 @@ def save_test_embeddings(
     return path
 
 
+def save_fold_embeddings(evaluator: Evaluator, directory: Path, *, fold: int, folds: int) -> Path:
+    """The test embeddings of the evaluator's last evaluation (the final one of a fold run) and their labels (the
+    test loaders are not shuffled: the data sets' order)."""
+    query, gallery = evaluator.last
+    loaders = evaluator.loaders
+    return save_test_embeddings(
+        directory,
+        query=query,
+        query_labels=loaders.query.dataset.targets,
+        gallery=gallery,
+        gallery_labels=loaders.gallery.dataset.targets if loaders.gallery is not None else None,
+        fold=fold,
+        folds=folds,
+        ks=evaluator.recalls,
+    )
+
+
 def fold_files(directories: Sequence[str]) -> list[Path]:
     """The TEST_EMBEDDINGS files in (or under) the given run folders."""
     files = []
@@ -83,8 +99,8 @@ def fold_files(directories: Sequence[str]) -> list[Path]:
         found = [directory] if directory.is_file() else sorted(directory.rglob(TEST_EMBEDDINGS))
         if not found:
             raise InputError(
-                f"{directory}: no {TEST_EMBEDDINGS} there; point --reality-check at the run folders of "
-                f"`python experiment.py -F DIR with reality_check dataset.fold=K` (K = 1..4)"
+                f"{directory}: no {TEST_EMBEDDINGS} there; point --reality-check at the run folders of fold runs "
+                f"(`python experiment.py -F DIR with dataset.cub reality_check dataset.fold=K`, K = 1..4)"
             )
         files.extend(found)
     return files
