@@ -98,7 +98,7 @@ def test_a_hopeless_trial_is_pruned_after_an_epoch_with_its_checkpoint(tmp_path:
                 intermediate_values={0: 1.0, 1: 1.0, 2: 1.0},
             )
         )
-    code, out, err = finish(tune(tmp_path, "--trials", "4", "--", *settings))
+    code, out, err = finish(tune(tmp_path, "--trials", "4", "--seeds", "1", "--", *settings))
     assert code == 0, out + err
     pruned = study.trials[3]
     assert pruned.state == optuna.trial.TrialState.PRUNED and "trial 3:" in out and "pruned" in out
@@ -113,6 +113,12 @@ def test_a_hopeless_trial_is_pruned_after_an_epoch_with_its_checkpoint(tmp_path:
     best_epoch = json.loads((first / "info.json").read_text())["best_epoch"]
     first_series = json.loads((first / "metrics.json").read_text())["val.cosine/MAP@R"]
     assert study.trials[0].value == first_series["values"][first_series["steps"].index(best_epoch)]
+    # The best trial (an added one) is printed as a command line and run again with seed 1, on the test set at its end.
+    assert "best: trial 1, val cosine/MAP@R 1.0000" in out and "lr=0.001 evaluation.protocol=validation" in out
+    again = tmp_path / "best" / "seed=1"
+    config = json.loads((again / "config.json").read_text())
+    assert config["lr"] == 0.001 and config["seed"] == 1 and config["evaluation"]["protocol"] == "validation"
+    assert json.loads((again / "run.json").read_text())["status"] == "COMPLETED"
 
 
 def start_postgres(folder: Path) -> str:
