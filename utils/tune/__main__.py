@@ -73,10 +73,10 @@ def open_study(args: argparse.Namespace, definition: dict[str, Any]) -> Any:
             f"--storage {hide_password(url)} cannot be reached ({reason}): start the database or fix the URL, or "
             "leave --storage out for a SQLite file in the -F folder"
         ) from None
-    stored = {key: study.user_attrs[key] for key in definition if key in study.user_attrs}
-    if not stored:
-        for key, value in definition.items():
-            study.set_user_attr(key, value)
+    # One attribute, written once: a worker starting beside the first one never reads half a definition.
+    stored = study.user_attrs.get("definition")
+    if stored is None:
+        study.set_user_attr("definition", definition)
     elif stored != definition:
         changed = ", ".join(
             f"{key} {stored.get(key)} -> {definition[key]}" for key in definition if stored.get(key) != definition[key]

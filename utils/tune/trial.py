@@ -36,10 +36,11 @@ class TrialLogger(RunLogger):
 
         storage, study_name, trial_id = os.environ[TRIAL_VARIABLE].rsplit("#", 2)
         study = optuna.load_study(study_name=study_name, storage=storage)
-        study.pruner = pruner(study.user_attrs["pruner"])
+        definition = study.user_attrs["definition"]  # written by the tuner (utils/tune/__main__.py)
+        study.pruner = pruner(definition["pruner"])
         trial = optuna.trial.Trial(study, int(trial_id))
         run.info["trial"] = {"study": study_name, "number": trial.number}
-        return cls(run, trial, f"val.{study.user_attrs['metric']}")
+        return cls(run, trial, f"val.{definition['metric']}")
 
     def scalar(self, name: str, value: float, step: float) -> None:
         if name == self.series:
