@@ -20,6 +20,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,21 +59,29 @@ def open_study(args: argparse.Namespace, definition: dict[str, Any]) -> Any:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     url = storage_url(args)
-    try:
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=args.heartbeat, grace_period=2 * args.heartbeat)
-        study = optuna.create_study(
-            study_name=args.study,
-            storage=storage,
-            direction="maximize",
-            load_if_exists=True,
-            pruner=pruner(args.pruner),
-        )
-    except Exception as error:  # the database's driver raises its own errors: each is one line here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(
-            f"--storage {hide_password(url)} cannot be reached ({reason}): start the database or fix the URL, or "
-            "leave --storage out for a SQLite file in the -F folder"
-        ) from None
+    for attempt in range(3):
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=args.heartbeat, grace_period=2 * args.heartbeat
+            )
+            study = optuna.create_study(
+                study_name=args.study,
+                storage=storage,
+                direction="maximize",
+                load_if_exists=True,
+                pruner=pruner(args.pruner),
+            )
+            break
+        except Exception as error:  # the database's driver raises its own errors: each is one line here
+            # Workers starting together on a new database race to create optuna's tables: the losers try again.
+            if attempt < 2 and ("already exists" in str(error) or "UniqueViolation" in str(error)):
+                time.sleep(1 + attempt)
+                continue
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(
+                f"--storage {hide_password(url)} cannot be reached ({reason}): start the database or fix the URL, or "
+                "leave --storage out for a SQLite file in the -F folder"
+            ) from None
     # One attribute, written once: a worker starting beside the first one never reads half a definition.
     stored = study.user_attrs.get("definition")
     if stored is None:
