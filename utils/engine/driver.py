@@ -285,6 +285,8 @@ def fit(
                 best.update(epoch, evaluate_and_log(epoch), model)
             write(epoch + 1, 0)
             epochs_run = epoch
+            for logger in loggers:
+                logger.saved(epoch, path)
             if distributed.any_rank(stop_signal() is not None):
                 raise RunInterrupted(
                     f"stopped by {stop_signal() or 'another rank'} after epoch {epoch}; the "

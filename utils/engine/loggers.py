@@ -23,6 +23,9 @@ class RunLogger:
     def baseline(self, metrics: dict[str, float]) -> None:
         """What the run starts from (the frozen backbone's pooled features), evaluated with the final metrics."""
 
+    def saved(self, epoch: int, checkpoint: Path) -> None:
+        """Epoch's checkpoint is written; a logger may end the run here by raising (a tuner pruning its trial)."""
+
     def final(self, epoch: int, metrics: dict[str, float]) -> None:
         """The final evaluation of the best epoch's weights."""
 

@@ -38,6 +38,7 @@ from utils.errors import InputError
 from utils.files import atomic_write
 from utils.reporting.run_loggers import CurvesPicture, VisdomCurves
 from utils.settings import boolean, register
+from utils.tune.trial import TRIAL_VARIABLE, TrialLogger
 
 
 def save_json_atomically(directory: str, obj: object, filename: str) -> None:
@@ -319,13 +320,15 @@ def run_loggers(
     run: Run, visdom_port: int | None, plot_titles: dict[str, str], name: str, directory: Path
 ) -> list[RunLogger]:
     """The run's loggers: sacred's on every rank; live curves (with visdom_port, in the visdom environment named
-    after the run's folder) and curves.png on rank 0 only. plot_titles: metric-name suffix -> visdom window
-    (VisdomCurves)."""
+    after the run's folder) and curves.png on rank 0 only; the tuner's trial when the run is one. plot_titles:
+    metric-name suffix -> visdom window (VisdomCurves)."""
     loggers: list[RunLogger] = [SacredLogger(run)]
     if distributed.is_main():
         if visdom_port:
             loggers.append(VisdomCurves(visdom_port, plot_titles, visdom_env(run, directory)))
         loggers.append(CurvesPicture(name))
+    if os.environ.get(TRIAL_VARIABLE):  # a trial of `python -m utils.tune`: its validation metric goes to the study
+        loggers.append(TrialLogger.from_environment(run))
     return loggers
 
 

@@ -1,0 +1,1 @@
+"""`python -m utils.tune`: an Optuna study whose trials are sacred runs under evaluation.protocol=validation."""
