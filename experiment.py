@@ -255,7 +255,7 @@ def main(label_smoothing: float, warm_epochs: int, selection_metric: str, baseli
         "normalized": _config["model"]["normalize"],
         "backbone": resolved["arch"],
         "weights": resolved["weights"],
-        "pooling": _config["model"]["pooling"],
+        "pooling": model.head.pooling,  # resolved: None is the backbone's default
         "bn_frozen": resolved["set_bn_eval"],
     }
     _run.info["card"] = comparability_card(_config, described, outcome.epochs_run)

@@ -106,10 +106,13 @@ def test_seeds_fold_into_mean_and_95_percent_interval(result_dir, capsys):
     values = [final(result_dir, run, "cosine/R@1") for run in (1, 2)]
     assert rows["1,2"]["cosine/R@1"] == interval_text(values)
     assert rows["3"]["lr"] == "0.01" and rows["3"]["cosine/R@1"] == f"{final(result_dir, 3, 'cosine/R@1'):.4f} (n=1)"
-    # Runs without a card chose their best epoch on the test set: marked, with the legend saying so.
+    # Under the default protocol the best epoch is chosen on the test set: marked, with the legend saying so.
     assert rows["1,2"]["selection"] == rows["3"]["selection"] == "test*"
     assert any(line.startswith("* selected on the test set") for line in report["notes"]["lines"])
-    assert table["card"] == "card: not recorded (runs from before the comparability card)"
+    assert table["card"].startswith("card: backbone=small_cnn, batch_size=")  # every run records its card
+    # ... and its frozen backbone's evaluation, the baseline of its gain.
+    backbone = json.loads((result_dir / "3" / "info.json").read_text())["backbone"]["cosine/R@1"]
+    assert rows["3"]["gain cosine/R@1"] == f"{final(result_dir, 3, 'cosine/R@1') - backbone:+.4f} (n=1)"
 
 
 @pytest.mark.parametrize(("df", "quantile"), [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)])
@@ -252,6 +255,7 @@ def with_card(source: Path, target: Path, seed: int, backbone: float | None = No
     shutil.copytree(source, target)
     info = json.loads((target / "info.json").read_text())
     info["card"] = {**CARD, "seed": seed, **changes}
+    info.pop("backbone", None)
     if backbone is not None:
         info["backbone"] = {"cosine/R@1": backbone, "l2/R@1": 0.0}
     (target / "info.json").write_text(json.dumps(info))
@@ -274,8 +278,13 @@ def test_cards_split_rows_mark_test_selection_and_show_the_gain(result_dir, tmp_
     assert rows["3"]["gain cosine/R@1"] == rows["4"]["gain cosine/R@1"] == "-"
 
 
-def test_without_a_backbone_evaluation_there_is_no_gain_column(result_dir, capsys):
-    assert not [column for column in printed(capsys, str(result_dir))["metric_learning"]["header"] if "gain" in column]
+def test_without_a_backbone_evaluation_there_is_no_gain_column(result_dir, tmp_path, capsys):
+    for run in ("1", "2", "3"):  # runs with baseline=False, or from before the baseline
+        shutil.copytree(result_dir / run, tmp_path / run)
+        info = json.loads((tmp_path / run / "info.json").read_text())
+        del info["backbone"]
+        (tmp_path / run / "info.json").write_text(json.dumps(info))
+    assert not [column for column in printed(capsys, str(tmp_path))["metric_learning"]["header"] if "gain" in column]
 
 
 def test_chart_labels_are_unique_and_fit(result_dir, tmp_path, capsys):
