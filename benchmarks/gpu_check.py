@@ -310,12 +310,12 @@ def augment(sizes: Sizes, device: torch.device, args: argparse.Namespace) -> Non
 
 def torchrun(sizes: Sizes, device: torch.device, args: argparse.Namespace) -> None:
     """The digits under torchrun, then its checkpoint resumed on the CPU; on a GPU, NCCL in a world of one rank."""
-    from utils.data.digits import prepare_digits
+    from utils.data.digits import prepare_digits, write_small_splits
 
     with tempfile.TemporaryDirectory() as folder:
         data, runs = Path(folder) / "digits", Path(folder) / "runs"
         prepare_digits(data)
-        small_splits(data, per_class=10)
+        write_small_splits(data, per_class=10)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
         command += ["experiment.py", "-F", str(runs), "with", f"dataset.data_path={data}", *sizes.digits]
         done, seconds = timed_run(command)
@@ -359,19 +359,6 @@ def free_port() -> int:
     from tests.multiprocess import free_port as port
 
     return port()
-
-
-def small_splits(root: Path, per_class: int) -> None:
-    """train_small.txt and test_small.txt: the first per_class images of each class of the full splits."""
-    for split in ("train", "test"):
-        counts: dict[str, int] = {}
-        lines = []
-        for line in (root / f"{split}.txt").read_text().splitlines(keepends=True):
-            label = line.rsplit(",", 1)[1]
-            counts[label] = counts.get(label, 0) + 1
-            if counts[label] <= per_class:
-                lines.append(line)
-        (root / f"{split}_small.txt").write_text("".join(lines))
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:

@@ -102,19 +102,11 @@ def digits_path(tmp_path_factory) -> Path:
     Besides the full train.txt and test.txt it holds train_small.txt and test_small.txt, the first
     DIGITS_PER_CLASS images of each class: a full digits epoch takes minutes on two busy cores.
     """
-    from utils.data.digits import prepare_digits
+    from utils.data.digits import prepare_digits, write_small_splits
 
     root = tmp_path_factory.mktemp("digits")
     prepare_digits(root)
-    for split in ("train", "test"):
-        counts: dict[str, int] = {}
-        lines = []
-        for line in (root / f"{split}.txt").read_text().splitlines(keepends=True):
-            label = line.rsplit(",", 1)[1]
-            counts[label] = counts.get(label, 0) + 1
-            if counts[label] <= DIGITS_PER_CLASS:
-                lines.append(line)
-        (root / f"{split}_small.txt").write_text("".join(lines))
+    write_small_splits(root, DIGITS_PER_CLASS)
     return root
 
 

@@ -61,3 +61,17 @@ def _render(root: Path, seed: int) -> None:
     for split in ("test", "train"):  # train.txt last: runs that find it take the rendering as complete
         with atomic_write(root / f"{split}.txt") as file:
             file.write("".join(splits[split]))
+
+
+def write_small_splits(root: Path, per_class: int) -> None:
+    """train_small.txt and test_small.txt beside the digits' splits: the first per_class images of each class (the
+    tests' and the GPU check's quick runs)."""
+    for split in ("train", "test"):
+        counts: dict[str, int] = {}
+        lines = []
+        for line in (root / f"{split}.txt").read_text().splitlines(keepends=True):
+            label = line.rsplit(",", 1)[1]
+            counts[label] = counts.get(label, 0) + 1
+            if counts[label] <= per_class:
+                lines.append(line)
+        (root / f"{split}_small.txt").write_text("".join(lines))
