@@ -158,6 +158,9 @@ def continue_with_checkpoint_settings(ex: Experiment) -> None:
         def checkpoint_settings(config: dict, command_name: str, logger: Any) -> dict:
             if path is None:  # the experiment's own keys; each ingredient hands over its own
                 part = {key: value for key, value in saved.items() if key not in ingredients}
+                # The experiment's hook runs last (sacred sets up the ingredients first): the settings are used up,
+                # so a run created without the command line (ex.run, in a test or a notebook) gets none of them.
+                saved.clear()
                 return settings_known_to(config, part)
             return settings_known_to(config.get(path, {}), saved.get(path, {}))
 
