@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -271,7 +272,8 @@ def test_a_full_disk_while_writing_the_splits_is_one_line(tmp_path):
     for name, data in cub_files("").items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    (tmp_path / ".train.txt.tmp").symlink_to("/dev/full")
+    # utils.files.atomic_write's temporary for this process and thread, pointing at a device that is always full.
+    (tmp_path / f".train.txt.{os.getpid()}.{threading.get_ident()}.tmp").symlink_to("/dev/full")
     with pytest.raises(InputError, match=f"^disk full while preparing {tmp_path}: free some space"):
         run(prepare_data.cub, data_path=str(tmp_path), download=False)
 

@@ -74,12 +74,14 @@ def test_embed_skips_a_bomb_with_bad_images_skip(tmp_path):
     def mean_colour(batch: torch.Tensor) -> torch.Tensor:
         return batch.mean(dim=(2, 3))
 
-    out = embed_images(mean_colour, config, torch.device("cpu"), str(folder), str(tmp_path / "out"), "skip")
+    out = embed_images(
+        mean_colour, config, torch.device("cpu"), str(folder), str(tmp_path / "out"), "skip", "cosine/R@1"
+    )
     saved = np.load(out)
     assert saved["paths"].tolist() == [str(folder / "good.jpg")]
     assert saved["skipped"].tolist() == [str(bomb)]
     with pytest.raises(InputError, match=f"image {bomb} claims 400,000,000 pixels"):
-        embed_images(mean_colour, config, torch.device("cpu"), str(folder), str(tmp_path / "out"), "stop")
+        embed_images(mean_colour, config, torch.device("cpu"), str(folder), str(tmp_path / "out"), "stop", "cosine/R@1")
 
 
 def test_a_float_tiff_of_8_bit_values_keeps_its_levels(tmp_path):
