@@ -294,6 +294,9 @@ def fit(
                     f"continue with `resume={directory}`"
                 )
 
+        if resumed is not None and epochs_run == start_epoch - 1:
+            # Resumed after its training had ended (the last epoch, or patience): its folder still gets the checkpoint.
+            write(start_epoch, 0)
         # Still under stop_requests: a first signal now lets the final evaluation finish (a second stops at once),
         # where the default action would end the process without marking the run.
         model.load_state_dict(best.state)

@@ -18,8 +18,10 @@ import functools
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,15 +64,32 @@ class RunRecords(FileStorageObserver):
         self.output: TeedOutput | None = None  # what the command printed, set by keep_run_records
         self.output_seen = 0  # how much of it sacred had read at the last heartbeat
         self.lost = ""  # what sacred missed of a failed or interrupted run
+        # sacred's heartbeat thread writes beside the run's own events, and outlives its join under load: one writer
+        # at a time, and no records from a beat after the run's end (an older snapshot would replace the final ones).
+        self.writing = threading.RLock()
+        self.ended = False
 
     def save_json(self, obj: object, filename: str) -> None:
-        save_json_atomically(self.dir, obj, filename)
+        with self.writing:
+            save_json_atomically(self.dir, obj, filename)
 
     def heartbeat_event(self, info: dict, captured_out: str, beat_time: Any, result: Any) -> None:
-        # Sacred reads its capture just before each beat; once the command ended, its last beat reads nothing new.
-        if self.output is not None and not self.lost:
-            self.output_seen = len(self.output.text())
-        super().heartbeat_event(info, captured_out, beat_time, result)
+        with self.writing:
+            if self.ended:  # a late beat: only the output it read may be new
+                if len(captured_out) > len(self.cout):
+                    self.cout = captured_out
+                    self.save_cout()
+                return
+            # Sacred reads its capture just before each beat; once the command ended, its last beat reads nothing
+            # new.
+            if self.output is not None and not self.lost:
+                self.output_seen = len(self.output.text())
+            super().heartbeat_event(info, captured_out, beat_time, result)
+
+    def completed_event(self, stop_time: Any, result: Any) -> None:
+        with self.writing:
+            self.ended = True
+            super().completed_event(stop_time, result)
 
     def command_failed(self, output_filter: Callable[[str], str] | None) -> None:
         """Keep what the command printed since sacred's last read (called while the run is failing)."""
@@ -79,12 +98,16 @@ class RunRecords(FileStorageObserver):
             self.lost = output_filter(missed) if output_filter is not None else missed
 
     def failed_event(self, fail_time: Any, fail_trace: list[str]) -> None:
-        self.save_lost_output()
-        super().failed_event(fail_time, fail_trace)
+        with self.writing:
+            self.ended = True
+            self.save_lost_output()
+            super().failed_event(fail_time, fail_trace)
 
     def interrupted_event(self, interrupt_time: Any, status: str) -> None:
-        self.save_lost_output()
-        super().interrupted_event(interrupt_time, status)
+        with self.writing:
+            self.ended = True
+            self.save_lost_output()
+            super().interrupted_event(interrupt_time, status)
 
     def save_lost_output(self) -> None:
         if self.lost:
@@ -251,7 +274,7 @@ def keep_run_records(command: Callable) -> Callable:
             for observer in records:
                 observer.output = output
             try:
-                with distributed.timeouts_in_one_line():
+                with distributed.timeouts_in_one_line(), signals_interrupt():
                     return command(*args, **kwargs)
             except BaseException:
                 for observer in records:
@@ -259,6 +282,26 @@ def keep_run_records(command: Callable) -> Callable:
                 raise
 
     return wrapper
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the command as Ctrl-C does (sacred records the run INTERRUPTED), where their default
+    action would end the process with the run left RUNNING: the training driver stops cleanly on them while it
+    trains, and this covers the rest (building the run, the pictures after the final evaluation)."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def quiet_other_ranks(options: dict) -> None:
